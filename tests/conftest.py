@@ -8,3 +8,13 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_kontext_dir(tmp_path_factory):
+    """A complete tiny Kontext model folder in the diffusers layout, random weights, built once."""
+    from tiny_kontext import build_tiny_kontext_folder
+
+    return build_tiny_kontext_folder(tmp_path_factory.mktemp("tiny_kontext") / "model")

@@ -1,0 +1,85 @@
+"""Text conditioning for FLUX.1 Kontext: T5 v1.1 XXL (per-token) and CLIP ViT-L/14 (pooled).
+
+Matches diffusers' FluxKontextPipeline.encode_prompt: T5 ids padded to max_length (512) with
+truncation and encoded WITHOUT an attention mask (the transformer attends to the padding too);
+CLIP ids padded/truncated to 77 and its `pooler_output` (B, 768) taken.
+"""
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from .checkpoint import CheckpointError, download_from_hub, looks_like_repo_id
+
+# diffusers-layout subfolders: CLIP is `text_encoder`, T5 is `text_encoder_2`.
+SUBFOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+CLIP_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512
+
+
+class KontextTextEncoders(nn.Module):
+    """Frozen CLIP + T5 with their tokenizers. An nn.Module so `.to(device)` moves both (e.g. offload
+    to the CPU after encoding)."""
+
+    def __init__(
+        self, clip: CLIPTextModel, clip_tokenizer: CLIPTokenizer, t5: T5EncoderModel, t5_tokenizer: T5TokenizerFast
+    ):
+        super().__init__()
+        self.clip, self.t5 = clip.eval(), t5.eval()
+        self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+    ) -> "KontextTextEncoders":
+        """Load from a diffusers-layout Kontext folder, or a hub repo id holding one."""
+        if looks_like_repo_id(source):
+            folder = download_from_hub(str(source), [f"{name}/*" for name in SUBFOLDERS])
+        else:
+            folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise CheckpointError(f"model folder not found: {folder} (and not a hub repo id of the form owner/name)")
+        missing = [name + "/" for name in SUBFOLDERS if not (folder / name).is_dir()]
+        if missing:
+            raise CheckpointError(f"{folder} is not a diffusers-layout Kontext folder: missing {', '.join(missing)}")
+        encoders = cls(
+            CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype),
+            CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=dtype),
+            T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
+        )
+        return encoders.requires_grad_(False).to(device)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str, max_length: int = T5_MAX_LENGTH) -> tuple[Tensor, Tensor]:
+        """prompts -> (t5_embeds (B, max_length, d_t5), pooled (B, d_clip)), in the models' dtypes."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+        if not 1 <= max_length <= T5_MAX_LENGTH:
+            raise ValueError(f"max_length must be in 1..{T5_MAX_LENGTH}, got {max_length}")
+
+        for prompt in prompts:
+            dropped = len(self.t5_token_ids(prompt)) - max_length
+            if dropped > 0:
+                warnings.warn(
+                    f"prompt truncated to {max_length} T5 tokens, {dropped} tokens dropped: {prompt[:60]!r}...",
+                    stacklevel=2,
+                )
+
+        t5_ids = self._ids(self.t5_tokenizer, prompts, max_length, self.t5)
+        t5_embeds = self.t5(t5_ids).last_hidden_state  # no attention mask, by design
+        clip_ids = self._ids(self.clip_tokenizer, prompts, CLIP_MAX_LENGTH, self.clip)
+        pooled = self.clip(clip_ids).pooler_output
+        return t5_embeds.to(self.t5.dtype), pooled.to(self.clip.dtype)
+
+    def t5_token_ids(self, prompt: str, add_eos: bool = True) -> list[int]:
+        """T5 token ids of one prompt, unpadded and untruncated (EOS last when add_eos)."""
+        return self.t5_tokenizer(prompt, add_special_tokens=add_eos).input_ids
+
+    @staticmethod
+    def _ids(tokenizer, prompts: list[str], max_length: int, model: nn.Module) -> Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        return ids.input_ids.to(model.device)

@@ -1,0 +1,125 @@
+"""The editing pipeline against diffusers' FluxKontextPipeline on a complete tiny model folder."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slideredit import CheckpointError
+from slideredit.pipelines import SliderEditFluxKontextPipeline
+
+PROMPT = "make the hair red and add a hat"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_kontext_dir):
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline.from_pretrained(tiny_kontext_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_kontext_dir):
+    pipe = SliderEditFluxKontextPipeline.from_pretrained(tiny_kontext_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
+    return Image.fromarray(pixels, mode)
+
+
+@pytest.mark.parametrize("width, height, prompts", [
+    (64, 64, PROMPT),                              # square
+    (80, 48, PROMPT),                              # non-square
+    (48, 64, [PROMPT, "turn it into a painting"]),  # batch 2
+])
+def test_matches_diffusers(reference, ours, width, height, prompts):
+    image = random_image(width + 8, height + 5)  # not a multiple of 16: both floor the context image
+    batch = 1 if isinstance(prompts, str) else len(prompts)
+    latents = torch.randn(batch, (height // 16) * (width // 16), 64, generator=torch.Generator().manual_seed(1))
+    common = dict(image=image, prompt=prompts, height=height, width=width, num_inference_steps=3,
+                  guidance_scale=2.5, latents=latents, output_type="pt")
+    expected = reference(**common, _auto_resize=False, max_area=height * width).images
+    got = ours(**common, auto_resize=False).images
+    assert got.shape == expected.shape == (batch, 3, height, width)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_same_seed_same_image_and_pil_output(ours):
+    image = random_image(64, 48)
+    run = lambda seed: ours(image=image, prompt=PROMPT, num_inference_steps=2, auto_resize=False,
+                            generator=torch.Generator().manual_seed(seed)).images
+    first, second, other = run(7), run(7), run(8)
+    assert isinstance(first[0], Image.Image) and first[0].size == (64, 48)
+    assert np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
+
+
+def test_default_output_keeps_the_aspect_ratio_at_one_megapixel(ours):
+    """A 3:2 input gives the nearest preferred Kontext size (1248x832), not diffusers' fixed 1024x1024."""
+    out = ours(image=random_image(300, 200), prompt=PROMPT, num_inference_steps=1).images[0]
+    assert out.size == (1248, 832)
+
+
+def test_explicit_size_wins(ours):
+    out = ours(image=random_image(64, 64), prompt=PROMPT, num_inference_steps=1, height=32, width=48,
+               auto_resize=False).images[0]
+    assert out.size == (48, 32)
+
+
+def test_prompt_embeds_skip_the_encoders(ours, monkeypatch):
+    embeds, pooled = ours.encode_prompt(PROMPT)
+    common = dict(image=random_image(48, 48), num_inference_steps=2, auto_resize=False, output_type="pt")
+    expected = ours(prompt=PROMPT, generator=torch.Generator().manual_seed(3), **common).images
+    monkeypatch.setattr(ours.text_encoders, "encode", lambda *a, **k: pytest.fail("text encoders ran"))
+    got = ours(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=torch.Generator().manual_seed(3),
+               **common).images
+    assert torch.equal(got, expected)
+
+
+def test_offload_keeps_text_encoders_on_cpu(tiny_kontext_dir):
+    pipe = SliderEditFluxKontextPipeline.from_pretrained(tiny_kontext_dir, torch_dtype=torch.float32, offload=True)
+    pipe.set_progress_bar_config(disable=True)
+    moves = []
+    original = pipe.text_encoders.to
+    pipe.text_encoders.to = lambda device: moves.append(str(device)) or original(device)
+    pipe(image=random_image(32, 32), prompt=PROMPT, num_inference_steps=1, auto_resize=False)
+    assert moves == ["cpu", "cpu"]  # to the pipeline's device (the CPU here) for encoding, then back
+    assert next(pipe.text_encoders.parameters()).device.type == "cpu"
+
+
+def test_progress_bar_can_be_silenced(ours, capsys):
+    ours.set_progress_bar_config(disable=False)
+    ours(image=random_image(32, 32), prompt=PROMPT, num_inference_steps=2, auto_resize=False)
+    assert "denoising" in capsys.readouterr().err
+    ours.set_progress_bar_config(disable=True)
+    ours(image=random_image(32, 32), prompt=PROMPT, num_inference_steps=2, auto_resize=False)
+    assert "denoising" not in capsys.readouterr().err
+
+
+def test_release_import_path():
+    import slideredit
+    from slideredit.pipelines import SliderEditFluxKontextPipeline as from_release_path
+
+    assert slideredit.SliderEditFluxKontextPipeline is from_release_path
+
+
+def test_bad_inputs(ours, tmp_path):
+    with pytest.raises(ValueError, match="at least 16 pixels"):
+        ours(image=random_image(12, 40), prompt=PROMPT, num_inference_steps=1)
+    not_an_image = tmp_path / "photo.png"
+    not_an_image.write_text("this is not a PNG")
+    with pytest.raises(ValueError, match="photo.png"):
+        ours(image=not_an_image, prompt=PROMPT, num_inference_steps=1)
+    with pytest.raises(ValueError, match="latents must be packed"):
+        ours(image=random_image(32, 32), prompt=PROMPT, auto_resize=False, latents=torch.zeros(1, 5, 64))
+    with pytest.raises(ValueError, match="output_type"):
+        ours(image=random_image(32, 32), prompt=PROMPT, output_type="np")
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="model folder not found"):
+        SliderEditFluxKontextPipeline.from_pretrained(tmp_path / "nope")
