@@ -1,0 +1,240 @@
+"""Triton kernels for the masked multi-slider LoRA linear.
+
+    Y = X W^T + b + H~ B^T,   H~ = S (x) (X A^T)   (column group k of X A^T scaled by S[:, k])
+
+X: (M, D) tokens, W: (N, D), A: (K*r, D) and B: (N, K*r) hold the K adapters stacked along the rank,
+S: (M, K) per-token scales (0 = adapter off for that token).
+
+Structure: two launches, whatever K is.
+  1. `scaled_shrink`: H~ = S (x) (X A^T) in fp32, (M, K*r). One program per BLOCK_M rows holds the whole
+     stacked rank (K*r <= 128) and streams X once. Row tiles whose scales are all zero skip the loop
+     (X and A are never read) and store zeros.
+  2. `fused_linear`: one GEMM whose fp32 accumulator starts from H~ B^T (skipped for all-zero row tiles,
+     so B is never read there), then runs the usual loop over X W^T, adds the bias and stores Y once.
+     No read-modify-write of Y, no pass per adapter.
+
+Why not recompute the shrink inside the GEMM (one launch)? Each output tile would redo its rows' shrink:
+BLOCK_M x K*r x D extra tensor-core work next to the tile's BLOCK_M x BLOCK_N x D, i.e. K*r / BLOCK_N
+more work in the main loop (+12.5% at K*r = 16, +50% at K*r = 64 with BLOCK_N = 128), plus a second fp32
+accumulator live across the pipelined loop. The separate shrink is memory-bound (K*r <= 128 FLOP per
+byte of X, below the H100's ~295 FLOP/byte ridge): it re-reads X once, ~16 us for 8704 x 3072 bf16 at
+3.35 TB/s, against ~170-240 us for the 8704 x 3072 x 3072 base GEMM (7-10%), ~2.5% at d_out = 12288,
+and flat in K. Recomputation comes closest at K*r = 16, d_out = 3072 (+12.5% against +7-10%) and loses
+everywhere else; and for STLoRA text tokens (a handful of the 512 rows selected) the shrink skips almost
+all of X. The expand prologue adds K*r / D of the main loop's work (<= 4% at K*r = 128, D = 3072).
+These are bounds from the reference numbers, not measurements: timings are pending a GPU run of
+benchmarks/bench_lora.py (the kernels were compiled for sm_90 here, but never run on a GPU).
+
+Precision: dot operands are x's dtype (adapters of any dtype are cast tile by tile on load), accumulation
+is fp32, H~ stays fp32 until it is rounded to x's dtype for the expand dot. fp32 inputs use IEEE fp32 dots
+unless torch allows TF32 matmuls (torch.backends.cuda.matmul.allow_tf32).
+
+Under TRITON_INTERPRET=1 (CPU, NumPy) bfloat16 `tl.dot` is wrong, so bf16 operands are upcast to fp32
+there (the UPCAST flag); on a GPU the dots stay bf16. The interpreter also gets a single autotune config.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like triton.jit does when it decides to build interpreted kernels.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_STACKED_RANK = 128  # K*r: one program keeps the whole stacked rank in registers.
+
+if INTERPRET:
+    # One config (autotune with several fails on CPU-only torch), large blocks (cost is per instance).
+    _SHRINK_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_D": 32})]
+    _GEMM_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2})]
+else:
+    _SHRINK_CONFIGS = [
+        triton.Config({"BLOCK_M": 32, "BLOCK_D": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_D": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    ]
+    _GEMM_CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here (tests poison it with NaN to prove each element is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _load_scales(s_ptr, offs_m, offs_j, M, KR, R, stride_sm, stride_sk):
+    """(BLOCK_M, BLOCK_R) fp32 tile of S expanded to the stacked rank: column j scales adapter j // R."""
+    mask = (offs_m[:, None] < M) & (offs_j[None, :] < KR)
+    ptrs = s_ptr + offs_m[:, None] * stride_sm + (offs_j // R)[None, :] * stride_sk
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.autotune(configs=_SHRINK_CONFIGS, key=["M", "D", "BLOCK_R"])
+@triton.jit
+def _scaled_shrink_kernel(
+    x_ptr, a_ptr, s_ptr, h_ptr,
+    M, D, KR, R,
+    stride_xm, stride_xd, stride_aj, stride_ad, stride_sm, stride_sk, stride_hm, stride_hj,
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    scale = _load_scales(s_ptr, offs_m, offs_j, M, KR, R, stride_sm, stride_sk)
+
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if tl.sum((scale != 0).to(tl.int32)) > 0:  # all-zero row tile: X and A are never read
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd
+        a_ptrs = a_ptr + offs_j[None, :] * stride_aj + offs_d[:, None] * stride_ad  # A^T tile (BLOCK_D, BLOCK_R)
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = offs_d < D - d0
+            x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & d_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=d_ok[:, None] & (offs_j[None, :] < KR), other=0.0).to(x_ptr.dtype.element_ty)
+            if UPCAST:
+                x = x.to(tl.float32)
+                a = a.to(tl.float32)
+            h = tl.dot(x, a, h, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_D * stride_xd
+            a_ptrs += BLOCK_D * stride_ad
+    # A zero scale is a hard mask: 0 * inf or 0 * NaN from the adapter still gives 0.
+    h = tl.where(scale != 0, h * scale, 0.0)
+
+    h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_j[None, :] * stride_hj
+    tl.store(h_ptrs, h, mask=(offs_m[:, None] < M) & (offs_j[None, :] < KR))
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "D", "BLOCK_R", "stride_wd"])
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
+@triton.jit
+def _fused_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, s_ptr, y_ptr,
+    M, N, D, KR, R,
+    stride_xm, stride_xd, stride_wn, stride_wd, stride_hm, stride_hj, stride_bn, stride_bj,
+    stride_sm, stride_sk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row tiles sweep the columns together, so their X rows and W columns
+    # stay in L2 while they are reused.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
+    pid_n = (pid % pids_per_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+
+    # The accumulator starts from H~ B^T, skipped where every scale of the row tile is zero.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    scale = _load_scales(s_ptr, offs_m, offs_j, M, KR, R, stride_sm, stride_sk)
+    if tl.sum((scale != 0).to(tl.int32)) > 0:
+        j_ok = offs_j < KR
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_j[None, :] * stride_hj,
+                    mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_j[:, None] * stride_bj,  # B^T (BLOCK_R, BLOCK_N)
+                     mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+        h = h.to(x_ptr.dtype.element_ty)  # rounded once to the dot dtype, like X
+        bt = bt.to(x_ptr.dtype.element_ty)
+        if UPCAST:
+            h = h.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(h, bt, acc, input_precision=INPUT_PRECISION)
+
+    # Rows / columns past the edge wrap onto valid ones for the loads (no M, N masks in the loop); only
+    # the store is masked. The hints keep the loads vectorised, as in Triton's matmul tutorial: a lane past
+    # the edge feeds only outputs the store drops, and a vector's width divides the row stride, so it
+    # stays inside its row.
+    offs_m_ld = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    offs_n_ld = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    x_ptrs = x_ptr + offs_m_ld[:, None] * stride_xm + offs_d[None, :] * stride_xd
+    w_ptrs = w_ptr + offs_n_ld[None, :] * stride_wn + offs_d[:, None] * stride_wd  # W^T tile (BLOCK_D, BLOCK_N)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:  # no masks: lets Triton software-pipeline the loads of a K-major W (nn.Linear's layout)
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            d_ok = offs_d < D - d0
+            x = tl.load(x_ptrs, mask=d_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_D * stride_xd
+        w_ptrs += BLOCK_D * stride_wd
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    upcast = INTERPRET and dtype == torch.bfloat16
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return {"UPCAST": upcast, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
+
+
+def _block_r(stacked_rank: int) -> int:
+    return max(16, triton.next_power_of_2(stacked_rank))  # tl.dot needs every dimension >= 16
+
+
+def scaled_shrink(x: torch.Tensor, lora_a: torch.Tensor, scale: torch.Tensor, rank: int) -> torch.Tensor:
+    """H~ = S (x) (X A^T) in fp32. x: (M, D); lora_a: (K*r, D), any strides; scale: (M, K) fp32."""
+    M, D = x.shape
+    KR = lora_a.shape[0]
+    h = _empty((M, KR), torch.float32, x.device)
+    if M == 0:
+        return h
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+    _scaled_shrink_kernel[grid](
+        x, lora_a, scale, h,
+        M, D, KR, rank,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+        scale.stride(0), scale.stride(1), h.stride(0), h.stride(1),
+        BLOCK_R=_block_r(KR), **_dot_flags(x.dtype),
+    )
+    return h
+
+
+def fused_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    h: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, rank: int,
+) -> torch.Tensor:
+    """Y = X W^T + b + H~ B^T in x's dtype, written once.
+
+    x: (M, D); weight: (N, D); bias: (N,) or None; h: (M, K*r) fp32; lora_b: (N, K*r); scale: (M, K).
+    Any strides: the backward passes transposed views (dX = dY W + G~ A).
+    """
+    M, D = x.shape
+    N = weight.shape[0]
+    KR = h.shape[1]
+    y = _empty((M, N), x.dtype, x.device)
+    if M == 0 or N == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _fused_linear_kernel[grid](
+        x, weight, bias if bias is not None else y, h, lora_b, scale, y,  # y: placeholder, never read
+        M, N, D, KR, rank,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
+        lora_b.stride(0), lora_b.stride(1), scale.stride(0), scale.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_R=_block_r(KR), **_dot_flags(x.dtype),
+    )
+    return y

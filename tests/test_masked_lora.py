@@ -1,0 +1,305 @@
+"""kernels.masked_lora_linear against float64 math, on both backends.
+
+The Triton path runs under TRITON_INTERPRET=1 (set in conftest.py). Its interpreter config uses 32-wide
+blocks, so the shapes here (70 tokens, d_in 51, d_out 45) give partial row, column and reduction tiles.
+Every Triton output buffer is filled with NaN before the kernel runs (see `poisoned_outputs`).
+"""
+import pytest
+import torch
+
+from kernels import masked_lora_linear
+from kernels import masked_lora_triton
+
+BATCH, TOKENS, D_IN, D_OUT = 2, 35, 51, 45
+EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+INTERP_BLOCK_M = masked_lora_triton._GEMM_CONFIGS[0].kwargs["BLOCK_M"]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every Triton output (H~, G~, Y, dX) starts as NaN: an element the kernels skip stays NaN."""
+    allocations = []
+
+    def nan_empty(shape, dtype, device):
+        allocations.append(shape)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(masked_lora_triton, "_empty", nan_empty)
+    return allocations
+
+
+def reference(x, weight, bias, lora_a, lora_b, scale):
+    """The issue's formula, one adapter at a time: x W^T + b + sum_k S[..., k] (x A_k^T) B_k^T."""
+    K = scale.shape[-1]
+    r = lora_a.shape[0] // K
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    for k in range(K):
+        a_k, b_k = lora_a[k * r:(k + 1) * r], lora_b[:, k * r:(k + 1) * r]
+        y = y + scale[..., k:k + 1] * ((x @ a_k.T) @ b_k.T)
+    return y
+
+
+def make_inputs(dtype, K, r, scales="signed", bias=True, seed=0, d_in=D_IN, d_out=D_OUT):
+    """x, weight, bias in `dtype`; adapters in fp32 (as trained; fp64 beside fp64); token_scale fp32.
+
+    Sizes keep the base and low-rank terms both O(1), so a mistake in either shows.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, TOKENS, d_in, generator=g).to(dtype)
+    weight = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype)
+    b = torch.randn(d_out, generator=g).to(dtype) if bias else None
+    adapter_dtype = torch.promote_types(dtype, torch.float32)
+    lora_a = (torch.randn(K * r, d_in, generator=g) / d_in**0.5).to(adapter_dtype)
+    lora_b = (torch.randn(d_out, K * r, generator=g) / (K * r) ** 0.5).to(adapter_dtype)
+    s = torch.randn(BATCH * TOKENS, K, generator=g)
+    if scales == "zero":
+        s.zero_()
+    elif scales == "one":
+        s.fill_(1.0)
+    elif scales == "mixed":
+        s[:40] = 0  # rows 0-39: a whole zero row tile, then 8 zero rows inside a live tile
+        s[45:50] = 0  # scattered zero rows
+        s[50:60, 0] = 0  # one adapter off, the others on
+    return x, weight, b, lora_a, lora_b, s.view(BATCH, TOKENS, K)
+
+
+def as_reference(x, weight, bias, lora_a, lora_b, scale):
+    """float64 copies, adapters first rounded to x's dtype (the documented compute dtype)."""
+    f64 = lambda t: None if t is None else t.detach().double()
+    return f64(x), f64(weight), f64(bias), f64(lora_a.to(x.dtype)), f64(lora_b.to(x.dtype)), f64(scale)
+
+
+def error_bound(ref_inputs, ulps, eps):
+    """ulps * eps * (the reference evaluated on absolute values): a rounding-error bound for sums of products."""
+    return ulps * eps * reference(*(None if t is None else t.abs() for t in ref_inputs))
+
+
+def assert_within(actual, expected, bound, what):
+    err = (actual.double() - expected).abs()
+    worst = (err / bound).max().item()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert worst <= 1.0, f"{what}: error is {worst:.2f}x the bound (max abs error {err.max().item():.3g})"
+
+
+def run(backend, allocations, *args):
+    before = len(allocations)
+    y = masked_lora_linear(*args, backend=backend)
+    if backend == "triton":
+        assert len(allocations) - before == 2, "the Triton path must allocate H~ and Y through _empty (poisoned)"
+    return y
+
+
+# Ulps of the magnitude bound: fp32 sums error <= n eps with n the reduction length; 16-bit inputs round the
+# output once (truncated by the interpreter), the adapters once (cast to x's dtype) and H~ once.
+ULPS = {torch.float64: 64, torch.float32: D_IN + 16, torch.float16: 4, torch.bfloat16: 4}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,r", [(1, 4), (3, 16)])
+@pytest.mark.parametrize("scales", ["zero", "one", "signed", "mixed"])
+def test_forward_matches_float64(backend, dtype, K, r, scales, poisoned_outputs):
+    inputs = make_inputs(dtype, K, r, scales)
+    y = run(backend, poisoned_outputs, *inputs)
+    assert y.shape == (BATCH, TOKENS, D_OUT) and y.dtype == dtype
+    ref_inputs = as_reference(*inputs)
+    assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, ULPS[dtype], EPS[dtype]), "y")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_bias_and_fp16_adapters(backend, poisoned_outputs):
+    x, weight, _, lora_a, lora_b, s = make_inputs(torch.float16, 3, 4, "mixed", bias=False)
+    inputs = (x, weight, None, lora_a.half(), lora_b.half(), s)
+    y = run(backend, poisoned_outputs, *inputs)
+    ref_inputs = as_reference(*inputs)
+    assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, ULPS[torch.float16], EPS[torch.float16]), "y")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("scale_shape", [(1, TOKENS, 2), (TOKENS, 2), (1, 1, 2), (2,)])
+def test_scale_broadcasts_over_leading_dims(backend, scale_shape, poisoned_outputs):
+    x, weight, bias, lora_a, lora_b, _ = make_inputs(torch.float32, 2, 4)
+    s = torch.randn(scale_shape, generator=torch.Generator().manual_seed(1))
+    s.view(-1, 2)[::3] = 0  # some zero entries
+    y = run(backend, poisoned_outputs, x, weight, bias, lora_a, lora_b, s)
+    ref_inputs = as_reference(x, weight, bias, lora_a, lora_b, s.expand(BATCH, TOKENS, 2))
+    assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, ULPS[torch.float32], EPS[torch.float32]), "y")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_single_token_and_empty_batch(backend):
+    x, weight, bias, lora_a, lora_b, _ = make_inputs(torch.float32, 2, 4)
+    s = torch.tensor([0.5, -2.0])
+    y = masked_lora_linear(x[0, 0], weight, bias, lora_a, lora_b, s, backend=backend)
+    ref_inputs = as_reference(x[0, 0], weight, bias, lora_a, lora_b, s)
+    assert y.shape == (D_OUT,)
+    assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, ULPS[torch.float32], EPS[torch.float32]), "y")
+    empty = masked_lora_linear(x[:, :0], weight, bias, lora_a, lora_b, s, backend=backend)
+    assert empty.shape == (BATCH, 0, D_OUT)
+
+
+def test_all_zero_row_tiles_never_read_lora_b():
+    """A skipped tile never touches B: NaN in B cannot leak into it (0 * NaN would be NaN)."""
+    x, weight, bias, lora_a, lora_b, s = make_inputs(torch.float32, 3, 4, "zero")
+    y_finite = masked_lora_linear(x, weight, bias, lora_a, lora_b, s, backend="triton")
+    nan_a, nan_b = torch.full_like(lora_a, float("nan")), torch.full_like(lora_b, float("nan"))
+    y = masked_lora_linear(x, weight, bias, nan_a, nan_b, s, backend="triton")
+    assert torch.equal(y, y_finite)
+    base = as_reference(x, weight, bias, lora_a, lora_b, s)[:3]
+    torch.testing.assert_close(y.double(), base[0] @ base[1].T + base[2], rtol=1e-5, atol=1e-5)
+
+    # Only the first row tile is all zero: its rows are exact, whatever B holds.
+    s = torch.randn(s.shape, generator=torch.Generator().manual_seed(2))
+    s.view(-1, 3)[:INTERP_BLOCK_M] = 0
+    y_tile = masked_lora_linear(x, weight, bias, lora_a, nan_b, s, backend="triton")
+    assert torch.equal(y_tile.view(-1, D_OUT)[:INTERP_BLOCK_M], y_finite.view(-1, D_OUT)[:INTERP_BLOCK_M])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_zero_scale_is_a_hard_mask(backend):
+    """Tokens with every scale zero get exactly the base output even if X A^T is NaN (NaN in A)."""
+    x, weight, bias, lora_a, lora_b, s = make_inputs(torch.float32, 3, 4, "mixed")
+    base = masked_lora_linear(x, weight, bias, lora_a, lora_b, torch.zeros_like(s), backend=backend)
+    y = masked_lora_linear(x, weight, bias, torch.full_like(lora_a, float("nan")), lora_b, s, backend=backend)
+    off = (s == 0).all(-1)
+    assert off.sum() > INTERP_BLOCK_M
+    assert torch.equal(y[off], base[off])
+    assert torch.isnan(y[~off]).all()
+
+
+NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "token_scale")
+
+
+def leaves(tensors, trainable):
+    return [None if t is None else t.detach().requires_grad_(n in trainable) for n, t in zip(NAMES, tensors)]
+
+
+def grads(fn, inputs, dy):
+    """Backprop dy through fn(*inputs); {name: grad} of the inputs that require grad."""
+    fn(*inputs).backward(dy)
+    return {n: t.grad for n, t in zip(NAMES, inputs) if t is not None and t.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("triton", torch.float32), ("triton", torch.bfloat16), ("torch", torch.float64), ("torch", torch.float32),
+     ("torch", torch.bfloat16)],
+)
+@pytest.mark.parametrize("K,r", [(1, 16), (3, 4)])
+def test_gradients_match_float64_autograd(backend, dtype, K, r, poisoned_outputs):
+    # Frozen base (the slider case) for K = 1; K = 3 also trains weight and bias.
+    trainable = ("x", "lora_a", "lora_b") if K == 1 else ("x", "weight", "bias", "lora_a", "lora_b")
+    inputs = leaves(make_inputs(dtype, K, r, "mixed"), trainable)
+    dy = torch.randn(BATCH, TOKENS, D_OUT, generator=torch.Generator().manual_seed(3))
+
+    got = grads(lambda *a: masked_lora_linear(*a, backend=backend), inputs, dy.to(dtype))
+    if backend == "triton":
+        assert len(poisoned_outputs) == 4, "forward H~, Y and backward G~, dX all come from _empty"
+    ref_inputs = as_reference(*inputs)
+    want = grads(reference, leaves(ref_inputs, trainable), dy.double())
+    # Bounds: the same gradients on absolute values (every term is a product, so this sums |terms|).
+    abs_inputs = [None if t is None else t.abs() for t in ref_inputs]
+    bounds = grads(reference, leaves(abs_inputs, trainable), dy.abs().double())
+
+    assert set(got) == set(trainable)
+    # One more rounding than the forward (G~ or H~ cast to x's dtype); fp32 sums also run over the tokens.
+    ulps = ULPS[dtype] + (BATCH * TOKENS if dtype in (torch.float32, torch.float64) else 2)
+    for name, inp in zip(NAMES, inputs):
+        if name in trainable:
+            assert got[name].dtype == inp.dtype, f"grad of {name} is {got[name].dtype}, expected {inp.dtype}"
+            assert_within(got[name], want[name], ulps * EPS[dtype] * bounds[name], f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_reduction_a_multiple_of_the_block(backend, poisoned_outputs):
+    """d_in and d_out multiples of BLOCK_D: the unmasked (EVEN_D) main loop, forward and dX."""
+    trainable = ("x", "lora_a", "lora_b")
+    d = 2 * masked_lora_triton._GEMM_CONFIGS[0].kwargs["BLOCK_D"]
+    inputs = leaves(make_inputs(torch.float32, 2, 4, "mixed", d_in=d, d_out=d), trainable)
+    dy = torch.randn(BATCH, TOKENS, d, generator=torch.Generator().manual_seed(4))
+    got = grads(lambda *a: masked_lora_linear(*a, backend=backend), inputs, dy)
+    y = masked_lora_linear(*inputs, backend=backend)
+
+    ref_inputs = as_reference(*inputs)
+    want = grads(reference, leaves(ref_inputs, trainable), dy.double())
+    abs_inputs = [None if t is None else t.abs() for t in ref_inputs]
+    bounds = grads(reference, leaves(abs_inputs, trainable), dy.abs().double())
+    ulps = 2 * d + BATCH * TOKENS  # fp32 sums over d (and the tokens for the adapter gradients)
+    assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, ulps, EPS[torch.float32]), "y")
+    for name in trainable:
+        assert_within(got[name], want[name], ulps * EPS[torch.float32] * bounds[name], f"grad of {name}")
+
+
+def test_token_scale_gets_no_gradient():
+    x, weight, bias, lora_a, lora_b, s = make_inputs(torch.float32, 2, 4)
+    s.requires_grad_(True)
+    lora_a.requires_grad_(True)
+    masked_lora_linear(x, weight, bias, lora_a, lora_b, s, backend="torch").sum().backward()
+    assert lora_a.grad is not None and s.grad is None
+
+
+def test_backend_none_uses_torch_on_cpu(monkeypatch):
+    def fail(*args):
+        raise AssertionError("the Triton path ran on CPU tensors with backend=None")
+
+    monkeypatch.setattr(masked_lora_triton, "scaled_shrink", fail)
+    monkeypatch.setattr(masked_lora_triton, "fused_linear", fail)
+    x, weight, bias, lora_a, lora_b, s = make_inputs(torch.float32, 1, 4)
+    assert masked_lora_linear(x, weight, bias, lora_a, lora_b, s).shape == (BATCH, TOKENS, D_OUT)
+
+
+def test_torch_path_takes_stacked_rank_beyond_128():
+    x, weight, bias, lora_a, lora_b, s = make_inputs(torch.float32, 3, 44)  # K*r = 132
+    y = masked_lora_linear(x, weight, bias, lora_a, lora_b, s, backend="torch")
+    ref_inputs = as_reference(x, weight, bias, lora_a, lora_b, s)
+    assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, ULPS[torch.float32], EPS[torch.float32]), "y")
+
+
+def _replace(inputs, **changes):
+    names = ("x", "weight", "bias", "lora_a", "lora_b", "token_scale")
+    return [changes.get(n, t) for n, t in zip(names, inputs)]
+
+
+BAD_INPUTS = {
+    "weight d_in": (ValueError, "weight must be", lambda i: _replace(i, weight=torch.randn(D_OUT, D_IN + 1))),
+    "lora_a d_in": (ValueError, "lora_a must be", lambda i: _replace(i, lora_a=torch.randn(6, D_IN - 1))),
+    "lora_b rank": (ValueError, "lora_b must be", lambda i: _replace(i, lora_b=torch.randn(D_OUT, 7))),
+    "lora_b d_out": (ValueError, "lora_b must be", lambda i: _replace(i, lora_b=torch.randn(D_OUT + 1, 6))),
+    "bias shape": (ValueError, "bias must be", lambda i: _replace(i, bias=torch.randn(D_OUT + 1))),
+    "K not dividing rank": (ValueError, "multiple of K=4", lambda i: _replace(i, token_scale=torch.ones(4))),
+    "scale not broadcastable": (
+        ValueError, "does not broadcast", lambda i: _replace(i, token_scale=torch.ones(3, TOKENS, 2))),
+    "scale with no adapters": (ValueError, "K >= 1", lambda i: _replace(i, token_scale=torch.ones(BATCH, TOKENS, 0))),
+    "integer x": (
+        TypeError, "x must be a floating-point", lambda i: _replace(i, x=torch.ones(2, 3, D_IN, dtype=torch.int64))),
+    "integer scale": (
+        TypeError, "token_scale must be a floating-point", lambda i: _replace(i, token_scale=torch.ones(2).int())),
+    "weight dtype": (TypeError, "weight must have x's dtype", lambda i: _replace(i, weight=i[1].double())),
+    "device": (ValueError, "lora_b is on meta", lambda i: _replace(i, lora_b=i[4].to("meta"))),
+    "not a tensor": (TypeError, "lora_a must be a torch.Tensor", lambda i: _replace(i, lora_a=[[1.0]])),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise_clear_errors(backend, case):
+    error, message, change = BAD_INPUTS[case]
+    inputs = change(make_inputs(torch.float32, 2, 3))
+    with pytest.raises(error, match=message):
+        masked_lora_linear(*inputs, backend=backend)
+
+
+def test_triton_only_errors(monkeypatch):
+    x, weight, bias, lora_a, lora_b, s = make_inputs(torch.float32, 3, 43)  # K*r = 129
+    with pytest.raises(ValueError, match="K\\*r <= 128"):
+        masked_lora_linear(x, weight, bias, lora_a, lora_b, s, backend="triton")
+    inputs = make_inputs(torch.float64, 1, 4)
+    with pytest.raises(TypeError, match="triton backend takes x in"):
+        masked_lora_linear(*inputs, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        masked_lora_linear(*inputs, backend="cuda")
+    monkeypatch.setattr(masked_lora_triton, "INTERPRET", False)
+    with pytest.raises(ValueError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+        masked_lora_linear(*make_inputs(torch.float32, 1, 4), backend="triton")
