@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(dim, params.num_heads, params.mlp_hidden_dim) for _ in range(params.depth_single_blocks))
         self.final_layer = LastLayer(dim, params.out_channels)
+        self.gradient_checkpointing = False  # recompute each block's activations in the backward pass
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 guidance: Tensor | None = None) -> Tensor:
@@ -302,8 +304,13 @@ class Flux(nn.Module):
 
         cos, sin = rope_table(torch.cat((txt_ids, img_ids), dim=1), self.params.axes_dim, self.params.theta)
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, cos, sin)
+            img, txt = self._run(block, img, txt, vec, cos, sin)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = block(x, vec, cos, sin)
+            x = self._run(block, x, vec, cos, sin)
         return self.final_layer(x[:, txt.shape[1]:], vec)
+
+    def _run(self, block: nn.Module, *args: Tensor):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)

@@ -7,17 +7,9 @@ import torch
 
 from slideredit import Flux, FluxParams, load_flux
 from slideredit.transformer_loading import diffusers_to_bfl
+from tiny_kontext import randomize_
 
 MANIFESTS = Path(__file__).parent / "manifests"
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random: norm scales near 1, everything else (modulations, biases) non-zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.2 * noise if p.ndim == 1 and "norm" in name else 0.3 * noise)
 
 
 def diffusers_flux(params: FluxParams, seed: int):

@@ -132,8 +132,10 @@ def make_t5_tokenizer(vocab_size: int = 200):
     return tokenizer, model.getvalue()
 
 
-def build_tiny_kontext_folder(root: Path, *, seed: int = 0, shard: bool = True) -> Path:
-    """Write a complete tiny Kontext folder under root (created) and return root."""
+def build_tiny_kontext_folder(root: Path, *, seed: int = 0, shard: bool = True,
+                              transformer_config: dict | None = None) -> Path:
+    """Write a complete tiny Kontext folder under root (created) and return root.
+    `transformer_config` overrides entries of TRANSFORMER_CONFIG (benchmarks use a wider model)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -158,7 +160,7 @@ def build_tiny_kontext_folder(root: Path, *, seed: int = 0, shard: bool = True) 
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **T5_CONFIG))
     randomize_(t5, seed + 1).save_pretrained(root / "text_encoder_2")
 
-    transformer = randomize_(FluxTransformer2DModel(**TRANSFORMER_CONFIG), seed + 2)
+    transformer = randomize_(FluxTransformer2DModel(**{**TRANSFORMER_CONFIG, **(transformer_config or {})}), seed + 2)
     transformer.save_pretrained(root / "transformer", max_shard_size="200KB" if shard else "10GB")
     randomize_(AutoencoderKL(**VAE_CONFIG), seed + 3).save_pretrained(root / "vae")
     return root
