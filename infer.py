@@ -1,53 +1,158 @@
-"""Edit an image with FLUX.1 Kontext [dev]:
+"""Edit an image with FLUX.1 Kontext [dev], optionally sweeping SliderEdit sliders.
 
+One edit:
     python infer.py --image photo.png --prompt "make the sky pink" --out edited.png
+
+GSTLoRA sweep (one global slider; writes a labelled grid PNG, a GIF and sweep.json into --out):
+    python infer.py --image photo.png --prompt "make the sky pink" --gstlora ckpt/ --alphas -1,-0.5,0,0.5,1
+
+STLoRA sweep (one slider per sub-prompt; with two sub-prompts the grid covers both sliders):
+    python infer.py --image face.png --stlora selective_lora.pt --subprompts "add a hat" "make the hair red" \\
+        --alphas -1,0,1
+
+Alpha 0 is the base edit, 1 suppresses the instruction, negative values exaggerate it. Every cell of a
+sweep uses the same seed, and the prompt is encoded once per sweep.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import sys
 from pathlib import Path
 
 import torch
 
-from slideredit.atomic import atomic_path
+from slideredit.evaluation.sweep import Sweep, SweepCell, write_sweep
+from slideredit.grids import labelled_grid, save_gif, save_png, with_caption
+from slideredit.image import load_image, to_rgb
 from slideredit.pipelines import SliderEditFluxKontextPipeline
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
 
 
+def parse_alphas(text: str) -> list[float]:
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--alphas must be comma-separated numbers, got {text!r}") from None
+    if not alphas:
+        raise argparse.ArgumentTypeError("--alphas needs at least one value")
+    return alphas
+
+
+def join_alphas(argv: list[str]) -> list[str]:
+    """`--alphas -1,-0.5,0` -> `--alphas=-1,-0.5,0`: argparse would read a value starting with '-' as a flag."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--alphas" and not arg.startswith("--"):
+            out[-1] = f"--alphas={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", required=True, help="the image to edit (any format PIL reads)")
-    parser.add_argument("--prompt", required=True, help="the edit instruction")
-    parser.add_argument("--out", default="outputs/edit.png", help="where to write the edited PNG (default: %(default)s)")
+    parser.add_argument("--prompt", default=None,
+                        help="the edit instruction (STLoRA: defaults to the sub-prompts joined by ' and ')")
+    parser.add_argument("--out", default=None,
+                        help="output PNG for one edit (default outputs/edit.png), or the sweep folder "
+                             "(default outputs/sweep)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="a diffusers-layout Kontext folder or hub repo id (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=2.5, help="distilled guidance strength (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise, shared by every cell (default: %(default)s)")
     parser.add_argument("--height", type=int, default=None,
                         help="output height in pixels (default: the input's aspect ratio at about one megapixel)")
     parser.add_argument("--width", type=int, default=None, help="output width in pixels (give with --height)")
+    parser.add_argument("--keep-size", action="store_true",
+                        help="keep the input image's own size (floored to 16 px) instead of snapping it to the "
+                             "nearest preferred Kontext resolution (about one megapixel)")
+    parser.add_argument("--gstlora", default=None, help="GSTLoRA checkpoint (pytorch_lora_weights.safetensors or its folder)")
+    parser.add_argument("--stlora", default=None, help="STLoRA checkpoint (selective_lora.pt / .safetensors or its folder)")
+    parser.add_argument("--subprompts", nargs="+", default=None, help="STLoRA: the sub-instructions, one slider each")
+    parser.add_argument("--alphas", type=parse_alphas, default=[-1.0, -0.5, 0.0, 0.5, 1.0],
+                        help="comma-separated slider values of the sweep (default: -1,-0.5,0,0.5,1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="weights and activations dtype (default: %(default)s)")
-    parser.add_argument("--offload", action="store_true", help="keep the text encoders on the CPU between prompts")
-    return parser.parse_args(argv)
+    parser.add_argument("--offload", action="store_true", help="keep the text encoders on the CPU except while encoding")
+    args = parser.parse_args(join_alphas(sys.argv[1:] if argv is None else argv))
+    if (args.height is None) != (args.width is None):
+        parser.error("give --height and --width together, or neither")
+    if args.gstlora and args.stlora:
+        parser.error("sweep one adapter at a time: --gstlora or --stlora")
+    if args.stlora and not args.subprompts:
+        parser.error("--stlora needs --subprompts (the sub-instructions its sliders control)")
+    if args.subprompts and not args.stlora:
+        parser.error("--subprompts needs --stlora")
+    if args.prompt is None:
+        if not args.subprompts:
+            parser.error("--prompt is required (except for an STLoRA sweep, which joins the sub-prompts)")
+        args.prompt = " and ".join(args.subprompts)
+    return args
+
+
+def sweep_cells(args: argparse.Namespace) -> list[tuple[float, ...]]:
+    """One alpha per slider for every cell: a row for GSTLoRA or one sub-prompt, a grid for two or more."""
+    sliders = len(args.subprompts) if args.stlora else 1
+    return list(itertools.product(args.alphas, repeat=sliders))
+
+
+def run_sweep(pipe: SliderEditFluxKontextPipeline, args: argparse.Namespace, out: Path) -> Path:
+    method = "stlora" if args.stlora else "gstlora"
+    if args.stlora:
+        pipe.load_stlora(args.stlora)
+    else:
+        pipe.load_gstlora(args.gstlora)
+    embeds, pooled = pipe.encode_prompt(args.prompt)  # once for the whole sweep
+
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    source = to_rgb(load_image(args.image))
+    source.save(out / "source.png")
+    images, cells = {}, []
+    for alphas in sweep_cells(args):
+        sliders = (dict(subprompts_list=args.subprompts, slider_alpha_list=list(alphas)) if args.stlora
+                   else dict(slider_alpha=alphas[0]))
+        image = pipe(image=source, prompt=args.prompt, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                     num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                     width=args.width, auto_resize=not args.keep_size,
+                     generator=torch.Generator("cpu").manual_seed(args.seed), **sliders).images[0]
+        name = "cells/" + "_".join(f"{a:+.2f}" for a in alphas) + ".png"
+        save_png(image, out / name)
+        images[alphas] = image
+        cells.append(SweepCell(alphas=alphas, image=name))
+        print(f"  alphas {', '.join(f'{a:+.2f}' for a in alphas)} -> {out / name}")
+
+    labels = [f"{a:+.2f}" for a in args.alphas]
+    if len(cells[0].alphas) == 2:  # rows: first slider, columns: second
+        rows = [[images[(a, b)] for b in args.alphas] for a in args.alphas]
+        grid = labelled_grid(rows, [f"{args.subprompts[0][:12]} {l}" for l in labels],
+                             [f"{args.subprompts[1][:12]} {l}" for l in labels])
+    else:
+        grid = labelled_grid([[images[c.alphas] for c in cells]], None, [", ".join(f"{a:+.2f}" for a in c.alphas) for c in cells])
+    save_png(grid, out / "grid.png")
+    save_gif([with_caption(images[c.alphas], "alpha " + ", ".join(f"{a:+.2f}" for a in c.alphas)) for c in cells],
+             out / "sweep.gif")
+    write_sweep(out, Sweep(source_image="source.png", prompt=args.prompt, subprompts=args.subprompts, seed=args.seed,
+                           method=method, model=str(args.model), steps=args.steps, guidance=args.guidance, cells=cells))
+    print(f"wrote {out / 'grid.png'}, {out / 'sweep.gif'} and {out / 'sweep.json'}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    if (args.height is None) != (args.width is None):
-        raise SystemExit("error: give --height and --width together, or neither")
     pipe = SliderEditFluxKontextPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype),
                                                          device=args.device, offload=args.offload)
-    generator = torch.Generator("cpu").manual_seed(args.seed)
+    if args.gstlora or args.stlora:
+        return run_sweep(pipe, args, Path(args.out or "outputs/sweep"))
     image = pipe(image=args.image, prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                 height=args.height, width=args.width, generator=generator).images[0]
-    out = Path(args.out)
-    with atomic_path(out) as tmp:
-        image.save(tmp, format="PNG")
+                 height=args.height, width=args.width, auto_resize=not args.keep_size,
+                 generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
+    out = save_png(image, args.out or "outputs/edit.png")
     print(f"wrote {out} ({image.width}x{image.height})")
     return out
 

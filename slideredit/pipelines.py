@@ -8,6 +8,7 @@ decode. The import path `slideredit.pipelines` is the one the SliderEdit release
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ from torch import Tensor
 from .autoencoder import AutoEncoder, load_autoencoder
 from .checkpoint import CheckpointError, download_from_hub, looks_like_repo_id
 from .image import ImageInput, default_output_size, prepare_context_image
+from .slider_checkpoints import load_adapter
+from .sliders import GSTLORA, STLORA, loaded_adapters, remove_adapters, set_slider_scale
+from .token_selection import subprompt_token_scales
 from .sampling import denoise, get_schedule, initial_noise, latent_ids, pack_latents, text_ids, unpack_latents
 from .text_encoders import SUBFOLDERS, KontextTextEncoders
 from .transformer import Flux
@@ -50,11 +54,31 @@ class ScheduleConfig:
         return cls(**{k: config[k] for k in cls.__dataclass_fields__ if k in config})
 
 
+@dataclass(frozen=True)
+class EditDefaults:
+    """Per-model defaults of an edit, from an optional `slideredit.json` at the model folder's root
+    (small models trained at a fixed size want their own; FLUX.1 Kontext [dev] uses these values)."""
+    max_sequence_length: int = 512  # T5 tokens
+    auto_resize: bool = True  # snap the context image to the nearest preferred Kontext resolution
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "EditDefaults":
+        path = folder / "slideredit.json"
+        if not path.is_file():
+            return cls()
+        config = json.loads(path.read_text())
+        unknown = set(config) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**config)
+
+
 class SliderEditFluxKontextPipeline:
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, text_encoders: KontextTextEncoders,
-                 schedule: ScheduleConfig = ScheduleConfig(), *, offload: bool = False):
+                 schedule: ScheduleConfig = ScheduleConfig(), defaults: EditDefaults = EditDefaults(), *,
+                 offload: bool = False):
         self.transformer, self.autoencoder, self.text_encoders = transformer, autoencoder, text_encoders
-        self.schedule = schedule
+        self.schedule, self.defaults = schedule, defaults
         self.offload = offload  # keep the text encoders on the CPU except while they encode
         self.progress = True
 
@@ -71,7 +95,7 @@ class SliderEditFluxKontextPipeline:
         return cls(load_flux(folder, dtype=torch_dtype, device=device),
                    load_autoencoder(folder, dtype=torch_dtype, device=device),
                    KontextTextEncoders.from_pretrained(folder, dtype=torch_dtype, device=text_device),
-                   ScheduleConfig.from_folder(folder), offload=offload)
+                   ScheduleConfig.from_folder(folder), EditDefaults.from_folder(folder), offload=offload)
 
     @property
     def device(self) -> torch.device:
@@ -92,9 +116,53 @@ class SliderEditFluxKontextPipeline:
         """diffusers' spelling for silencing the progress bar."""
         self.progress = not disable
 
+    # --- sliders --------------------------------------------------------------------------------------
+
+    def load_gstlora(self, path: str | os.PathLike, lora_rank: int | None = None) -> None:
+        """Load a GSTLoRA checkpoint (`pytorch_lora_weights.safetensors` or a folder holding it);
+        then `pipe(..., slider_alpha=a)` scales it on every token."""
+        load_adapter(self.transformer, GSTLORA, path, lora_rank)
+
+    def load_stlora(self, path: str | os.PathLike, lora_rank: int | None = None) -> None:
+        """Load an STLoRA checkpoint (`selective_lora.pt` / `.safetensors` or a folder holding it); then
+        `pipe(..., prompt="A and B", subprompts_list=["A", "B"], slider_alpha_list=[a, b])`."""
+        load_adapter(self.transformer, STLORA, path, lora_rank)
+
+    def unload_sliders(self) -> None:
+        """Remove every adapter: the transformer is exactly the base model again."""
+        remove_adapters(self.transformer)
+
+    def set_sliders(self, prompts: list[str] | None, batch: int, slider_alpha: float | None,
+                    subprompts_list: list[str] | None, slider_alpha_list: list[float] | None,
+                    max_sequence_length: int) -> None:
+        """Set every adapter's scale for the next edit; an adapter given no slider is switched off."""
+        loaded = loaded_adapters(self.transformer)
+        if slider_alpha is not None:
+            if GSTLORA not in loaded:
+                raise ValueError("slider_alpha needs a GSTLoRA: call pipe.load_gstlora(path) first")
+            if not isinstance(slider_alpha, (int, float)) or not math.isfinite(slider_alpha):
+                raise ValueError(f"slider_alpha must be a finite number, got {slider_alpha!r}")
+        set_slider_scale(self.transformer, GSTLORA, slider_alpha)
+
+        token_scales = None
+        if subprompts_list is not None or slider_alpha_list is not None:
+            if STLORA not in loaded:
+                raise ValueError("subprompts_list/slider_alpha_list need an STLoRA: call pipe.load_stlora(path) first")
+            if subprompts_list is None or slider_alpha_list is None:
+                raise ValueError("give subprompts_list and slider_alpha_list together")
+            if prompts is None:
+                raise ValueError("STLoRA finds the sub-prompts in the prompt's tokens: pass prompt= too")
+            encoders = self.text_encoders
+            token_scales = torch.stack([
+                subprompt_token_scales(p, subprompts_list, slider_alpha_list, encoders.t5_token_ids,
+                                       max_sequence_length, encoders.t5_tokenizer.convert_ids_to_tokens)
+                for p in prompts]).expand(batch, -1)
+        set_slider_scale(self.transformer, STLORA, token_scales)
+
     @torch.no_grad()
-    def encode_prompt(self, prompt: str | list[str], max_sequence_length: int = 512) -> tuple[Tensor, Tensor]:
+    def encode_prompt(self, prompt: str | list[str], max_sequence_length: int | None = None) -> tuple[Tensor, Tensor]:
         """-> (T5 embeddings (B, 512, 4096), CLIP pooled (B, 768)) on the pipeline's device and dtype."""
+        max_sequence_length = max_sequence_length or self.defaults.max_sequence_length
         if self.offload:
             self.text_encoders.to(self.device)
         try:
@@ -119,12 +187,20 @@ class SliderEditFluxKontextPipeline:
                  num_inference_steps: int = 28, guidance_scale: float = 2.5, height: int | None = None,
                  width: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
                  output_type: str = "pil", prompt_embeds: Tensor | None = None,
-                 pooled_prompt_embeds: Tensor | None = None, max_sequence_length: int = 512,
-                 auto_resize: bool = True) -> KontextOutput:
+                 pooled_prompt_embeds: Tensor | None = None, max_sequence_length: int | None = None,
+                 auto_resize: bool | None = None, slider_alpha: float | None = None,
+                 subprompts_list: list[str] | None = None, slider_alpha_list: list[float] | None = None,
+                 ) -> KontextOutput:
         """Edit `image` as `prompt` says. Output size: explicit height/width, else the context image's
         aspect ratio at about one megapixel. `latents` (B, N, 64) packed replaces the initial noise.
         `auto_resize=False` keeps the context image's own size (floored to 16) instead of the nearest
-        preferred Kontext resolution."""
+        preferred Kontext resolution. `max_sequence_length` and `auto_resize` default to the model
+        folder's `slideredit.json` (512 T5 tokens and True for FLUX.1 Kontext [dev]).
+
+        Sliders (after load_gstlora / load_stlora): `slider_alpha` scales the GSTLoRA on every token;
+        `subprompts_list` + `slider_alpha_list` scale the STLoRA on each sub-prompt's T5 tokens. Alpha 0
+        is the base edit, 1 suppresses the instruction, negative values exaggerate it."""
+        auto_resize = self.defaults.auto_resize if auto_resize is None else auto_resize
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         if prompt_embeds is None:
@@ -137,6 +213,8 @@ class SliderEditFluxKontextPipeline:
         batch = txt.shape[0]
         if image is None:
             raise ValueError("Kontext edits an image: pass image=")
+        prompts = None if prompt is None else [prompt] * batch if isinstance(prompt, str) else list(prompt)
+        self.set_sliders(prompts, batch, slider_alpha, subprompts_list, slider_alpha_list, txt.shape[1])
 
         cond, context_w, context_h = self.encode_image(image, batch, auto_resize)
         if (height is None) != (width is None):

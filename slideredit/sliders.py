@@ -1,0 +1,206 @@
+"""SliderEdit's adapters on the FLUX transformer: low-rank updates with per-token slider scales.
+
+A targeted linear becomes a `SliderLinear`: the same frozen weight and bias plus any number of named
+adapters, all applied in ONE call of the fused masked LoRA linear (kernels/), stacked along the rank:
+
+    y = x W^T + b + sum_k s_k(t) * B_k (A_k x)
+
+- GSTLoRA ("gstlora"): every double-block linear, and the q, k, v rows of every single block's
+  `linear1`; s(t) = slider_alpha for every token.
+- STLoRA ("stlora"): the text stream of the double blocks (`txt_attn.qkv`, `txt_attn.proj`, `txt_mlp.0`,
+  `txt_mlp.2`); s(t) = the slider of the sub-prompt span holding text token t, 0 elsewhere.
+
+An adapter on a fused projection may be several LoRAs (the release adapts q, k and v separately): each
+`LoRAPart` owns an output-row range of the fused weight, and the parts stack into one adapter whose B is
+block-structured. Removing the adapters puts back the original `nn.Linear` holding the same tensors.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+import torch
+from torch import Tensor, nn
+
+from kernels import masked_lora_linear
+
+from .transformer import Flux
+
+GSTLORA, STLORA = "gstlora", "stlora"
+
+
+def gstlora_targets(model: Flux) -> list[str]:
+    """Every double-block linear, and the single blocks' `linear1` (its q, k, v rows only)."""
+    p = model.params
+    targets = [f"double_blocks.{i}.{stream}_{layer}" for i in range(p.depth) for stream in ("img", "txt")
+               for layer in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
+    return targets + [f"single_blocks.{i}.linear1" for i in range(p.depth_single_blocks)]
+
+
+def stlora_targets(model: Flux) -> list[str]:
+    """The text stream of the double blocks: these layers only ever see the T5 tokens."""
+    return [f"double_blocks.{i}.txt_{layer}" for i in range(model.params.depth)
+            for layer in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
+
+
+TARGETS = {GSTLORA: gstlora_targets, STLORA: stlora_targets}
+
+
+def is_fused_qkv(module: str) -> bool:
+    """Projections whose first 3 * hidden rows are [q ; k ; v]."""
+    return module.endswith(("attn.qkv", "linear1"))
+
+
+def part_rows(part: str, hidden: int, out_features: int) -> tuple[int, int]:
+    """Output rows of a LoRA part: "q", "k", "v" or "qkv" of a fused projection, or "all" rows."""
+    rows = {"q": (0, hidden), "k": (hidden, 2 * hidden), "v": (2 * hidden, 3 * hidden), "qkv": (0, 3 * hidden)}
+    return rows.get(part, (0, out_features))
+
+
+class LoRAPart(nn.Module):
+    """One LoRA: A (r, d_in), B (rows, r), writing output rows [start, end) of the layer."""
+
+    def __init__(self, lora_a: Tensor, lora_b: Tensor, start: int, end: int):
+        super().__init__()
+        self.lora_A = nn.Parameter(lora_a, requires_grad=False)
+        self.lora_B = nn.Parameter(lora_b, requires_grad=False)
+        self.start, self.end = start, end
+
+
+class Adapter(nn.Module):
+    """The LoRA parts one named adapter puts on one layer, and its current per-token scale."""
+
+    def __init__(self, parts: dict[str, LoRAPart]):
+        super().__init__()
+        self.parts = nn.ModuleDict(sorted(parts.items(), key=lambda kv: kv[1].start))  # q, k, v order
+        self.scale: Tensor | None = None  # broadcastable to x.shape[:-1]; None = off (0)
+
+    @property
+    def rank(self) -> int:
+        return sum(p.lora_A.shape[0] for p in self.parts.values())
+
+    def stacked(self, d_out: int, rank: int) -> tuple[Tensor, Tensor]:
+        """-> A (rank, d_in), B (d_out, rank): parts side by side, zero-padded up to `rank`."""
+        parts = list(self.parts.values())
+        a = torch.cat([p.lora_A for p in parts])
+        b = a.new_zeros(d_out, rank)
+        col = 0
+        for p in parts:
+            r = p.lora_A.shape[0]
+            b[p.start:p.end, col:col + r] = p.lora_B
+            col += r
+        if rank > col:
+            a = torch.cat([a, a.new_zeros(rank - col, a.shape[1])])
+        return a, b
+
+
+class SliderLinear(nn.Module):
+    """A frozen linear plus named adapters, computed by one fused masked LoRA call."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same tensors: no copy, exact restore
+        self.adapters = nn.ModuleDict()
+
+    def to_linear(self) -> nn.Linear:
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        active = [a for a in self.adapters.values() if a.scale is not None]
+        if not active:
+            return nn.functional.linear(x, self.weight, self.bias)
+        rank = max(a.rank for a in active)  # the kernel stacks equal ranks: pad the smaller ones
+        stacks = [a.stacked(self.out_features, rank) for a in active]
+        lora_a = torch.cat([s[0] for s in stacks])
+        lora_b = torch.cat([s[1] for s in stacks], dim=1)
+        scales = torch.broadcast_tensors(*[a.scale for a in active])
+        token_scale = torch.stack(scales, dim=-1).to(device=x.device, dtype=torch.float32)  # (..., K)
+        return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Putting adapters on a model, scaling them, taking them off
+# ---------------------------------------------------------------------------------------------------
+
+def slider_layers(model: nn.Module) -> Iterator[tuple[str, SliderLinear]]:
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, SliderLinear))
+
+
+def add_adapter(model: Flux, name: str, weights: dict[str, dict[str, tuple[Tensor, Tensor]]],
+                trainable: bool = False) -> None:
+    """Attach adapter `name` to `model`. weights[module][part] = (A, B), part one of "q", "k", "v",
+    "qkv", "all" (already checked by the loader). Replaces an adapter of the same name."""
+    hidden = model.params.hidden_size
+    for module_name, parts in weights.items():
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        if not isinstance(layer, SliderLinear):
+            layer = SliderLinear(layer)
+            setattr(parent, child, layer)
+        device = layer.weight.device
+        adapter = Adapter({part: LoRAPart(a.to(device), b.to(device), *part_rows(part, hidden, layer.out_features))
+                           for part, (a, b) in parts.items()})
+        adapter.requires_grad_(trainable)
+        layer.adapters[name] = adapter
+
+
+def init_adapter(model: Flux, name: str, rank: int, generator: torch.Generator | None = None) -> None:
+    """Attach a fresh trainable adapter as the release initialises it: B = 0 (so training starts from
+    the base model); A ~ N(0, 1/r) for GSTLoRA, kaiming-uniform (a = sqrt(5)) for STLoRA. fp32."""
+    hidden = model.params.hidden_size
+    weights = {}
+    for module in TARGETS[name](model):
+        layer = model.get_submodule(module)
+        parts = ("q", "k", "v") if is_fused_qkv(module) else ("all",)
+        weights[module] = {}
+        for part in parts:
+            start, end = part_rows(part, hidden, layer.out_features)
+            a = torch.empty(rank, layer.in_features)
+            if name == GSTLORA:
+                a.normal_(0, 1 / rank, generator=generator)
+            else:  # kaiming_uniform_(a=sqrt(5)) == uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                bound = 1 / math.sqrt(layer.in_features)
+                a.uniform_(-bound, bound, generator=generator)
+            weights[module][part] = (a, torch.zeros(end - start, rank))
+    add_adapter(model, name, weights, trainable=True)
+
+
+def remove_adapters(model: nn.Module, names: tuple[str, ...] | None = None) -> None:
+    """Remove the named adapters (all when None); a layer left with none becomes its nn.Linear again."""
+    for module_name, layer in list(slider_layers(model)):
+        for name in list(layer.adapters):
+            if names is None or name in names:
+                del layer.adapters[name]
+        if not layer.adapters:
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.to_linear())
+
+
+def loaded_adapters(model: nn.Module) -> set[str]:
+    return {name for _, layer in slider_layers(model) for name in layer.adapters}
+
+
+def set_slider_scale(model: nn.Module, name: str, scale: float | Tensor | None) -> None:
+    """Scale adapter `name` on every layer: a number applies to every token; a (B, T) tensor gives
+    one scale per text token (STLoRA: text-stream layers only); None switches the adapter off."""
+    for _, layer in slider_layers(model):
+        if name in layer.adapters:
+            if scale is not None:
+                scale = torch.as_tensor(scale, dtype=torch.float32, device=layer.weight.device)
+                scale = scale.reshape(1, 1) if scale.ndim == 0 else scale
+            layer.adapters[name].scale = scale
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """{"<module>.<part>.lora_A": Parameter, ...} of one adapter, in module order."""
+    out = {}
+    for module_name, layer in slider_layers(model):
+        if name in layer.adapters:
+            for part_name, part in layer.adapters[name].parts.items():
+                out[f"{module_name}.{part_name}.lora_A"] = part.lora_A
+                out[f"{module_name}.{part_name}.lora_B"] = part.lora_B
+    return out
