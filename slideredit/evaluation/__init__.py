@@ -1,0 +1,21 @@
+"""Evaluation of slider sweeps: text-image scores, distances to the source, continuity and monotonicity.
+
+    scores.py      ClipScore, SiglipScore, BlipItmScore: (images, texts) -> (N,)
+    distances.py   DinoDistance, LpipsDistance (optional `lpips`), ArcFaceDistance (optional `insightface`):
+                   (images, sources) -> (N,)
+    continuity.py  continuity_score (the release's chi^2 measure), monotonicity_score (Spearman)
+    sweep.py       the sweep folder format shared with infer.py: read_sweep, write_sweep
+    plot.py        draw_curves: slider-response curves with PIL
+"""
+from .continuity import average_ranks, continuity_score, monotonicity_score, spearman
+from .distances import ArcFaceDistance, DinoDistance, LpipsDistance
+from .loading import EvaluatorLoadError, MissingExtraError
+from .plot import draw_curves
+from .scores import BlipItmScore, ClipScore, SiglipScore
+from .sweep import Sweep, SweepCell, SweepFormatError, read_sweep, write_sweep
+
+__all__ = [
+    "ArcFaceDistance", "BlipItmScore", "ClipScore", "DinoDistance", "EvaluatorLoadError", "LpipsDistance",
+    "MissingExtraError", "SiglipScore", "Sweep", "SweepCell", "SweepFormatError", "average_ranks",
+    "continuity_score", "draw_curves", "monotonicity_score", "read_sweep", "spearman", "write_sweep",
+]
