@@ -8,7 +8,7 @@ Sweep mode, on folders written by infer.py (see slideredit/evaluation/sweep.py f
 Model mode: edit every case of a JSONL file at every alpha, then evaluate those sweeps:
 
     python eval.py --model black-forest-labs/FLUX.1-Kontext-dev --gstlora gstlora.safetensors \
-        --cases cases.jsonl --alphas=-1,-0.5,0,0.5,1
+        --cases cases.jsonl --alphas -1,-0.5,0,0.5,1
 
     cases.jsonl, one object a line: {"image": "faces/1.png", "prompt": "make the hair curly",
     "attribute": "curly hair", "subprompts": [...] (STLoRA only, optional)}
@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 
 from slideredit.atomic import atomic_path
+from slideredit.cli import join_alphas, parse_alphas
+from slideredit.image import load_image, to_rgb
 from slideredit.evaluation import (ArcFaceDistance, BlipItmScore, ClipScore, DinoDistance, LpipsDistance,
                                    SiglipScore, Sweep, SweepCell, continuity_score, draw_curves,
                                    monotonicity_score, read_sweep, write_sweep)
@@ -73,16 +75,6 @@ class CaseSpec:
 # Command line
 # ---------------------------------------------------------------------------------------------------
 
-def parse_alphas(text: str) -> list[float]:
-    try:
-        alphas = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as -1,-0.5,0,0.5,1, got {text!r}")
-    if len(alphas) < 2 or len(set(alphas)) != len(alphas) or not all(math.isfinite(a) for a in alphas):
-        raise argparse.ArgumentTypeError(f"need at least 2 distinct finite alphas, got {text!r}")
-    return alphas
-
-
 def parse_metrics(text: str) -> list[str]:
     metrics = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in metrics if name not in TEXT_METRICS + DISTANCE_METRICS]
@@ -107,9 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "relative to the file. With --stlora each sub-prompt's alpha is swept with the "
                              "others at 0, and attribute is a list with one phrase per sub-prompt (a string "
                              "when there is one sub-prompt; subprompts default to [prompt])")
-    parser.add_argument("--alphas", type=parse_alphas, default=parse_alphas("-1,-0.5,0,0.5,1"),
-                        help="model mode: slider values, comma-separated; write --alphas=-1,0,1 (with '=') "
-                             "when the first is negative (default: -1,-0.5,0,0.5,1)")
+    parser.add_argument("--alphas", type=lambda text: parse_alphas(text, minimum=2),
+                        default=[-1.0, -0.5, 0.0, 0.5, 1.0],
+                        help="model mode: slider values, comma-separated (default: -1,-0.5,0,0.5,1)")
     parser.add_argument("--seed", type=int, default=0, help="model mode: seed of every edit (default: 0)")
     parser.add_argument("--steps", type=int, default=28, help="model mode: denoising steps (default: 28)")
     parser.add_argument("--guidance", type=float, default=2.5, help="model mode: guidance scale (default: 2.5)")
@@ -135,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch device for the evaluators and the pipeline (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per evaluator forward pass (default: 16)")
     parser.add_argument("--out", type=Path, default=Path("outputs/eval"), help="output folder (default: outputs/eval)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_alphas(sys.argv[1:] if argv is None else argv))
 
     model_only = {"--gstlora": args.gstlora, "--stlora": args.stlora, "--cases": args.cases}
     if args.model is None and any(value is not None for value in model_only.values()):
@@ -156,14 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Cases
 # ---------------------------------------------------------------------------------------------------
 
-def load_image(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"{path} is not a readable image ({err})") from None
+def load_rgb(path: Path) -> Image.Image:
+    return to_rgb(load_image(path))
 
 
 def sweep_cases(folder: Path, sweep: Sweep, attributes: list[str] | None) -> list[Case]:
@@ -247,7 +233,7 @@ def generate_sweeps(args: argparse.Namespace, specs: list[CaseSpec]) -> list[Pat
     for index, spec in enumerate(specs):
         folder = args.out / "sweeps" / f"case{index:03d}"
         (folder / "cells").mkdir(parents=True, exist_ok=True)
-        source = load_image(spec.image)
+        source = load_rgb(spec.image)
         source.save(folder / "source.png")
         cells = []
         for alphas in cell_alphas(args.alphas, len(spec.subprompts) if spec.subprompts else 1):
@@ -285,8 +271,8 @@ def build_evaluators(args: argparse.Namespace) -> dict:
 def evaluate_sweep(cases: list[Case], evaluators: dict) -> list[list[dict]]:
     """metrics.csv rows for the cases of one sweep: for each case, one row per cell of the sweep."""
     folder, sweep = cases[0].folder, cases[0].sweep
-    source = load_image(folder / sweep.source_image)
-    images = [load_image(folder / cell.image) for cell in sweep.cells]
+    source = load_rgb(folder / sweep.source_image)
+    images = [load_rgb(folder / cell.image) for cell in sweep.cells]
     print(f"{folder}: {len(images)} images", file=sys.stderr)
     distances = {name: fn(images, source).tolist() for name, fn in evaluators.items() if name in DISTANCE_METRICS}
     per_case = []

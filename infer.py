@@ -22,33 +22,13 @@ from pathlib import Path
 
 import torch
 
+from slideredit.cli import join_alphas, parse_alphas
 from slideredit.evaluation.sweep import Sweep, SweepCell, write_sweep
 from slideredit.grids import labelled_grid, save_gif, save_png, with_caption
 from slideredit.image import load_image, to_rgb
 from slideredit.pipelines import SliderEditFluxKontextPipeline
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
-
-
-def parse_alphas(text: str) -> list[float]:
-    try:
-        alphas = [float(a) for a in text.split(",") if a.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--alphas must be comma-separated numbers, got {text!r}") from None
-    if not alphas:
-        raise argparse.ArgumentTypeError("--alphas needs at least one value")
-    return alphas
-
-
-def join_alphas(argv: list[str]) -> list[str]:
-    """`--alphas -1,-0.5,0` -> `--alphas=-1,-0.5,0`: argparse would read a value starting with '-' as a flag."""
-    out = []
-    for arg in argv:
-        if out and out[-1] == "--alphas" and not arg.startswith("--"):
-            out[-1] = f"--alphas={arg}"
-        else:
-            out.append(arg)
-    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
