@@ -16,19 +16,33 @@ from PIL import Image
 from .loading import batched, broadcast, check_images, load_model
 
 
-class ClipScore:
-    """Cosine similarity of CLIP's projected image and text embeddings, in [-1, 1] (release: ViT-B/32)."""
+class TextImageScore:
+    """Shared by the scorers: load `model_class` and its processor once, score in batches."""
+    model_class = ""  # a transformers class name
+    model_types: tuple[str, ...] = ()
 
-    def __init__(self, model: str | os.PathLike = "openai/clip-vit-base-patch32", device: str | torch.device = "cpu",
-                 batch_size: int = 16, dtype: torch.dtype = torch.float32):
-        from transformers import AutoProcessor, CLIPModel
+    def __init__(self, model: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 16,
+                 dtype: torch.dtype = torch.float32):
+        import transformers
 
-        self.model, self.processor = load_model(CLIPModel, AutoProcessor, model, ("clip",), device, dtype)
+        self.model, self.processor = load_model(getattr(transformers, self.model_class), transformers.AutoProcessor,
+                                                model, self.model_types, device, dtype)
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
 
     def __call__(self, images: Sequence[Image.Image], texts: str | Sequence[str]) -> torch.Tensor:
         images = check_images(images)
         return batched(self._score, self.batch_size, images, broadcast(texts, len(images), "texts", str))
+
+    def _score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ClipScore(TextImageScore):
+    """Cosine similarity of CLIP's projected image and text embeddings, in [-1, 1] (release: ViT-B/32)."""
+    model_class, model_types = "CLIPModel", ("clip",)
+
+    def __init__(self, model: str | os.PathLike = "openai/clip-vit-base-patch32", **kwargs):
+        super().__init__(model, **kwargs)
 
     def _score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True, truncation=True)
@@ -38,7 +52,7 @@ class ClipScore:
         return F.cosine_similarity(out.image_embeds.float(), out.text_embeds.float(), dim=-1)
 
 
-class SiglipScore:
+class SiglipScore(TextImageScore):
     """SigLIP's probability that image and text match: sigmoid(cos * exp(logit_scale) + logit_bias), in [0, 1].
 
     This is the "SigLIP score" here: SigLIP is trained with a per-pair sigmoid loss, so the sigmoid of
@@ -46,17 +60,10 @@ class SiglipScore:
     a batch. Text is padded to the tokenizer's max length (64) and no attention mask is passed, which
     is how SigLIP was trained (its text tower pools the last position; the pad token is EOS).
     """
+    model_class, model_types = "SiglipModel", ("siglip",)
 
-    def __init__(self, model: str | os.PathLike = "google/siglip-so400m-patch14-384",
-                 device: str | torch.device = "cpu", batch_size: int = 16, dtype: torch.dtype = torch.float32):
-        from transformers import AutoProcessor, SiglipModel
-
-        self.model, self.processor = load_model(SiglipModel, AutoProcessor, model, ("siglip",), device, dtype)
-        self.device, self.dtype, self.batch_size = device, dtype, batch_size
-
-    def __call__(self, images: Sequence[Image.Image], texts: str | Sequence[str]) -> torch.Tensor:
-        images = check_images(images)
-        return batched(self._score, self.batch_size, images, broadcast(texts, len(images), "texts", str))
+    def __init__(self, model: str | os.PathLike = "google/siglip-so400m-patch14-384", **kwargs):
+        super().__init__(model, **kwargs)
 
     def _score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding="max_length", truncation=True)
@@ -65,20 +72,12 @@ class SiglipScore:
         return out.logits_per_image.diagonal().float().sigmoid()  # (images, texts) logits: pair i is [i, i]
 
 
-class BlipItmScore:
+class BlipItmScore(TextImageScore):
     """BLIP's image-text matching probability: softmax of the ITM head's (no match, match) logits, [:, 1]."""
+    model_class, model_types = "BlipForImageTextRetrieval", ("blip",)
 
-    def __init__(self, model: str | os.PathLike = "Salesforce/blip-itm-base-coco", device: str | torch.device = "cpu",
-                 batch_size: int = 16, dtype: torch.dtype = torch.float32):
-        from transformers import AutoProcessor, BlipForImageTextRetrieval
-
-        self.model, self.processor = load_model(BlipForImageTextRetrieval, AutoProcessor, model, ("blip",),
-                                                device, dtype)
-        self.device, self.dtype, self.batch_size = device, dtype, batch_size
-
-    def __call__(self, images: Sequence[Image.Image], texts: str | Sequence[str]) -> torch.Tensor:
-        images = check_images(images)
-        return batched(self._score, self.batch_size, images, broadcast(texts, len(images), "texts", str))
+    def __init__(self, model: str | os.PathLike = "Salesforce/blip-itm-base-coco", **kwargs):
+        super().__init__(model, **kwargs)
 
     def _score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True, truncation=True)
