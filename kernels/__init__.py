@@ -1,4 +1,4 @@
 """Fused kernels for SliderEdit: the masked multi-slider LoRA linear (Triton on CUDA, PyTorch elsewhere)."""
-from kernels.masked_lora import masked_lora_linear
+from kernels.masked_lora import MAX_STACKED_RANK, masked_lora_linear
 
-__all__ = ["masked_lora_linear"]
+__all__ = ["MAX_STACKED_RANK", "masked_lora_linear"]

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("triton", "torch")
+MAX_STACKED_RANK = 128  # Triton: K*r, one program keeps the whole stacked rank in registers
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_DTYPES = _TRITON_DTYPES + (torch.float64,)
 
@@ -151,7 +152,7 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, token_scale, backend) -> tupl
         )
 
     if backend == "triton":
-        from kernels.masked_lora_triton import INTERPRET, MAX_STACKED_RANK
+        from kernels.masked_lora_triton import INTERPRET
 
         if stacked_rank > MAX_STACKED_RANK:
             raise ValueError(

@@ -40,7 +40,6 @@ import triton.language as tl
 
 # Read once, like triton.jit does when it decides to build interpreted kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_STACKED_RANK = 128  # K*r: one program keeps the whole stacked rank in registers.
 
 if INTERPRET:
     # One config (autotune with several fails on CPU-only torch), large blocks (cost is per instance).

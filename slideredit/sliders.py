@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from kernels import masked_lora_linear
+from kernels import MAX_STACKED_RANK, masked_lora_linear
 
 from .transformer import Flux
 
@@ -118,7 +118,9 @@ class SliderLinear(nn.Module):
         lora_b = torch.cat([s[1] for s in stacks], dim=1)
         scales = torch.broadcast_tensors(*[a.scale for a in active])
         token_scale = torch.stack(scales, dim=-1).to(device=x.device, dtype=torch.float32)  # (..., K)
-        return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale)
+        # the Triton kernel holds up to 128 stacked ranks; larger stacks take the PyTorch path
+        backend = "torch" if lora_a.shape[0] > MAX_STACKED_RANK else None
+        return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -310,3 +310,21 @@ def test_pickles_load_only_plain_tensors(tmp_path):
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no stlora checkpoint in this folder"):
         load_adapter(tiny_model(), STLORA, empty)
+
+
+def test_stacks_past_the_triton_limit_take_the_torch_path(tmp_path, monkeypatch):
+    """Rank 48 on a fused q/k/v projection stacks to 144 > 128 rows: that layer asks for the PyTorch path."""
+    import slideredit.sliders as sliders
+    backends = {}
+    original = sliders.masked_lora_linear
+
+    def spy(x, weight, bias, lora_a, lora_b, token_scale, backend=None):
+        backends[lora_a.shape[0]] = backend
+        return original(x, weight, bias, lora_a, lora_b, token_scale, backend=backend)
+
+    monkeypatch.setattr(sliders, "masked_lora_linear", spy)
+    model = tiny_model()
+    load_adapter(model, GSTLORA, write(tmp_path, GSTLORA, release_checkpoint("gstlora", PARAMS, rank=48)))
+    set_slider_scale(model, GSTLORA, 1.0)
+    forward(model, double_inputs())
+    assert backends == {144: "torch", 48: None}
