@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -468,3 +469,12 @@ def test_draw_curves_draws_every_case():
     assert (255, 127, 14) in {colour for _, colour in panel_two.getcolors(maxcolors=1 << 16)}  # flat curve drawn
     with pytest.raises(ValueError, match="at least one panel"):
         draw_curves({})
+
+
+@pytest.mark.parametrize("scorer, hub_id", [(ClipScore, "openai/clip-vit-base-patch32"),
+                                            (SiglipScore, "google/siglip-so400m-patch14-384"),
+                                            (BlipItmScore, "Salesforce/blip-itm-base-coco")])
+def test_default_models_are_the_releases(scorer, hub_id):
+    """Offline, the default hub id cannot load, and the error names it."""
+    with pytest.raises(EvaluatorLoadError, match=re.escape(hub_id)):
+        scorer()

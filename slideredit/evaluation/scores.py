@@ -20,11 +20,13 @@ class TextImageScore:
     """Shared by the scorers: load `model_class` and its processor once, score in batches."""
     model_class = ""  # a transformers class name
     model_types: tuple[str, ...] = ()
+    default_model = ""  # the release's checkpoint on the hub
 
-    def __init__(self, model: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 16,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, model: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 16, dtype: torch.dtype = torch.float32):
         import transformers
 
+        model = model or self.default_model
         self.model, self.processor = load_model(getattr(transformers, self.model_class), transformers.AutoProcessor,
                                                 model, self.model_types, device, dtype)
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
@@ -40,9 +42,7 @@ class TextImageScore:
 class ClipScore(TextImageScore):
     """Cosine similarity of CLIP's projected image and text embeddings, in [-1, 1] (release: ViT-B/32)."""
     model_class, model_types = "CLIPModel", ("clip",)
-
-    def __init__(self, model: str | os.PathLike = "openai/clip-vit-base-patch32", **kwargs):
-        super().__init__(model, **kwargs)
+    default_model = "openai/clip-vit-base-patch32"
 
     def _score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True, truncation=True)
@@ -61,9 +61,7 @@ class SiglipScore(TextImageScore):
     is how SigLIP was trained (its text tower pools the last position; the pad token is EOS).
     """
     model_class, model_types = "SiglipModel", ("siglip",)
-
-    def __init__(self, model: str | os.PathLike = "google/siglip-so400m-patch14-384", **kwargs):
-        super().__init__(model, **kwargs)
+    default_model = "google/siglip-so400m-patch14-384"
 
     def _score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding="max_length", truncation=True)
@@ -75,9 +73,7 @@ class SiglipScore(TextImageScore):
 class BlipItmScore(TextImageScore):
     """BLIP's image-text matching probability: softmax of the ITM head's (no match, match) logits, [:, 1]."""
     model_class, model_types = "BlipForImageTextRetrieval", ("blip",)
-
-    def __init__(self, model: str | os.PathLike = "Salesforce/blip-itm-base-coco", **kwargs):
-        super().__init__(model, **kwargs)
+    default_model = "Salesforce/blip-itm-base-coco"
 
     def _score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True, truncation=True)

@@ -1,0 +1,262 @@
+"""train.py and the training loop end to end on the tiny model folder: outputs, exact kill-and-resume,
+checkpoints loading into the pipeline, unreadable and empty data, NaN stops, the encoding cache."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import train as train_script
+from slideredit.pipelines import SliderEditFluxKontextPipeline
+from slideredit.sliders import GSTLORA, STLORA, adapter_parameters
+from slideredit.training import TrainConfig, TrainingDiverged, train
+from slideredit.training.checkpoints import checkpoints, load_training_state
+from slideredit.training.data import DataError
+from slideredit.training.loop import Trainer
+from test_training_losses import one_thread  # noqa: F401 (autouse fixture)
+
+EDITS = ["make the hair curly", "add a red hat", "remove the glasses"]
+RESOLUTION = 32  # 2 x 2 latent tokens after packing: every path runs, in milliseconds
+ADAPTER_FILE = {GSTLORA: "pytorch_lora_weights.safetensors", STLORA: "selective_lora.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def short_model_dir(tiny_kontext_dir, tmp_path_factory):
+    """The tiny Kontext folder with 32 T5 tokens instead of 512 (its slideredit.json), for fast steps."""
+    root = tmp_path_factory.mktemp("short_model") / "model"
+    root.mkdir()
+    for entry in tiny_kontext_dir.iterdir():
+        (root / entry.name).symlink_to(entry)
+    (root / "slideredit.json").write_text(json.dumps({"max_sequence_length": 32}))
+    return root
+
+
+def write_images(folder: Path, count: int, seed: int = 0, size=(48, 40)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"face_{i}.png")
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+@pytest.fixture()
+def faces(tmp_path):
+    write_images(tmp_path / "faces", 4)
+    return tmp_path / "faces"
+
+
+def make_config(model: Path, out: Path, images: Path, **changes) -> TrainConfig:
+    values = dict(pretrained_model_name_or_path=str(model), images_dataset_path=str(images),
+                  training_single_edit_prompts=EDITS, resolution=RESOLUTION, mixed_precision="no", lora_rank=4,
+                  learning_rate=1e-3, train_batch_size=2, max_train_steps=4, checkpointing_steps=2,
+                  validation_steps=1000, output_dir=str(out), seed=3)
+    return TrainConfig(**{**values, **changes})
+
+
+def adapter_file(folder: Path, method: str) -> dict[str, torch.Tensor]:
+    return load_file(folder / ADAPTER_FILE[method])
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def test_cli_writes_checkpoints_validation_grids_and_the_final_adapter(short_model_dir, faces, tmp_path):
+    config_file = tmp_path / "gstlora.yaml"
+    config_file.write_text(yaml.safe_dump({  # the release's field names
+        "pretrained_model_name_or_path": str(short_model_dir), "images_dataset_path": str(faces),
+        "training_single_edit_prompts": EDITS, "max_num_instructions_per_prompt": 2,
+        "validation_prompts": ["make the hair curly and add a red hat"], "validation_lora_scales": [-1, 0, 1],
+        "lora_rank": 4, "lora_dropout": 0, "learning_rate": "1e-3", "train_batch_size": 2,
+        "gradient_accumulation_steps": 1, "max_train_steps": 100, "checkpointing_steps": 2, "validation_steps": 2,
+        "guidance_scale": 3.5, "max_grad_norm": 1.0, "seed": 0, "output_dir": str(tmp_path / "out"),
+        "resume_from_checkpoint": None}))
+    result = train_script.main(["--config", str(config_file), "--max_train_steps", "2", "--resolution", "32",
+                                "--mixed_precision", "no", "--validation_num_inference_steps", "2"])
+    out = tmp_path / "out"
+    assert result.step == 2 and np.isfinite(result.loss)
+    assert [step for step, _ in checkpoints(out)] == [2]
+    assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == [ADAPTER_FILE[GSTLORA], "training_state.pt"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    assert_same_tensors(adapter_file(out, GSTLORA), adapter_file(out / "checkpoint-2", GSTLORA))
+    grid = Image.open(out / "validation" / "step-2.png")
+    assert grid.height == 18 + RESOLUTION  # label strip + one row
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_train_steps"] == 2
+    assert "step 2: loss" in (out / "train.log").read_text()
+
+
+@pytest.mark.parametrize("method", [GSTLORA, STLORA])
+def test_a_checkpoint_loads_into_the_pipeline_unchanged(short_model_dir, faces, tmp_path, method):
+    trainer = Trainer(make_config(short_model_dir, tmp_path / "out", faces, method=method, max_train_steps=2,
+                                  validation_prompts=["make the hair curly and add a red hat"], validation_steps=2,
+                                  validation_lora_scales=[-1, 0, 0.5, 1], validation_num_inference_steps=2))
+    trainer.run()
+    assert Image.open(tmp_path / "out" / "validation" / "step-2.png").width > 4 * RESOLUTION
+    trained = {name: p.detach() for name, p in adapter_parameters(trainer.model, method).items()}
+    assert any(name.endswith("lora_B") and p.abs().max() > 0 for name, p in trained.items())  # it trained
+
+    pipe = SliderEditFluxKontextPipeline.from_pretrained(short_model_dir, torch_dtype=torch.float32)
+    getattr(pipe, f"load_{method}")(tmp_path / "out" / "checkpoint-2")
+    loaded = adapter_parameters(pipe.transformer, method)
+    assert loaded.keys() == trained.keys()
+    for name in trained:
+        assert torch.equal(loaded[name], trained[name]), name
+
+
+def test_a_killed_run_resumes_exactly(short_model_dir, faces, tmp_path, monkeypatch):
+    """STLoRA with gradient accumulation: a run killed after step 3 (last checkpoint at step 2) and resumed
+    with --resume latest ends with the same weights, bit for bit, as a run that was never interrupted."""
+    changes = dict(method=STLORA, train_batch_size=1, gradient_accumulation_steps=2)
+    train(make_config(short_model_dir, tmp_path / "straight", faces, **changes))
+
+    killed = tmp_path / "killed"
+    original = Trainer.train_step
+
+    def dies_after_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt  # as if the process were killed here
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(short_model_dir, killed, faces, **changes))
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert [step for step, _ in checkpoints(killed)] == [2]
+
+    train_script.main(["--config", str(killed / "config.yaml"), "--resume", "latest"])
+    assert "resumed from" in (killed / "train.log").read_text()
+    assert_same_tensors(adapter_file(killed, STLORA), adapter_file(tmp_path / "straight", STLORA))
+    assert_same_tensors(adapter_file(killed / "checkpoint-4", STLORA),
+                        adapter_file(tmp_path / "straight" / "checkpoint-4", STLORA))
+    state = load_training_state(killed / "checkpoint-4")
+    assert state["step"] == 4 and state["samples"] == 8  # 4 steps x global batch 2
+
+
+def test_resume_needs_the_same_method(short_model_dir, faces, tmp_path):
+    train(make_config(short_model_dir, tmp_path / "out", faces, max_train_steps=2))
+    with pytest.raises(ValueError, match="method='gstlora'"):
+        Trainer(make_config(short_model_dir, tmp_path / "out", faces, method=STLORA, resume_from_checkpoint="latest"))
+
+
+def test_checkpoints_total_limit_keeps_the_newest(short_model_dir, faces, tmp_path):
+    train(make_config(short_model_dir, tmp_path / "out", faces, max_train_steps=3, checkpointing_steps=1,
+                      checkpoints_total_limit=2, train_batch_size=1))
+    assert [step for step, _ in checkpoints(tmp_path / "out")] == [2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data problems
+# ---------------------------------------------------------------------------------------------------
+
+def test_unreadable_images_are_skipped_and_counted(short_model_dir, tmp_path):
+    folder = tmp_path / "faces"
+    good = write_images(folder, 3)
+    (folder / "garbage.png").write_bytes(b"this is not an image")
+    (folder / "truncated.png").write_bytes(good[0].read_bytes()[:120])
+    # 3 steps x 2 samples = 6 > 5 images: the first pass over the data meets every file
+    result = train(make_config(short_model_dir, tmp_path / "out", folder, max_train_steps=3, checkpointing_steps=3))
+    assert result.step == 3 and result.unreadable_images == 2
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert "garbage.png" in log and "truncated.png" in log and "2 unreadable image(s) skipped" in log
+    assert load_training_state(tmp_path / "out" / "checkpoint-3")["unreadable"].numel() == 2
+
+
+def test_all_images_unreadable_is_a_clear_error(short_model_dir, tmp_path):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (folder / name).write_bytes(b"junk")
+    with pytest.raises(DataError, match="every one of the 2 images of the dataset is unreadable"):
+        train(make_config(short_model_dir, tmp_path / "out", folder))
+
+
+def test_an_empty_dataset_is_a_clear_error(short_model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="empty"):
+        train(make_config(short_model_dir, tmp_path / "out", tmp_path / "empty"))
+
+
+def test_wandb_is_optional_and_named_when_missing(short_model_dir, faces, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ValueError, match="report_to: wandb needs the wandb package"):
+        Trainer(make_config(short_model_dir, tmp_path / "out", faces, report_to="wandb"))
+
+
+def test_the_cli_reports_bad_config_fields(tmp_path):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("learning_rat: 1e-4\nimages_dataset_path: x\n")
+    with pytest.raises(ValueError, match="did you mean 'learning_rate'"):
+        train_script.main(["--config", str(config_file)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# NaN, cache
+# ---------------------------------------------------------------------------------------------------
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(short_model_dir, faces, tmp_path, monkeypatch):
+    original = Trainer.micro_loss
+
+    def nan_at_step_3(self, batch):
+        loss = original(self, batch)
+        return loss * float("nan") if self.step == 2 else loss  # self.step counts completed steps
+
+    monkeypatch.setattr(Trainer, "micro_loss", nan_at_step_3)
+    # logging every 100 steps: the NaN of step 3 is found when step 4 would be checkpointed
+    with pytest.raises(TrainingDiverged, match=r"at step 3.*last good checkpoint is .*checkpoint-2"):
+        train(make_config(short_model_dir, tmp_path / "out", faces, logging_steps=100))
+    assert [step for step, _ in checkpoints(tmp_path / "out")] == [2]
+    assert not (tmp_path / "out" / ADAPTER_FILE[GSTLORA]).exists()
+
+
+def test_the_cache_gives_the_same_training_without_running_the_encoders(short_model_dir, tmp_path, monkeypatch):
+    """An instruction-editing dataset (imagefolder with metadata.jsonl); the second run reads every latent and
+    prompt embedding from the cache and must end with the same weights as the first and as an uncached run."""
+    folder = tmp_path / "edits"
+    paths = write_images(folder, 3)
+    rows = [{"file_name": p.name, "edit": edit} for p, edit in zip(paths, EDITS)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    changes = dict(images_dataset_path=None, dataset_name=str(folder), training_single_edit_prompts=[],
+                   max_train_steps=2, cache_dir=str(tmp_path / "cache"))
+    train(make_config(short_model_dir, tmp_path / "first", folder, **changes))
+    assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 3
+    assert len(list((tmp_path / "cache" / "prompts").rglob("*.safetensors"))) == 4  # 3 edits + the neutral prompt
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an encoder ran although its output was cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(SliderEditFluxKontextPipeline, "encode_prompt", must_not_run)
+        m.setattr("slideredit.autoencoder.AutoEncoder.encode", must_not_run)
+        train(make_config(short_model_dir, tmp_path / "second", folder, **changes))
+    train(make_config(short_model_dir, tmp_path / "uncached", folder, **{**changes, "cache_dir": None}))
+    assert_same_tensors(adapter_file(tmp_path / "second", GSTLORA), adapter_file(tmp_path / "first", GSTLORA))
+    # Without the cache the encoders see other batch compositions (all prompts, not only the missing ones):
+    # the same math, other float rounding.
+    uncached, first = adapter_file(tmp_path / "uncached", GSTLORA), adapter_file(tmp_path / "first", GSTLORA)
+    for name in first:
+        torch.testing.assert_close(uncached[name], first[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_model_with_fp32_adapter_and_optimizer(short_model_dir, faces, tmp_path):
+    """The GPU configuration, on the CPU: the frozen model in bf16, the adapter, its gradients and AdamW's
+    moments in fp32; offloading the encoders changes nothing here but must run."""
+    trainer = Trainer(make_config(short_model_dir, tmp_path / "out", faces, method=STLORA, mixed_precision="bf16",
+                                  offload=True, max_train_steps=1))
+    loss = trainer.train_step()
+    assert torch.isfinite(loss) and loss > 0
+    assert trainer.model.img_in.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in trainer.params} == {torch.float32}
+    moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
+    assert len(moments) == len(trainer.params) and {m.dtype for m in moments} == {torch.float32}

@@ -1,0 +1,92 @@
+"""The training config: the release's YAML fields, typed command-line overrides, clear errors."""
+import pytest
+import yaml
+
+import train as train_script
+from slideredit.training import ConfigError, load_config
+
+RELEASE_STYLE = {  # the release's YAML field names (STLoRA-PPS on a face folder)
+    "pretrained_model_name_or_path": "black-forest-labs/FLUX.1-Kontext-dev",
+    "images_dataset_path": "data/faces",
+    "training_single_edit_prompts": ["make the hair curly", "add a red hat"],
+    "max_num_instructions_per_prompt": 3,
+    "validation_prompts": ["make the hair curly and add a red hat"],
+    "validation_lora_scales": [-1.5, 0, 1.5],
+    "lora_rank": 16, "lora_dropout": 0.0, "learning_rate": 5e-5, "train_batch_size": 6,
+    "gradient_accumulation_steps": 1, "max_train_steps": 2000, "checkpointing_steps": 500,
+    "validation_steps": 100, "guidance_scale": 3.5, "max_grad_norm": 1.0, "seed": 42,
+    "output_dir": "runs/stlora", "resume_from_checkpoint": None, "method": "stlora",
+}
+
+
+@pytest.fixture()
+def config_file(tmp_path):
+    path = tmp_path / "stlora.yaml"
+    path.write_text(yaml.safe_dump(RELEASE_STYLE))
+    return path
+
+
+def test_reads_the_release_fields(config_file):
+    config = load_config(config_file)
+    assert config.images_dataset_path == "data/faces" and config.max_train_steps == 2000
+    assert config.validation_lora_scales == [-1.5, 0.0, 1.5] and config.seed == 42
+    assert (config.adam_beta1, config.adam_beta2, config.adam_weight_decay, config.adam_epsilon) == (0.9, 0.999, 1e-4, 1e-8)
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("images_dataset_path: x\ntraining_single_edit_prompts: [a]\nlearning_rate: 1e-4\n")
+    assert yaml.safe_load(path.read_text())["learning_rate"] == "1e-4"  # PyYAML reads it as a string ...
+    assert load_config(path).learning_rate == 1e-4  # ... the config still gets a float
+
+
+def test_unknown_fields_are_named_with_the_closest_known_one(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({**RELEASE_STYLE, "learning_rat": 1e-4, "zzz": 1}))
+    with pytest.raises(ConfigError, match=r"'learning_rat' \(did you mean 'learning_rate'\?\), 'zzz'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora_dropout": 0.1}, "lora_dropout must be 0"),
+    ({"method": "lora"}, "method must be 'gstlora' or 'stlora'"),
+    ({"dataset_name": "UCSC-VLAA/HQ-Edit"}, "exactly one of dataset_name"),
+    ({"training_single_edit_prompts": []}, "needs training_single_edit_prompts"),
+    ({"train_batch_size": 0}, "train_batch_size must be at least 1"),
+    ({"resolution": 1000}, "multiple of 16"),
+    ({"mixed_precision": "fp16"}, "mixed_precision must be 'no' or 'bf16'"),
+    ({"max_train_steps": "many"}, "'max_train_steps' must be a number"),
+    ({"lora_rank": 2.5}, "'lora_rank' must be a whole number"),
+    ({"gradient_checkpointing": "maybe"}, "'gradient_checkpointing' must be true or false"),
+    ({"seed": None}, "'seed' must not be empty"),
+])
+def test_bad_values_are_clear_errors(change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {**RELEASE_STYLE, **change})
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_command_line_overrides_every_field_with_its_type(config_file):
+    config = train_script.parse_config([
+        "--config", str(config_file), "--learning_rate", "1e-4", "--max_train_steps", "10", "--method", "gstlora",
+        "--validation_lora_scales", "-1", "0", "1", "--resume", "latest", "--offload", "--gradient_checkpointing",
+        "false", "--cache_dir", "none", "--validation_prompts", "a", "b"])
+    assert config.learning_rate == 1e-4 and config.max_train_steps == 10 and config.method == "gstlora"
+    assert config.validation_lora_scales == [-1.0, 0.0, 1.0] and config.validation_prompts == ["a", "b"]
+    assert config.resume_from_checkpoint == "latest" and config.offload is True
+    assert config.gradient_checkpointing is False and config.cache_dir is None
+    assert config.seed == 42  # untouched fields keep the file's values
+
+
+def test_unknown_command_line_option_is_rejected(config_file, capsys):
+    with pytest.raises(SystemExit):
+        train_script.parse_config(["--config", str(config_file), "--learning_rat", "1"])
+    assert "unrecognized arguments: --learning_rat" in capsys.readouterr().err
