@@ -6,6 +6,7 @@ import json
 import random
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,15 @@ def test_image_folder_lists_images_only(tmp_path):
     assert [p.name for p in dataset.files] == ["face_0.png", "face_1.png"]
     with pytest.raises(DataError, match="not a folder"):
         ImageFolderDataset(tmp_path / "missing", ["a"], 3)
+
+
+def test_image_folder_given_as_a_relative_path(tmp_path, monkeypatch):
+    """A relative images_dataset_path (as in a YAML config run from the repository) reads every image."""
+    write_images(tmp_path / "data" / "faces", 2)
+    monkeypatch.chdir(tmp_path)
+    dataset = ImageFolderDataset(Path("data/faces"), ["a"], 3)
+    assert decode_image(dataset.raw_image(1)).size == decode_image((tmp_path / "data/faces/face_1.png").read_bytes()).size
+    assert dataset.describe(0) == str(Path("data/faces/face_0.png"))
 
 
 def test_pps_draw_is_uniform_over_all_ordered_permutations():

@@ -242,7 +242,7 @@ class ImageFolderDataset:
         if not folder.is_dir():
             raise DataError(f"images_dataset_path {folder} is not a folder")
         self.folder, self.edits, self.max_instructions = folder, list(edits), max_instructions
-        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+        self.files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
                             and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         if not self.files:
             raise DataError(f"images_dataset_path {folder}: the dataset is empty (no image files with an extension "
@@ -258,7 +258,7 @@ class ImageFolderDataset:
         return draw_instructions(self.edits, self.max_instructions, rng)
 
     def describe(self, i: int) -> str:
-        return str(self.files[i])
+        return str(self.folder / self.files[i])
 
 
 def open_dataset(config: TrainConfig) -> InstructionEditDataset | ImageFolderDataset:
