@@ -1,7 +1,12 @@
 """Edit an image with FLUX.1 Kontext [dev], optionally sweeping SliderEdit sliders.
 
-One edit:
-    python infer.py --image photo.png --prompt "make the sky pink" --out edited.png
+With no arguments: the embedded demo. The toy Kontext model bundled in assets/toy-kontext (trained on a
+CPU, see its README) edits its example scene, sweeping its two STLoRA sliders over a grid:
+    python infer.py
+
+One edit with the real model:
+    python infer.py --model black-forest-labs/FLUX.1-Kontext-dev --image photo.png --prompt "make the sky pink" \\
+        --out edited.png
 
 GSTLoRA sweep (one global slider; writes a labelled grid PNG, a GIF and sweep.json into --out):
     python infer.py --image photo.png --prompt "make the sky pink" --gstlora ckpt/ --alphas -1,-0.5,0,0.5,1
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -28,12 +34,15 @@ from slideredit.grids import labelled_grid, save_gif, save_png, with_caption
 from slideredit.image import load_image, to_rgb
 from slideredit.pipelines import SliderEditFluxKontextPipeline
 
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+TOY_MODEL = Path(__file__).resolve().parent / "assets" / "toy-kontext"
+DEFAULT_MODEL = str(TOY_MODEL)  # the embedded default; the real model: black-forest-labs/FLUX.1-Kontext-dev
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", required=True, help="the image to edit (any format PIL reads)")
+    parser.add_argument("--image", default=None,
+                        help="the image to edit (any format PIL reads); default: the model folder's example.png "
+                             "(the toy model has one), then with no --prompt its example sweep")
     parser.add_argument("--prompt", default=None,
                         help="the edit instruction (STLoRA: defaults to the sub-prompts joined by ' and ')")
     parser.add_argument("--out", default=None,
@@ -41,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default outputs/sweep)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="a diffusers-layout Kontext folder or hub repo id (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=28, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: 28, or the model folder's example.json)")
     parser.add_argument("--guidance", type=float, default=2.5, help="distilled guidance strength (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise, shared by every cell (default: %(default)s)")
     parser.add_argument("--height", type=int, default=None,
@@ -61,6 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="weights and activations dtype (default: %(default)s)")
     parser.add_argument("--offload", action="store_true", help="keep the text encoders on the CPU except while encoding")
     args = parser.parse_args(join_alphas(sys.argv[1:] if argv is None else argv))
+    example = read_example(args.model)
+    if args.image is None:
+        if example is None:
+            parser.error(f"--image is required: {args.model} has no example.json to edit by default")
+        args.image = str(Path(args.model) / "example.png")
+        if args.prompt is None and not (args.gstlora or args.stlora):  # the example sweep
+            args.stlora, args.subprompts = str(Path(args.model) / "sliders" / "stlora"), example["subprompts"]
+            args.keep_size = True
+    if args.steps is None:
+        args.steps = (example or {}).get("steps", 28)
     if (args.height is None) != (args.width is None):
         parser.error("give --height and --width together, or neither")
     if args.gstlora and args.stlora:
@@ -74,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--prompt is required (except for an STLoRA sweep, which joins the sub-prompts)")
         args.prompt = " and ".join(args.subprompts)
     return args
+
+
+def read_example(model: str) -> dict | None:
+    """A model folder's example.json: {"prompt", "subprompts", "steps"} of its bundled example.png."""
+    path = Path(model) / "example.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def sweep_cells(args: argparse.Namespace) -> list[tuple[float, ...]]:
@@ -110,8 +136,8 @@ def run_sweep(pipe: SliderEditFluxKontextPipeline, args: argparse.Namespace, out
     labels = [f"{a:+.2f}" for a in args.alphas]
     if len(cells[0].alphas) == 2:  # rows: first slider, columns: second
         rows = [[images[(a, b)] for b in args.alphas] for a in args.alphas]
-        grid = labelled_grid(rows, [f"{args.subprompts[0][:12]} {l}" for l in labels],
-                             [f"{args.subprompts[1][:12]} {l}" for l in labels])
+        grid = labelled_grid(rows, labels, labels,
+                             title=f"rows: '{args.subprompts[0]}'   columns: '{args.subprompts[1]}'")
     else:
         grid = labelled_grid([[images[c.alphas] for c in cells]], None, [", ".join(f"{a:+.2f}" for a in c.alphas) for c in cells])
     save_png(grid, out / "grid.png")

@@ -11,20 +11,24 @@ from .atomic import atomic_path
 LABEL_HEIGHT = 18
 
 
-def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str] | None, col_labels: list[str]) -> Image.Image:
+def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str] | None, col_labels: list[str],
+                  title: str | None = None) -> Image.Image:
     """Images laid out row by row (all the same size), a label above each column and, when given,
-    left of each row."""
+    left of each row, and a title line above everything."""
     width, height = rows[0][0].size
     left = 0 if row_labels is None else 8 * max(len(label) for label in row_labels) + 8
-    grid = Image.new("RGB", (left + width * len(rows[0]), LABEL_HEIGHT + height * len(rows)), "white")
+    top = LABEL_HEIGHT * (2 if title else 1)
+    grid = Image.new("RGB", (left + width * len(rows[0]), top + height * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((4, 3), title, fill="black")
     for j, label in enumerate(col_labels):
-        draw.text((left + j * width + 4, 3), label, fill="black")
+        draw.text((left + j * width + 4, top - LABEL_HEIGHT + 3), label, fill="black")
     for i, row in enumerate(rows):
         if row_labels is not None:
-            draw.text((4, LABEL_HEIGHT + i * height + height // 2 - 5), row_labels[i], fill="black")
+            draw.text((4, top + i * height + height // 2 - 5), row_labels[i], fill="black")
         for j, image in enumerate(row):
-            grid.paste(image, (left + j * width, LABEL_HEIGHT + i * height))
+            grid.paste(image, (left + j * width, top + i * height))
     return grid
 
 

@@ -1,0 +1,73 @@
+"""The toy world's sliders: GSTLoRA and STLoRA (PPS) trained with train.py's trainer on the toy base model.
+
+    python -m slideredit.toy.slider_recipe --model assets/toy-kontext --work outputs/toy-sliders-work
+
+Writes the training data (held-apart source scenes from the toy generator), one YAML config per
+method (also copied next to the shipped adapters, so `python train.py --config ...` reruns either),
+trains both, and puts the final adapters in `<model>/sliders/gstlora/` and `<model>/sliders/stlora/`.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ..training import TrainConfig, train
+from .shapes import INDEPENDENT_EDITS, NEUTRAL_PROMPT, write_slider_training_folder
+
+SLIDER_DATA_SEED = 30_000  # scenes for the sliders: a stream of their own
+COMMON = dict(resolution=128, lora_rank=16, learning_rate=1e-3, train_batch_size=8, max_train_steps=400,
+              checkpointing_steps=100, checkpoints_total_limit=1, validation_steps=200,
+              validation_lora_scales=[-1.0, 0.0, 1.0], validation_num_inference_steps=12,
+              mixed_precision="no", gradient_checkpointing=False, guidance_scale=2.5, seed=0, logging_steps=20)
+
+
+def slider_configs(model: Path, data: Path, work: Path) -> dict[str, dict]:
+    """The two training configs (plain dicts of TrainConfig fields)."""
+    singles = [edit.instruction for edit in INDEPENDENT_EDITS]
+    return {
+        "gstlora": dict(COMMON, method="gstlora", pretrained_model_name_or_path=str(model), dataset_name=str(data),
+                        image_column="file_name", instruction_column="instruction", teacher_prompt=NEUTRAL_PROMPT,
+                        validation_prompts=[singles[0]], output_dir=str(work / "gstlora")),
+        "stlora": dict(COMMON, method="stlora", pretrained_model_name_or_path=str(model),
+                       images_dataset_path=str(data / "images"), training_single_edit_prompts=singles,
+                       max_num_instructions_per_prompt=2, validation_prompts=[f"{singles[0]} and {singles[1]}"],
+                       output_dir=str(work / "stlora")),
+    }
+
+
+def train_sliders(model: Path, work: Path, scenes: int = 512, steps: int | None = None,
+                  methods: tuple[str, ...] = ("gstlora", "stlora")) -> None:
+    data = write_slider_training_folder(work / "data", scenes, seed=SLIDER_DATA_SEED)
+    for method, fields in slider_configs(model, data, work).items():
+        if method not in methods:
+            continue
+        if steps is not None:
+            fields["max_train_steps"] = steps
+        config = TrainConfig(**fields)
+        (work / f"{method}.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        result = train(config)
+        target = model / "sliders" / method
+        target.mkdir(parents=True, exist_ok=True)
+        name = "pytorch_lora_weights.safetensors" if method == "gstlora" else "selective_lora.safetensors"
+        shutil.copyfile(Path(result.output_dir) / name, target / name)
+        shutil.copyfile(work / f"{method}.yaml", target / "train_config.yaml")
+        print(f"{method}: {result.step} steps, final loss {result.loss:.4g} -> {target / name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="assets/toy-kontext", help="the trained toy base model folder")
+    parser.add_argument("--work", default="outputs/toy-sliders-work", help="training data, runs and logs")
+    parser.add_argument("--scenes", type=int, default=512, help="source scenes for slider training")
+    parser.add_argument("--steps", type=int, default=None, help="override max_train_steps (both methods)")
+    parser.add_argument("--methods", nargs="+", default=["gstlora", "stlora"], choices=["gstlora", "stlora"],
+                        help="which sliders to train (default: both)")
+    args = parser.parse_args(argv)
+    train_sliders(Path(args.model), Path(args.work), args.scenes, args.steps, tuple(args.methods))
+
+
+if __name__ == "__main__":
+    main()
