@@ -9,11 +9,12 @@ One edit with the real model:
         --out edited.png
 
 GSTLoRA sweep (one global slider; writes a labelled grid PNG, a GIF and sweep.json into --out):
-    python infer.py --image photo.png --prompt "make the sky pink" --gstlora ckpt/ --alphas -1,-0.5,0,0.5,1
+    python infer.py --model black-forest-labs/FLUX.1-Kontext-dev --image photo.png --prompt "make the sky pink" \\
+        --gstlora ckpt/ --alphas -1,-0.5,0,0.5,1
 
 STLoRA sweep (one slider per sub-prompt; with two sub-prompts the grid covers both sliders):
-    python infer.py --image face.png --stlora selective_lora.pt --subprompts "add a hat" "make the hair red" \\
-        --alphas -1,0,1
+    python infer.py --model black-forest-labs/FLUX.1-Kontext-dev --image face.png --stlora selective_lora.pt \\
+        --subprompts "add a hat" "make the hair red" --alphas -1,0,1
 
 Alpha 0 is the base edit, 1 suppresses the instruction, negative values exaggerate it. Every cell of a
 sweep uses the same seed, and the prompt is encoded once per sweep.
