@@ -94,13 +94,25 @@ class Adapter(nn.Module):
 
 
 class SliderLinear(nn.Module):
-    """A frozen linear plus named adapters, computed by one fused masked LoRA call."""
+    """A frozen linear plus named adapters, computed by one fused masked LoRA call.
+
+    Inference reuses the stacked A, B and token scales between calls: they are rebuilt only when what
+    they are made of changes (the set of switched-on adapters, a scale tensor, a LoRA parameter updated
+    in place, e.g. by an optimizer step, or swapped, e.g. by `.to()`; x's device, dtype or token shape).
+    An adapter whose scales are all zero is skipped, so with every adapter off or at zero the layer is
+    exactly its `nn.Linear`. When autograd records (grad enabled and a LoRA parameter requires grad) the
+    stack is built inside the graph on every call and nothing is skipped: every LoRA parameter gets its
+    gradient, zero included, as without a cache."""
 
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same tensors: no copy, exact restore
         self.adapters = nn.ModuleDict()
+        # (key, sources, stack): `key` identifies what `stack` was built from; `sources` keeps those
+        # objects alive so that their ids cannot be reused while the key holds them. stack is None
+        # when every switched-on adapter has all-zero scales.
+        self._cache: tuple[tuple, list, tuple[Tensor, Tensor, Tensor] | None] | None = None
 
     def to_linear(self) -> nn.Linear:
         with torch.device("meta"):
@@ -109,18 +121,53 @@ class SliderLinear(nn.Module):
         return linear
 
     def forward(self, x: Tensor) -> Tensor:
-        active = [a for a in self.adapters.values() if a.scale is not None]
-        if not active:
+        on = [a for a in self.adapters.values() if a.scale is not None]
+        if on and torch.is_grad_enabled() and any(p.requires_grad for a in on for p in a.parameters()):
+            return self._lora(x, *self._stack(on, x))
+        stack = self._cached_stack(on, x) if on else None
+        if stack is None:
             return nn.functional.linear(x, self.weight, self.bias)
-        rank = max(a.rank for a in active)  # the kernel stacks equal ranks: pad the smaller ones
-        stacks = [a.stacked(self.out_features, rank) for a in active]
-        lora_a = torch.cat([s[0] for s in stacks])
-        lora_b = torch.cat([s[1] for s in stacks], dim=1)
-        scales = torch.broadcast_tensors(*[a.scale for a in active])
-        token_scale = torch.stack(scales, dim=-1).to(device=x.device, dtype=torch.float32)  # (..., K)
+        return self._lora(x, *stack)
+
+    def _lora(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, token_scale: Tensor) -> Tensor:
         # the Triton kernel holds up to 128 stacked ranks; larger stacks take the PyTorch path
         backend = "torch" if lora_a.shape[0] > MAX_STACKED_RANK else None
         return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale, backend=backend)
+
+    def _stack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> A (K*r, d_in), B (d_out, K*r), token scales (..., K) fp32 of `adapters`, ranks padded to
+        the largest (the kernel stacks equal ranks)."""
+        rank = max(a.rank for a in adapters)
+        stacks = [a.stacked(self.out_features, rank) for a in adapters]
+        lora_a = torch.cat([s[0] for s in stacks])
+        lora_b = torch.cat([s[1] for s in stacks], dim=1)
+        scales = torch.broadcast_tensors(*[a.scale for a in adapters])
+        token_scale = torch.stack(scales, dim=-1).to(device=x.device, dtype=torch.float32)
+        return lora_a, lora_b, token_scale
+
+    def _cached_stack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The stack of the adapters with a non-zero scale, built once per change of its sources.
+
+        Cached form: A and B already in x's dtype (the kernel casts them to it for its GEMMs anyway, so
+        the result is the same) and the token scales expanded to x's tokens (..., K), contiguous."""
+        sources: list = []
+        for a in adapters:
+            sources += [a, a.scale, *a.parameters()]
+        key = (x.device, x.dtype, x.shape[:-1], *[(id(s), getattr(s, "_version", 0),
+                                                    s.data_ptr() if isinstance(s, Tensor) else 0) for s in sources])
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[2]
+        # inference_mode(False): a stack built under inference mode must still be usable by autograd
+        # later (x requiring grad); no_grad: nothing here is differentiated.
+        with torch.inference_mode(False), torch.no_grad():
+            live = [a for a in adapters if bool(a.scale.any())]  # one sync per rebuild, not per call
+            stack = None
+            if live:
+                lora_a, lora_b, token_scale = self._stack(live, x)
+                lead = (*x.shape[:-1], token_scale.shape[-1])
+                stack = (lora_a.to(x.dtype), lora_b.to(x.dtype), token_scale.expand(lead).contiguous())
+        self._cache = (key, sources, stack)
+        return stack
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,13 +235,19 @@ def loaded_adapters(model: nn.Module) -> set[str]:
 
 def set_slider_scale(model: nn.Module, name: str, scale: float | Tensor | None) -> None:
     """Scale adapter `name` on every layer: a number applies to every token; a (B, T) tensor gives
-    one scale per text token (STLoRA: text-stream layers only); None switches the adapter off."""
+    one scale per text token (STLoRA: text-stream layers only); None switches the adapter off.
+    Layers keep their stacked adapters until a scale (or an adapter's weights) changes."""
+    on_device: dict[torch.device, Tensor] = {}  # one fp32 copy per device, shared by its layers
     for _, layer in slider_layers(model):
         if name in layer.adapters:
+            value = None
             if scale is not None:
-                scale = torch.as_tensor(scale, dtype=torch.float32, device=layer.weight.device)
-                scale = scale.reshape(1, 1) if scale.ndim == 0 else scale
-            layer.adapters[name].scale = scale
+                device = layer.weight.device
+                if device not in on_device:
+                    t = torch.as_tensor(scale, dtype=torch.float32, device=device)
+                    on_device[device] = t.reshape(1, 1) if t.ndim == 0 else t
+                value = on_device[device]
+            layer.adapters[name].scale = value
 
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
