@@ -17,6 +17,16 @@ A case is one slider of one sweep: its curve is the score against that slider's 
 other slider at 0 (a 2-slider STLoRA grid gives two cases; the whole grid still goes into the CSV).
 Writes to --out: metrics.csv (one row per case and image), summary.json (per case and metric:
 continuity, monotonicity, min, max, range; and the inputs), curves.png (one panel per metric).
+
+Scorers (--scorer): "pretrained" runs the models of --metrics (CLIP, SigLIP, BLIP, DINOv2...: hub ids or
+local folders). "toy" needs no network and no model: for sweeps of the toy model (assets/toy-kontext) it
+reads the edit strength of each slider's instruction with the toy world's attribute readers (metric
+"toy": 0 = the source's attribute, 1 = the base edit's target, see slideredit/toy/shapes.py) and the
+mean strength of the prompt's other edits ("toy_others": how much the slider disturbs them). "auto"
+(default) picks "toy" when every sweep's model (sweep.json's "model", or --model) is a folder holding
+the toy model (its flux1-toy.safetensors), else "pretrained":
+
+    python eval.py --sweep outputs/sweep            # the toy demo's sweep, offline
 """
 from __future__ import annotations
 
@@ -34,14 +44,18 @@ from PIL import Image
 from slideredit.atomic import atomic_path
 from slideredit.cli import join_alphas, parse_alphas
 from slideredit.image import load_image, to_rgb
-from slideredit.evaluation import (ArcFaceDistance, BlipItmScore, ClipScore, DinoDistance, LpipsDistance,
-                                   SiglipScore, Sweep, SweepCell, continuity_score, draw_curves,
-                                   monotonicity_score, read_sweep, write_sweep)
+from slideredit.evaluation import (ArcFaceDistance, BlipItmScore, ClipScore, DinoDistance, HubUnreachableError,
+                                   LpipsDistance, SiglipScore, Sweep, SweepCell, ToyEditStrength, check_hub_source,
+                                   continuity_score, draw_curves, is_toy_model, monotonicity_score,
+                                   other_instructions, read_sweep, write_sweep)
 
 TEXT_METRICS = ("clip", "siglip", "blip")        # scored against the case's attribute phrase
 DISTANCE_METRICS = ("dino", "lpips", "arcface")  # measured against the sweep's source image
 DEFAULT_METRICS = "clip,siglip,blip,dino"        # the ones that need no optional package
-TITLES = {"clip": "clip: CLIP cosine", "siglip": "siglip: SigLIP match probability",
+TOY_METRICS = ("toy", "toy_others")              # --scorer toy: read from the toy world's attributes
+MODEL_FLAGS = {"clip": "--clip-model", "siglip": "--siglip-model", "blip": "--blip-model", "dino": "--dino-model"}
+TITLES = {"toy": "toy: edit strength (0 = source, 1 = edit)",
+          "toy_others": "toy_others: strength of the prompt's other edits", "clip": "clip: CLIP cosine", "siglip": "siglip: SigLIP match probability",
           "blip": "blip: BLIP ITM match probability", "dino": "dino: DINOv2 distance to source",
           "lpips": "lpips: LPIPS distance to source", "arcface": "arcface: identity distance to source"}
 MODEL_MODE_ONLY = ("model", "gstlora", "stlora", "cases", "alphas", "seed", "steps", "guidance", "dtype")
@@ -112,8 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sweep mode: the phrase text scores are measured against, e.g. 'curly hair'; "
                              "give it once per slider, in sub-prompt order (default: the sweep's prompt, "
                              "or its sub-prompts for STLoRA)")
-    parser.add_argument("--metrics", type=parse_metrics, default=parse_metrics(DEFAULT_METRICS),
-                        help="comma-separated from clip (CLIP cosine), siglip (SigLIP match probability), "
+    parser.add_argument("--scorer", choices=("auto", "toy", "pretrained"), default="auto",
+                        help="toy: offline edit strength for toy-model sweeps (metrics toy, toy_others); "
+                             "pretrained: the models of --metrics; auto: toy when every sweep was made with "
+                             "the toy model, else pretrained (default: auto)")
+    parser.add_argument("--metrics", type=parse_metrics, default=None,
+                        help="pretrained scorer: comma-separated from clip (CLIP cosine), siglip (SigLIP match probability), "
                              "blip (BLIP ITM match probability), dino (DINOv2 CLS cosine distance to the "
                              "source), lpips (needs `pip install lpips`), arcface (face identity distance; "
                              f"needs `pip install insightface onnxruntime`) (default: {DEFAULT_METRICS})")
@@ -141,7 +159,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--attribute belongs to sweep mode; in model mode each case names its attribute")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.scorer == "toy" and args.metrics is not None:
+        parser.error("--metrics chooses the pretrained scorers; --scorer toy always reports toy,toy_others")
     return args
+
+
+def choose_scorer(args: argparse.Namespace, models: list[tuple[str, Path | None]]) -> None:
+    """Resolve --scorer auto and set args.metrics. `models`: (model, folder to resolve it from) per sweep."""
+    if args.scorer == "auto":
+        toy = [is_toy_model(model, folder) for model, folder in models]
+        args.scorer = "toy" if all(toy) and args.metrics is None else "pretrained"
+        if any(toy) and not all(toy) and args.metrics is None:
+            print("eval.py: some sweeps were made with the toy model and some not; scoring all with the "
+                  "pretrained models (--scorer toy scores toy sweeps offline)", file=sys.stderr)
+    if args.scorer == "toy":
+        args.metrics = list(TOY_METRICS)
+    elif args.metrics is None:
+        args.metrics = parse_metrics(DEFAULT_METRICS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,6 +291,8 @@ def generate_sweeps(args: argparse.Namespace, specs: list[CaseSpec]) -> list[Pat
 # ---------------------------------------------------------------------------------------------------
 
 def build_evaluators(args: argparse.Namespace) -> dict:
+    if args.scorer == "toy":
+        return {name: ToyEditStrength() for name in TOY_METRICS}
     makers = {
         "clip": lambda: ClipScore(args.clip_model, args.device, args.batch_size),
         "siglip": lambda: SiglipScore(args.siglip_model, args.device, args.batch_size),
@@ -265,7 +301,14 @@ def build_evaluators(args: argparse.Namespace) -> dict:
         "lpips": lambda: LpipsDistance(args.lpips_net, args.device, args.batch_size),
         "arcface": lambda: ArcFaceDistance(device=args.device),
     }
-    return {name: makers[name]() for name in args.metrics}
+    evaluators = {}
+    for name in args.metrics:
+        try:
+            evaluators[name] = makers[name]()
+        except HubUnreachableError as err:  # one line: what was fetched, and how to go on without the hub
+            raise HubUnreachableError(f"{err}; pass a local model folder with {MODEL_FLAGS[name]}, leave '{name}' "
+                                      "out of --metrics, or score a toy-model sweep offline with --scorer toy") from None
+    return evaluators
 
 
 def evaluate_sweep(cases: list[Case], evaluators: dict) -> list[list[dict]]:
@@ -278,11 +321,25 @@ def evaluate_sweep(cases: list[Case], evaluators: dict) -> list[list[dict]]:
     per_case = []
     for case in cases:
         scores = {name: fn(images, case.attribute).tolist() for name, fn in evaluators.items() if name in TEXT_METRICS}
+        if "toy" in evaluators:
+            scores |= toy_scores(case, images, source, evaluators["toy"])
         per_case.append([{"case": case.name, "attribute": case.attribute, "alpha": cell.alphas[case.slider],
                           "alphas": " ".join(f"{a:g}" for a in cell.alphas), "image": str(folder / cell.image),
                           **{name: (scores | distances)[name][index] for name in evaluators}}
                          for index, cell in enumerate(sweep.cells)])
     return per_case
+
+
+def toy_scores(case: Case, images: list[Image.Image], source: Image.Image, scorer: ToyEditStrength) -> dict:
+    """toy: the strength of the case's instruction; toy_others: of the prompt's other edits (NaN if none)."""
+    where = f"{case.folder}: case {case.name}"
+    try:
+        own = scorer(images, source, case.attribute).tolist()
+        others = other_instructions(case.sweep.prompt, case.attribute)
+        rest = scorer(images, source, " and ".join(others)).tolist() if others else [math.nan] * len(images)
+    except ValueError as err:
+        raise ValueError(f"{where}: the toy scorer cannot read this sweep: {err}") from None
+    return {"toy": own, "toy_others": rest}
 
 
 def summarise(case: Case, rows: list[dict], metrics: list[str]) -> dict:
@@ -350,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         adapter = args.gstlora if args.gstlora is not None else args.stlora
         if not adapter.exists():
             raise FileNotFoundError(f"adapter weights {adapter} do not exist")
+        choose_scorer(args, [(args.model, None)])
+        check_hub_source(args.model, "FLUX.1 Kontext (--model)", filename="model_index.json")
         evaluators = build_evaluators(args)
         folders = generate_sweeps(args, specs)
         groups = [sweep_cases(folder, read_sweep(folder), spec.attributes) for folder, spec in zip(folders, specs)]
@@ -358,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(names)) != len(names):
             raise ValueError(f"--sweep folders must have distinct names (case names come from them), got {names}")
         groups = [sweep_cases(folder, read_sweep(folder), args.attribute) for folder in args.sweep]
+        choose_scorer(args, [(cases[0].sweep.model, cases[0].folder) for cases in groups])
         evaluators = build_evaluators(args)
 
     rows, summaries = [], []

@@ -21,6 +21,7 @@ from slideredit.evaluation import ClipScore, DinoDistance, MissingExtraError, co
 from test_evaluation import build_tiny_models, make_sweep_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+TOY_MODEL = ROOT / "assets" / "toy-kontext"
 spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
 eval_script = sys.modules["eval_script"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
 spec.loader.exec_module(eval_script)
@@ -157,11 +158,13 @@ def test_model_mode_with_a_stand_in_pipeline(tiny, tmp_path, monkeypatch):
          "subprompts": ["make the hair curly", "add a smile"], "attribute": ["curly hair", "smile"]},
         {"image": "faces/1.png", "prompt": "add glasses", "attribute": "glasses"}])
     out = tmp_path / "out"
-    eval_script.main(["--model", "tiny/kontext", "--stlora", str(adapter), "--cases", str(cases), "--alphas=-1,0,1",
+    model = tmp_path / "kontext"  # a local folder: a hub id would need the (offline) hub
+    model.mkdir()
+    eval_script.main(["--model", str(model), "--stlora", str(adapter), "--cases", str(cases), "--alphas=-1,0,1",
                       "--seed", "7", "--steps", "3", "--metrics", "clip,dino", *model_flags(tiny, out)])
 
     (pipe,) = FakePipeline.made
-    assert (pipe.model, pipe.dtype, pipe.device) == ("tiny/kontext", torch.float32, "cpu")
+    assert (pipe.model, pipe.dtype, pipe.device) == (str(model), torch.float32, "cpu")
     assert pipe.adapter == ("stlora", adapter)
     assert_real_pipeline_accepts(pipe)
     first_case = [call["slider_alpha_list"] for call in pipe.calls[:5]]
@@ -185,7 +188,8 @@ def test_model_mode_gstlora_calls_and_errors(tiny, tmp_path, monkeypatch):
     adapter = tmp_path / "pytorch_lora_weights.safetensors"
     adapter.write_bytes(b"")
     cases = write_cases(tmp_path, [{"image": "faces/1.png", "prompt": "make the hair curly", "attribute": "curly hair"}])
-    flags = ["--model", "tiny/kontext", "--gstlora", str(adapter), "--cases", str(cases), "--metrics", "dino",
+    (tmp_path / "kontext").mkdir()
+    flags = ["--model", str(tmp_path / "kontext"), "--gstlora", str(adapter), "--cases", str(cases), "--metrics", "dino",
              *model_flags(tiny, tmp_path / "out")]
     monkeypatch.delattr(slideredit, "SliderEditFluxKontextPipeline", raising=False)
     with pytest.raises(ImportError, match="SliderEditFluxKontextPipeline.*--sweep"):
@@ -226,19 +230,22 @@ def test_flags(capsys):
     with pytest.raises(SystemExit):
         eval_script.parse_args(["--help"])
     help_text = capsys.readouterr().out
-    for flag in ("--sweep", "--model", "--gstlora", "--stlora", "--cases", "--alphas", "--seed", "--steps", "--guidance",
+    for flag in ("--sweep", "--model", "--scorer", "--gstlora", "--stlora", "--cases", "--alphas", "--seed", "--steps", "--guidance",
                  "--dtype", "--attribute", "--metrics", "--clip-model", "--siglip-model", "--blip-model",
                  "--dino-model", "--lpips-net", "--device", "--batch-size", "--out"):
         assert flag in help_text
     args = eval_script.parse_args(["--sweep", "a", "b"])
-    assert args.metrics == METRICS and args.sweep == [Path("a"), Path("b")]
+    assert args.metrics is None and args.scorer == "auto" and args.sweep == [Path("a"), Path("b")]
+    eval_script.choose_scorer(args, [("tiny/kontext", Path("a")), (str(TOY_MODEL), Path("b"))])
+    assert args.scorer == "pretrained" and args.metrics == METRICS  # not every sweep is a toy sweep
     assert eval_script.parse_args(["--model", "m", "--stlora", "s", "--cases", "c", "--alphas=-1,2"]).alphas == [-1, 2]
     for argv, message in [(["--sweep", "a", "--gstlora", "g"], "belong to model mode"),
                           (["--model", "m", "--cases", "c"], "--gstlora PATH or --stlora PATH"),
                           (["--model", "m", "--gstlora", "g"], "needs --cases"),
                           (["--sweep", "a", "--metrics", "clip,fid"], "expected distinct names"),
                           (["--model", "m", "--gstlora", "g", "--cases", "c", "--alphas=1,1"], "2 distinct"),
-                          (["--sweep", "a", "--model", "m"], "not allowed with")]:
+                          (["--sweep", "a", "--model", "m"], "not allowed with"),
+                          (["--sweep", "a", "--scorer", "toy", "--metrics", "clip"], "--scorer toy always reports")]:
         with pytest.raises(SystemExit):
             eval_script.parse_args(argv)
         assert message in capsys.readouterr().err
@@ -246,3 +253,100 @@ def test_flags(capsys):
 
 def test_nan_scores_become_null_in_the_summary(tmp_path):
     assert eval_script._json_safe({"a": [1.0, math.nan], "b": Path("x")}) == {"a": [1.0, None], "b": "x"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The offline toy scorer, and the hub's fast failure
+# ---------------------------------------------------------------------------------------------------
+
+from slideredit.evaluation import Sweep, SweepCell, write_sweep  # noqa: E402
+from slideredit.toy import shapes  # noqa: E402
+from test_evaluation import partial_edit, toy_source  # noqa: E402
+
+RED, LARGER = shapes.Edit("square", "red"), shapes.Edit("circle", "larger")
+
+
+def make_toy_sweep(folder: Path, model: str) -> tuple[list[tuple[float, float]], dict]:
+    """A 3 x 3 STLoRA sweep of rendered toy scenes: at alphas (a, b) the square went 1 - a/2 of the way
+    to red and the circle 1 - b/2 of the way to larger (alpha 1 half suppresses, -1 exaggerates).
+    Returns the grid and the true strengths per cell."""
+    scene = toy_source(0)
+    (folder / "cells").mkdir(parents=True)
+    shapes.render_image(scene).save(folder / "source.png")
+    grid = [(a, b) for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0, 1.0)]
+    cells, truth = [], {}
+    for index, (a, b) in enumerate(grid):
+        red, larger = (1 - a / 2 if a >= 0 else 1.0), 1 - b / 2  # colour cannot go past its target: stays 1
+        name = f"cells/{index}.png"
+        shapes.render_image(partial_edit(partial_edit(scene, RED, red), LARGER, larger)).save(folder / name)
+        cells.append(SweepCell((a, b), name))
+        truth[(a, b)] = (red, larger)
+    write_sweep(folder, Sweep("source.png", f"{RED.instruction} and {LARGER.instruction}",
+                              [RED.instruction, LARGER.instruction], 0, "stlora", model, 12, 2.5, cells))
+    return grid, truth
+
+
+def test_toy_scorer_is_chosen_for_toy_sweeps_and_reads_the_strengths(tmp_path):
+    folder = tmp_path / "toy"
+    grid, truth = make_toy_sweep(folder, str(TOY_MODEL))
+    out = tmp_path / "out"
+    assert eval_script.main(["--sweep", str(folder), "--out", str(out)]) == 0  # no model flags: nothing to load
+    rows, summary, curves = read_outputs(out)
+
+    assert list(rows[0]) == ["case", "attribute", "alpha", "alphas", "image", "toy", "toy_others"]
+    assert summary["inputs"]["scorer"] == "toy" and summary["inputs"]["metrics"] == ["toy", "toy_others"]
+    first, second = rows[:9], rows[9:]
+    np.testing.assert_allclose([float(r["toy"]) for r in first], [truth[c][0] for c in grid], atol=0.03)
+    np.testing.assert_allclose([float(r["toy_others"]) for r in first], [truth[c][1] for c in grid], atol=0.03)
+    np.testing.assert_allclose([float(r["toy"]) for r in second], [truth[c][1] for c in grid], atol=0.03)
+    np.testing.assert_allclose([float(r["toy_others"]) for r in second], [truth[c][0] for c in grid], atol=0.03)
+    # Along alpha -1, 0, 1 (the other slider at 0). Colour ties at -1 and 0 (the same square is drawn):
+    # Spearman of ranks (1, 2, 3) and (2.5, 2.5, 1) is -1.5 / sqrt(2 * 1.5).
+    for case, expected, spearman in zip(summary["cases"], ([1.0, 1.0, 0.5], [1.5, 1.0, 0.5]), (-1.5 / 3**0.5, -1)):
+        stats = case["metrics"]["toy"]
+        np.testing.assert_allclose(stats["values"], expected, atol=0.03)
+        assert stats["continuity"] == pytest.approx(continuity_score(stats["values"]))
+        assert stats["monotonicity"] == pytest.approx(spearman)
+    assert curves.size[0] > 0
+
+    # Explicitly, for a sweep whose model folder is gone (e.g. copied from another machine).
+    other = tmp_path / "moved"
+    make_toy_sweep(other, "/no/such/toy-kontext")
+    eval_script.main(["--sweep", str(other), "--scorer", "toy", "--out", str(tmp_path / "out2")])
+    rows, summary, _ = read_outputs(tmp_path / "out2")
+    np.testing.assert_allclose([float(r["toy"]) for r in rows[:9]], [truth[c][0] for c in grid], atol=0.03)
+
+    with pytest.raises(ValueError, match="toy scorer cannot read this sweep.*not a toy edit"):
+        eval_script.main(["--sweep", str(folder), "--attribute", "curly hair", "--attribute", "a smile",
+                          "--out", str(tmp_path / "out3")])
+
+
+UNREACHABLE_EVAL = r"""
+import runpy, sys, time
+import torch, transformers, huggingface_hub, slideredit.evaluation  # imported before the clock starts
+sys.argv = ["eval.py", *sys.argv[1:]]
+start = time.perf_counter()
+try:
+    runpy.run_path("eval.py", run_name="__main__")
+finally:
+    print(f"{time.perf_counter() - start:.3f}")
+"""
+
+
+def test_unreachable_hub_stops_eval_at_once_with_one_line(tmp_path):
+    """An unreachable endpoint (nothing listens on port 9), offline mode off: one attempt, one line."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "s"
+    make_sweep_folder(folder, [(-1.0,), (1.0,)])
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run([sys.executable, "-c", UNREACHABLE_EVAL, "--sweep", str(folder), "--device", "cpu",
+                             "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=ROOT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert float(result.stdout.strip()) < 2.0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("eval.py: error: cannot fetch the CLIPModel (clip) model 'openai/clip-vit-base-patch32'")
+    assert "http://127.0.0.1:9 is unreachable" in line and "--clip-model" in line and "--scorer toy" in line
+    assert not (tmp_path / "out").exists()

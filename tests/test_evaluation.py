@@ -478,3 +478,105 @@ def test_default_models_are_the_releases(scorer, hub_id):
     """Offline, the default hub id cannot load, and the error names it."""
     with pytest.raises(EvaluatorLoadError, match=re.escape(hub_id)):
         scorer()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The offline toy scorer
+# ---------------------------------------------------------------------------------------------------
+
+from slideredit.evaluation import ToyEditStrength, is_toy_model, other_instructions, read_source_scene  # noqa: E402
+from slideredit.evaluation.toy import TOY_TRANSFORMER_FILE  # noqa: E402
+from slideredit.toy import shapes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def partial_edit(scene: shapes.Scene, edit: shapes.Edit, strength: float) -> shapes.Scene:
+    """The scene with `edit` carried out to `strength` (0 = unchanged, 1 = the target): the ground truth."""
+    before, after = scene.shape(edit.shape), edit.apply(scene).shape(edit.shape)
+    if edit.attribute == "size":
+        return scene.with_shape(edit.shape, size=before.size + strength * (after.size - before.size))
+    color = tuple(int(round(b + strength * (a - b))) for a, b in zip(after.color, before.color))
+    return scene.with_shape(edit.shape, color=tuple(min(255, max(0, c)) for c in color))
+
+
+def toy_source(index: int) -> shapes.Scene:
+    """A held-out source scene whose square is not red (so "make the square red" changes it)."""
+    while True:
+        scene = shapes.make_example(77, index, num_edits=0).source
+        if shapes.nearest_color(scene.square.color) != "red":
+            return scene
+        index += 100
+
+
+def test_read_source_scene_recovers_a_render():
+    for index in range(4):
+        scene = toy_source(index)
+        read = read_source_scene(shapes.render_image(scene))
+        for kind in shapes.SHAPES:
+            truth, got = scene.shape(kind), read.shape(kind)
+            assert got.color == truth.color
+            assert np.allclose(got.center, truth.center, atol=0.05)
+            assert abs(got.size - truth.size) < 0.3  # the readers' dead zone costs up to 0.1 px per edge
+    with pytest.raises(ValueError, match="128x128"):
+        read_source_scene(Image.new("RGB", (64, 64)))
+    with pytest.raises(ValueError, match="no square to read"):
+        read_source_scene(Image.new("RGB", (128, 128), shapes.BACKGROUND))
+
+
+def test_toy_edit_strength_reads_how_far_each_edit_went():
+    scorer = ToyEditStrength()
+    red, larger = shapes.Edit("square", "red"), shapes.Edit("circle", "larger")
+    colour = np.array([0.0, 0.25, 0.5, 0.75, 1.0])  # a colour beyond its target would clip at 0 or 255
+    size = 1.5 - 2 * colour  # exaggerated (1.5) to reversed (-0.5)
+    for index in range(2):
+        scene = toy_source(index)
+        source = shapes.render_image(scene)
+        images = [shapes.render_image(partial_edit(partial_edit(scene, red, c), larger, s)) for c, s in zip(colour, size)]
+        np.testing.assert_allclose(scorer(images, source, red.instruction), colour, atol=0.03)
+        np.testing.assert_allclose(scorer(images, source, larger.instruction), size, atol=0.03)
+        both = scorer(images, source, f"{red.instruction} and {larger.instruction}")
+        np.testing.assert_allclose(both, (colour + size) / 2, atol=0.03)  # the mean of the two edits
+    assert other_instructions("make the square red and make the circle larger", "make the circle larger") == [
+        "make the square red"]
+    assert other_instructions("make the square red", "make the square red") == []
+    with pytest.raises(ValueError, match="not a toy edit"):
+        scorer(images, source, "curly hair")
+    with pytest.raises(ValueError, match=r"images\[0\] is 64x64"):
+        scorer([Image.new("RGB", (64, 64))], source, red.instruction)
+
+
+def test_toy_model_is_recognised_by_its_transformer_file(tmp_path, monkeypatch):
+    from slideredit.toy.models import TRANSFORMER_FILE
+
+    assert TOY_TRANSFORMER_FILE == TRANSFORMER_FILE
+    assert is_toy_model(ROOT / "assets" / "toy-kontext")
+    assert not is_toy_model("black-forest-labs/FLUX.1-Kontext-dev") and not is_toy_model(tmp_path)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / TRANSFORMER_FILE).write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "sweep")
+    assert not is_toy_model("model") and is_toy_model("../model") and is_toy_model("model", relative_to=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# An unreachable hub fails at once, in one line
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_unreachable_hub_fails_fast_in_one_line(offline, monkeypatch):
+    """Nothing listens on port 9 of this machine. (The hub client's own retries, about 30 s, are shown in
+    a fresh process by test_eval_script.py; here the client already read HF_HUB_OFFLINE=1 at import.)"""
+    import time
+
+    from slideredit.evaluation import HubUnreachableError
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    start = time.perf_counter()
+    with pytest.raises(HubUnreachableError) as caught:
+        ClipScore()
+    assert time.perf_counter() - start < 2.0
+    message = str(caught.value)
+    assert "\n" not in message and "'openai/clip-vit-base-patch32'" in message and "not in the local cache" in message
+    assert ("HF_HUB_OFFLINE is set" if offline else "http://127.0.0.1:9 is unreachable (ConnectionRefusedError") in message
