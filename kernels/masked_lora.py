@@ -26,10 +26,14 @@ for the expand GEMM (the PyTorch path also rounds X A^T to x's dtype once before
 returns x's dtype). Gradients come back in each input's own dtype. token_scale gets no gradient (None):
 the Triton path never computes X A^T for masked-off row tiles, so d/dS is not available there.
 """
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("triton", "torch")
+from kernels import dispatch
+
 MAX_STACKED_RANK = 128  # Triton: K*r, one program keeps the whole stacked rank in registers
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_DTYPES = _TRITON_DTYPES + (torch.float64,)
@@ -61,14 +65,56 @@ def _ops(backend: str):
     return _torch_scaled_shrink, _torch_fused_linear
 
 
+def _forward(backend: str, x, weight, bias, lora_a, lora_b, scale, rank) -> tuple[torch.Tensor, torch.Tensor]:
+    shrink, fused = _ops(backend)
+    h = shrink(x, lora_a, scale, rank)  # (M, K*r) fp32: what the backward needs, not Y
+    return h, fused(x, weight, bias, h, lora_b, scale, rank)
+
+
+def _backward(backend: str, dy, weight, lora_a, lora_b, scale, rank, need_x: bool) -> tuple[torch.Tensor, ...]:
+    shrink, fused = _ops(backend)
+    g = shrink(dy, lora_b.t(), scale, rank)  # G~ = S (x) (dY B), (M, K*r)
+    if not need_x:
+        return (g,)
+    return g, fused(dy, weight.t(), None, g, lora_a.t(), scale, rank)  # dX = dY W + G~ A
+
+
+def _major(t: torch.Tensor) -> str:
+    return "row" if t.stride(-1) == 1 else "col"
+
+
+def _key(op: str, x, weight, bias, lora_a) -> dispatch.Key:
+    """The dispatch key of one GEMM pair: x (M, D) against weight (N, D), as the kernels see them."""
+    return dispatch.Key(
+        device=_device_name(x.device), op=op, x_dtype=str(x.dtype).removeprefix("torch."),
+        weight_dtype=str(weight.dtype).removeprefix("torch."), adapter_dtype=str(lora_a.dtype).removeprefix("torch."),
+        n=weight.shape[0], d=x.shape[1], stacked_rank=lora_a.shape[0], m_bucket=dispatch.m_bucket(x.shape[0]),
+        layout=f"x:{_major(x)} w:{_major(weight)}", extras="bias" if bias is not None else "",
+    )
+
+
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = _DEVICE_NAMES[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return name
+
+
 class _MaskedLoraLinear(torch.autograd.Function):
-    """Autograd on flattened tokens: x (M, d_in), scale (M, K) in the accumulation dtype."""
+    """Autograd on flattened tokens: x (M, d_in), scale (M, K) in the accumulation dtype.
+    backend "auto" asks the dispatcher, separately for the forward and the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, rank, backend):
-        shrink, fused = _ops(backend)
-        h = shrink(x, lora_a, scale, rank)  # (M, K*r) fp32: what the backward needs, not Y
-        y = fused(x, weight, bias, h, lora_b, scale, rank)
+        args = (x, weight, bias, lora_a, lora_b, scale, rank)
+        if backend == "auto":
+            key = _key("forward", x, weight, bias, lora_a)
+            h, y = dispatch.dispatcher().run(key, lambda b: _forward(b, *args), dispatch.TOLERANCE[x.dtype])
+        else:
+            h, y = _forward(backend, *args)
         ctx.save_for_backward(x, weight, bias, lora_a, lora_b, scale, h)
         ctx.rank, ctx.backend = rank, backend
         return y
@@ -77,13 +123,18 @@ class _MaskedLoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, lora_a, lora_b, scale, h = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        shrink, fused = _ops(ctx.backend)
         dy = dy.contiguous()
         dx = dw = dbias = da = db = None
         if need_x or need_a:
-            g = shrink(dy, lora_b.t(), scale, ctx.rank)  # G~ = S (x) (dY B), (M, K*r)
-        if need_x:
-            dx = fused(dy, weight.t(), None, g, lora_a.t(), scale, ctx.rank)  # dY W + G~ A
+            args = (dy, weight, lora_a, lora_b, scale, ctx.rank, need_x)
+            if ctx.backend == "auto":
+                key = _key("backward_dx" if need_x else "backward_g", dy, weight.t(), None, lora_b.t())
+                out = dispatch.dispatcher().run(key, lambda b: _backward(b, *args), dispatch.TOLERANCE[dy.dtype])
+            else:
+                out = _backward(ctx.backend, *args)
+            g = out[0]
+            if need_x:
+                dx = out[1]
         if need_a:
             da = (g.t().to(x.dtype) @ x).to(lora_a.dtype)
         if need_b:
@@ -93,6 +144,19 @@ class _MaskedLoraLinear(torch.autograd.Function):
         if need_bias:
             dbias = dy.sum(0, dtype=h.dtype).to(bias.dtype)
         return dx, dw, dbias, da, db, None, None, None
+
+
+def _auto_measures(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor) -> bool:
+    """Whether "auto" should try the Triton path at all (otherwise it takes PyTorch without measuring):
+    16-bit x (fp32 has cuBLAS's tensor-core paths; IEEE fp32 Triton tiles are slow), a stack the kernel
+    holds, int32 indexing, triton installed, and CUDA tensors (or the interpreter, for tests)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or lora_a.shape[0] > MAX_STACKED_RANK or x.numel() == 0:
+        return False
+    if max(x.numel(), weight.numel(), (x.numel() // max(x.shape[-1], 1)) * weight.shape[0]) >= 2**31:
+        return False
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_inputs(x, weight, bias, lora_a, lora_b, token_scale, backend) -> tuple[int, int]:
@@ -186,15 +250,16 @@ def masked_lora_linear(
     x: (..., d_in); weight: (d_out, d_in); bias: (d_out,) or None; lora_a: (K*r, d_in);
     lora_b: (d_out, K*r); token_scale: (..., K), broadcastable to x's leading dims ((1, T, K), (K,), ...).
     K is token_scale.shape[-1] and r = lora_a.shape[0] // K. Returns (..., d_out) in x's dtype.
-    backend: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch", or None for
-    triton on CUDA tensors and torch otherwise. Differentiable in x, lora_a, lora_b (and weight, bias
+    backend: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch",
+    "auto" (measure both once per shape on this GPU, keep the faster that agrees: kernels/dispatch.py), or
+    None: torch on CPU tensors; on CUDA tensors $SLIDEREDIT_LORA_BACKEND (auto|triton|torch) if set, else
+    auto. The argument wins over the variable. Differentiable in x, lora_a, lora_b (and weight, bias
     if they require grad); token_scale gets no gradient.
     """
-    if backend is None:
-        backend = "triton" if isinstance(x, torch.Tensor) and x.is_cuda else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"masked_lora_linear: backend must be one of {BACKENDS} or None, got {backend!r}")
+    backend = dispatch.resolve(backend, isinstance(x, torch.Tensor) and x.is_cuda)
     K, rank = _check_inputs(x, weight, bias, lora_a, lora_b, token_scale, backend)
+    if backend == "auto" and not _auto_measures(x, weight, lora_a):
+        backend = "torch"
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

@@ -1,0 +1,293 @@
+"""Self-verifying backend choice ("auto") for the masked LoRA linear on CUDA.
+
+The first call for a shape key runs the Triton and the PyTorch path on the same inputs, checks that they
+agree, times both with CUDA events and keeps the faster; the choice is cached in the process and on disk,
+so later calls (and later processes on the same GPU and versions) measure nothing: a cached key costs one
+dict lookup. A Triton path that disagrees, fails to compile or fails to launch loses its key to PyTorch,
+with one warning naming the shape and the reason.
+
+Which backend a call gets (first match):
+  1. the `backend=` argument ("triton", "torch" or "auto"): code that needs one path says so, e.g. the
+     PyTorch path for stacks the Triton kernel cannot hold; it wins over the environment;
+  2. CPU (any non-CUDA) tensors: "torch";
+  3. the environment variable SLIDEREDIT_LORA_BACKEND=auto|triton|torch;
+  4. "auto". Inside auto, inputs the Triton kernels do not serve well or at all (fp32 and fp64: IEEE fp32
+     tiles spill, cuBLAS has TF32 / tensor-core paths; stacks over 128 ranks; no triton installed)
+     take PyTorch without measuring.
+
+Agreement: for every output tensor (H~ / G~ and Y / dX), max |triton - torch| <= TOLERANCE[dtype] *
+max |torch|, dtype being x's (non-finite values must sit at the same positions). Both paths accumulate in
+fp32 and round the output once; the bound is 4 ulps of the compute dtype at the output's scale, with fp32
+at TF32's precision since either side may use TF32 when torch allows it: bf16 2^-5, fp16 2^-8, fp32 2^-9.
+It catches a wrong build (garbage, a missing term, a broken tile); Y's check sees the low-rank term only
+at Y's scale, which is why H~ (the low-rank part alone) is checked too.
+
+Disk cache: $XDG_CACHE_HOME/slideredit/lora_dispatch.json (default ~/.cache/slideredit/), one section per
+"torch <version> | triton <version>", entries keyed by the shape key (GPU name first). Rewritten
+atomically (temporary file + rename, the mode a plain open() gives) after each new decision, merged with
+what other processes wrote meanwhile. A corrupt file is ignored (one warning) and rewritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import statistics
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+ENV_VAR = "SLIDEREDIT_LORA_BACKEND"
+CHOICES = ("auto", "triton", "torch")
+CACHE_FORMAT = 1
+TOLERANCE = {torch.bfloat16: 2.0**-5, torch.float16: 2.0**-8, torch.float32: 2.0**-9}
+REPS = 5  # timed calls per backend, interleaved
+BUDGET_S = 0.05  # stop timing a key once this much device time has been measured (after compilation)
+_CHUNK = 1 << 22  # elements compared at a time: the check never holds an fp32 copy of a whole output
+
+
+class Key(NamedTuple):
+    """What decides the winner: the card, the operation and everything that changes its build or cost."""
+
+    device: str  # GPU name
+    op: str  # "forward", "backward_dx" (G~ and dX), "backward_g" (G~ only)
+    x_dtype: str
+    weight_dtype: str
+    adapter_dtype: str  # lora_a / lora_b (cast to x's dtype tile by tile)
+    n: int  # output features
+    d: int  # reduction length
+    stacked_rank: int  # K*r
+    m_bucket: int  # tokens rounded up to a power of two
+    layout: str  # which operands are contiguous along the reduction
+    extras: str  # bias, fp8 weight scale, ...
+
+    def text(self) -> str:
+        return "|".join(str(part) for part in self)
+
+
+@dataclass
+class Decision:
+    key: Key
+    backend: str
+    reason: str  # "faster", or why the Triton path lost its key
+    ms: dict[str, float] = field(default_factory=dict)  # median time per backend
+    source: str = "measured"  # "measured" in this process, or "disk"
+
+
+def m_bucket(m: int) -> int:
+    """m rounded up to a power of two (1 for 0 and 1)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def resolve(backend: str | None, is_cuda: bool, env: Mapping[str, str] = os.environ) -> str:
+    """The backend a call asks for: "triton", "torch" or "auto" (see the module docstring for the order)."""
+    if backend is not None:
+        if backend not in CHOICES:
+            raise ValueError(f"masked_lora_linear: backend must be one of {CHOICES} or None, got {backend!r}")
+        return backend
+    if not is_cuda:
+        return "torch"
+    forced = env.get(ENV_VAR, "").strip().lower()
+    if forced and forced not in CHOICES:
+        raise ValueError(f"{ENV_VAR} must be one of {CHOICES}, got {env[ENV_VAR]!r}")
+    return forced or "auto"
+
+
+def cuda_event_timer(fn: Callable[[], object]) -> float:
+    """Seconds one call of fn takes on the current CUDA stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "slideredit" / "lora_dispatch.json"
+
+
+def versions() -> str:
+    """The disk cache's section: a new torch or triton re-measures everything."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return f"torch {torch.__version__} | triton {triton_version}"
+
+
+def disagreement(reference: tuple[torch.Tensor, ...], other: tuple[torch.Tensor, ...], tolerance: float) -> str | None:
+    """Why `other` does not match `reference` within tolerance * max |reference| per tensor, or None."""
+    for i, (ref, out) in enumerate(zip(reference, other, strict=True)):
+        if ref.shape != out.shape:
+            return f"output {i} has shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+        err = scale = 0.0
+        for r, o in zip(ref.reshape(-1).split(_CHUNK), out.reshape(-1).split(_CHUNK)):
+            finite = torch.isfinite(r)
+            if not torch.equal(finite, torch.isfinite(o)):
+                return f"output {i} has non-finite values where the PyTorch path has none, or the reverse"
+            r, o = r.float(), o.float()
+            err = max(err, torch.where(finite, o - r, 0.0).abs().max().item())
+            scale = max(scale, torch.where(finite, r, 0.0).abs().max().item())
+        if err > tolerance * scale:
+            return f"output {i}: max |triton - torch| = {err:.3g} > {tolerance:.3g} x max |torch| = {scale:.3g}"
+    return None
+
+
+class Dispatcher:
+    """Measures each new key once, then answers from memory. `timer` and `cache_path` are the seams:
+    CUDA events and the user cache file by default; tests give a fake clock and a temporary file."""
+
+    def __init__(self, cache_path: Path | None = None, timer: Callable[[Callable[[], object]], float] = cuda_event_timer,
+                 reps: int = REPS, budget_s: float = BUDGET_S):
+        self.cache_path = cache_path
+        self.timer, self.reps, self.budget_s = timer, reps, budget_s
+        self._choices: dict[Key, str] = {}  # the hot path
+        self._records: dict[Key, Decision] = {}
+        self._disk: dict[str, dict] | None = None  # this versions() section of the file, read on the first miss
+        self._lock = threading.Lock()
+        self._warned_file = False
+
+    def run(self, key: Key, compute: Callable[[str], tuple[torch.Tensor, ...]], tolerance: float) -> tuple:
+        """compute(backend) -> output tensors; the reference is "torch". Returns the chosen backend's outputs."""
+        choice = self._choices.get(key)
+        if choice is not None:
+            return compute(choice)
+        with self._lock:
+            return self._decide(key, compute, tolerance)
+
+    def decisions(self) -> list[Decision]:
+        return list(self._records.values())
+
+    def _decide(self, key: Key, compute, tolerance: float) -> tuple:
+        stored = self._read_disk().get(key.text())
+        if stored is not None and stored.get("backend") in ("triton", "torch"):
+            self._remember(Decision(key, stored["backend"], stored.get("reason", ""), stored.get("ms", {}), "disk"))
+            return compute(stored["backend"])
+
+        reference = compute("torch")  # a failure here is the caller's error: let it raise
+        try:
+            candidate = compute("triton")  # compiles and autotunes
+            problem = disagreement(reference, candidate, tolerance)
+            times = None if problem else self._time(compute)
+        except Exception as error:  # a compile or launch failure of the Triton path
+            problem = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        if problem:
+            decision = Decision(key, "torch", problem)
+            warnings.warn(f"masked_lora_linear: the Triton path is not used for {key.text()}: {problem}; "
+                          f"using the PyTorch path for this shape", RuntimeWarning, stacklevel=4)
+            outputs = reference
+        else:
+            backend = "triton" if times["triton"] < times["torch"] else "torch"
+            decision = Decision(key, backend, "faster", {b: t * 1e3 for b, t in times.items()})
+            outputs = candidate if backend == "triton" else reference
+        self._remember(decision)
+        self._write_disk(decision)
+        return outputs
+
+    def _time(self, compute) -> dict[str, float]:
+        """Median seconds per backend over up to `reps` interleaved rounds, fewer past the budget."""
+        samples = {"triton": [], "torch": []}
+        spent = 0.0
+        for _ in range(self.reps):
+            for backend, times in samples.items():
+                times.append(self.timer(lambda b=backend: compute(b)))
+                spent += times[-1]
+            if spent >= self.budget_s:
+                break
+        return {backend: statistics.median(times) for backend, times in samples.items()}
+
+    def _remember(self, decision: Decision) -> None:
+        self._records[decision.key] = decision
+        self._choices[decision.key] = decision.backend
+
+    # -- the file ------------------------------------------------------------------------------------------
+
+    def _load_file(self) -> dict:
+        """The whole cache file as a dict ({} if missing, or corrupt: then one warning)."""
+        if self.cache_path is None or not self.cache_path.exists():
+            return {}
+        try:
+            data = json.loads(self.cache_path.read_text())
+            if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("sections"), dict):
+                raise ValueError("not a slideredit dispatch cache")
+            if not all(isinstance(v, dict) for v in data["sections"].values()):
+                raise ValueError("a section is not a mapping")
+            return data
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            self._warn_file(f"ignoring the backend cache {self.cache_path} ({error}); it will be rewritten")
+            return {}
+
+    def _read_disk(self) -> dict[str, dict]:
+        if self._disk is None:
+            section = self._load_file().get("sections", {}).get(versions(), {})
+            self._disk = {k: v for k, v in section.items() if isinstance(v, dict)}
+        return self._disk
+
+    def _write_disk(self, decision: Decision) -> None:
+        if self.cache_path is None:
+            return
+        record = {"backend": decision.backend, "reason": decision.reason, "ms": decision.ms}
+        self._disk[decision.key.text()] = record
+        data = self._load_file()  # merge with what other processes wrote since we read it
+        sections = data.get("sections", {})
+        sections.setdefault(versions(), {}).update(self._disk)
+        text = json.dumps({"format": CACHE_FORMAT, "sections": sections}, indent=1, sort_keys=True)
+        try:
+            _write_atomically(self.cache_path, text)
+        except OSError as error:
+            self._warn_file(f"cannot write the backend cache {self.cache_path} ({error}); decisions stay in memory")
+
+    def _warn_file(self, message: str) -> None:
+        if not self._warned_file:
+            self._warned_file = True
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write beside `path`, then rename over it: readers see the old file or the new one, never a part.
+    os.open with 0o666 gives the mode a plain open() would (the umask applies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_default: Dispatcher | None = None
+
+
+def dispatcher() -> Dispatcher:
+    """The process-wide dispatcher (CUDA-event timer, the user cache file), created on first use."""
+    global _default
+    if _default is None:
+        _default = Dispatcher(default_cache_path())
+    return _default
+
+
+def use_dispatcher(new: Dispatcher | None) -> Dispatcher | None:
+    """Replace the process-wide dispatcher (None: a fresh default on next use); returns the previous one."""
+    global _default
+    previous, _default = _default, new
+    return previous
+
+
+def decisions() -> list[dict[str, Any]]:
+    """What auto chose in this process, one record per key: the key's fields, backend, reason, ms, source."""
+    if _default is None:
+        return []
+    return [{**d.key._asdict(), **{k: v for k, v in asdict(d).items() if k != "key"}} for d in _default.decisions()]
