@@ -32,33 +32,108 @@ unless torch allows TF32 matmuls (torch.backends.cuda.matmul.allow_tf32).
 Under TRITON_INTERPRET=1 (CPU, NumPy) bfloat16 `tl.dot` is wrong, so bf16 operands are upcast to fp32
 there (the UPCAST flag); on a GPU the dots stay bf16. The interpreter also gets a single autotune config.
 """
+import functools
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import m_bucket  # the autotune key's token count: one tuning per power of two
+
 # Read once, like triton.jit does when it decides to build interpreted kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEFAULT_SMEM_LIMIT = 232_448  # bytes of shared memory one block may opt in to on an H100 / H200
+
+# Tensor-core (mma / wgmma) tiles: bf16, fp16 and TF32 dots.
+GPU_SHRINK_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_D": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_D": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+]
+GPU_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+# IEEE fp32 dots run on the FMA units with the whole accumulator in registers: the tensor-core tiles
+# above need 128-256 accumulator registers per thread there and spill 45-125 KB per thread (60-155 s of
+# ptxas each). These keep 32 accumulators per thread (their sm_90 builds take ~5 s).
+FMA_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=2, num_stages=2),
+]
 
 if INTERPRET:
     # One config (autotune with several fails on CPU-only torch), large blocks (cost is per instance).
     _SHRINK_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_D": 32})]
     _GEMM_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32, "GROUP_M": 2})]
 else:
-    _SHRINK_CONFIGS = [
-        triton.Config({"BLOCK_M": 32, "BLOCK_D": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_D": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-    ]
-    _GEMM_CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
+    _SHRINK_CONFIGS = GPU_SHRINK_CONFIGS
+    _GEMM_CONFIGS = GPU_GEMM_CONFIGS + FMA_GEMM_CONFIGS
+
+# Triton >= 3.3 can keep autotune results on disk (in its cache dir, keyed by the tuning key, the configs,
+# the kernel's source and the target); older versions tune once per process.
+_DISK_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def smem_limit(device: torch.device) -> int:
+    """Shared memory one block may use on `device` (queried on CUDA, the H100/H200 figure elsewhere)."""
+    if device.type == "cuda":
+        return _cuda_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_SMEM_LIMIT
+
+
+@functools.cache
+def _cuda_smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", DEFAULT_SMEM_LIMIT)
+
+
+# Shared-memory estimates, upper bounds: each pipeline stage buffers one tile of every operand the main
+# loop loads, in the dtype it is loaded in (the copies are asynchronous, before any conversion); the
+# low-rank tiles of the GEMM are loaded outside the loop and reuse that memory. For the bf16 GEMM this is
+# what sm_90 builds allocate (147,456 B for 128 x 256 x 64, 3 stages); the configs it rejects at the
+# H100's limit are those whose sm_90 builds failed (TF32 GEMM configs 0-2, fp32 shrink configs 0-1).
+
+def shrink_smem_bytes(config: triton.Config, block_r: int, x_bytes: int, a_bytes: int) -> int:
+    bm, bd = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"]
+    return config.num_stages * (bm * bd * x_bytes + bd * block_r * a_bytes)
+
+
+def gemm_smem_bytes(config: triton.Config, block_r: int, x_bytes: int, w_bytes: int) -> int:
+    bm, bn, bd = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
+    main_loop = config.num_stages * (bm * bd * x_bytes + bd * bn * w_bytes)
+    low_rank = (bm * block_r + block_r * bn) * x_bytes  # H~ and B^T tiles, in the dot dtype
+    return max(main_loop, low_rank)
+
+
+def _fitting(configs: list, size, limit: int) -> list:
+    """Configs whose estimate fits `limit`; if none does, the smallest (its build fails, and the caller's
+    dispatch falls back to PyTorch), since the autotuner needs at least one."""
+    fits = [c for c in configs if size(c) <= limit]
+    return fits or [min(configs, key=size)]
+
+
+def prune_shrink_configs(configs, named_args, **kwargs) -> list:
+    """early_config_prune for the shrink kernel: drop configs that cannot fit shared memory."""
+    x, a = named_args["x_ptr"], named_args["a_ptr"]
+    size = lambda c: shrink_smem_bytes(c, kwargs["BLOCK_R"], x.element_size(), a.element_size())
+    return _fitting(list(configs), size, smem_limit(x.device))
+
+
+def prune_gemm_configs(configs, named_args, **kwargs) -> list:
+    """early_config_prune for the GEMM: the FMA tiles for IEEE fp32 dots, the tensor-core tiles otherwise,
+    then drop those that cannot fit shared memory."""
+    x, w = named_args["x_ptr"], named_args["w_ptr"]
+    fma = kwargs["INPUT_PRECISION"] == "ieee" and x.dtype == torch.float32
+    family = [c for c in configs if any(c is f for f in FMA_GEMM_CONFIGS) == fma] or list(configs)
+    size = lambda c: gemm_smem_bytes(c, kwargs["BLOCK_R"], x.element_size(), w.element_size())
+    return _fitting(family, size, smem_limit(x.device))
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -74,11 +149,16 @@ def _load_scales(s_ptr, offs_m, offs_j, M, KR, R, stride_sm, stride_sk):
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=_SHRINK_CONFIGS, key=["M", "D", "BLOCK_R"])
-@triton.jit
+# Autotune keys: every argument that changes the build or the best tiles (the autotuner adds the tensors'
+# dtypes): M only as its power-of-two bucket, strides of 1 (Triton specialises on them) via the layout.
+@triton.autotune(
+    configs=_SHRINK_CONFIGS, key=["M_BUCKET", "D", "BLOCK_R", "stride_xd", "stride_ad", "UPCAST", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_shrink_configs}, **_DISK_CACHE,
+)
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _scaled_shrink_kernel(
     x_ptr, a_ptr, s_ptr, h_ptr,
-    M, D, KR, R,
+    M, M_BUCKET, D, KR, R,
     stride_xm, stride_xd, stride_aj, stride_ad, stride_sm, stride_sk, stride_hm, stride_hj,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -110,12 +190,16 @@ def _scaled_shrink_kernel(
     tl.store(h_ptrs, h, mask=(offs_m[:, None] < M) & (offs_j[None, :] < KR))
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "D", "BLOCK_R", "stride_wd"])
+@triton.autotune(
+    configs=_GEMM_CONFIGS,
+    key=["M_BUCKET", "N", "D", "BLOCK_R", "stride_xd", "stride_wd", "HAS_BIAS", "UPCAST", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_gemm_configs}, **_DISK_CACHE,
+)
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _fused_linear_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, s_ptr, y_ptr,
-    M, N, D, KR, R,
+    M, M_BUCKET, N, D, KR, R,
     stride_xm, stride_xd, stride_wn, stride_wd, stride_hm, stride_hj, stride_bn, stride_bj,
     stride_sm, stride_sk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -205,7 +289,7 @@ def scaled_shrink(x: torch.Tensor, lora_a: torch.Tensor, scale: torch.Tensor, ra
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     _scaled_shrink_kernel[grid](
         x, lora_a, scale, h,
-        M, D, KR, rank,
+        M, m_bucket(M), D, KR, rank,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
         scale.stride(0), scale.stride(1), h.stride(0), h.stride(1),
         BLOCK_R=_block_r(KR), **_dot_flags(x.dtype),
@@ -231,7 +315,7 @@ def fused_linear(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fused_linear_kernel[grid](
         x, weight, bias if bias is not None else y, h, lora_b, scale, y,  # y: placeholder, never read
-        M, N, D, KR, rank,
+        M, m_bucket(M), N, D, KR, rank,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
         lora_b.stride(0), lora_b.stride(1), scale.stride(0), scale.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, BLOCK_R=_block_r(KR), **_dot_flags(x.dtype),
