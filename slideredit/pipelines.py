@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +24,19 @@ from .checkpoint import CheckpointError, download_from_hub, looks_like_repo_id
 from .image import ImageInput, default_output_size, prepare_context_image
 from .slider_checkpoints import load_adapter
 from .sliders import GSTLORA, STLORA, loaded_adapters, remove_adapters, set_slider_scale
-from .token_selection import subprompt_token_scales
+from .slider_schedule import Alpha, SliderSchedule, alpha_batch, check_windows, normalise_alpha
+from .token_selection import is_number, subprompt_spans
 from .sampling import denoise, get_schedule, initial_noise, latent_ids, pack_latents, text_ids, unpack_latents
-from .text_encoders import SUBFOLDERS, KontextTextEncoders
+from .text_encoders import SUBFOLDERS, KontextTextEncoders, check_encoder_files
 from .transformer import Flux
 from .transformer_loading import load_flux
 
 # What one edit needs from a diffusers-layout Kontext repository (BFL's single files are not fetched).
 HUB_PATTERNS = ["model_index.json", "scheduler/*", "transformer/*", "vae/*"] + [f"{name}/*" for name in SUBFOLDERS]
+# Tensors a step-end callback may ask for (diffusers' FluxKontextPipeline offers the first two).
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                          "negative_pooled_prompt_embeds")
+StepEndCallback = Callable[["SliderEditFluxKontextPipeline", int, Tensor, dict], dict | None]
 
 
 @dataclass
@@ -73,6 +80,41 @@ class EditDefaults:
         return cls(**config)
 
 
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto, refused with a clear message when this torch cannot use it."""
+    try:
+        device = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device ({err})") from None
+    if device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if device.type == "mps":
+        available = torch.backends.mps.is_available()
+    if not available:
+        raise ValueError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) "
+                         f"{'was built without CUDA' if device.type == 'cuda' and torch.version.cuda is None else f'sees no {device.type} device'}"
+                         "; use device='cpu' or install a torch build for this machine's accelerator")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {str(device)!r} is not available: this machine has {count} {device.type} device(s)")
+    return device
+
+
+def check_lora_dropout(lora_dropout: float) -> None:
+    """The release's loaders take lora_dropout; dropout is inactive at inference, so it is only checked."""
+    if not is_number(lora_dropout) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r} "
+                         "(dropout is inactive at inference: the value has no effect on the edit)")
+
+
+def check_finite(value: object, name: str) -> float:
+    if not is_number(value) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 class SliderEditFluxKontextPipeline:
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, text_encoders: KontextTextEncoders,
                  schedule: ScheduleConfig = ScheduleConfig(), defaults: EditDefaults = EditDefaults(), *,
@@ -87,10 +129,11 @@ class SliderEditFluxKontextPipeline:
                         device: str | torch.device | None = None, *, offload: bool = False
                         ) -> "SliderEditFluxKontextPipeline":
         """Load a diffusers-layout Kontext folder (transformer/, vae/, text encoders, tokenizers) or a hub repo id."""
+        device = check_device(device)  # before any download or load
         folder = download_from_hub(str(source), HUB_PATTERNS) if looks_like_repo_id(source) else Path(source).expanduser()
         if not folder.is_dir():
             raise CheckpointError(f"model folder not found: {folder} (and not a hub repo id of the form owner/name)")
-        device = torch.device(device or "cpu")
+        check_encoder_files(folder)  # a truncated T5 download fails now, not after the transformer loaded
         text_device = "cpu" if offload else device
         return cls(load_flux(folder, dtype=torch_dtype, device=device),
                    load_autoencoder(folder, dtype=torch_dtype, device=device),
@@ -106,6 +149,7 @@ class SliderEditFluxKontextPipeline:
         return next(self.transformer.parameters()).dtype
 
     def to(self, device: str | torch.device) -> "SliderEditFluxKontextPipeline":
+        device = check_device(device)
         self.transformer.to(device)
         self.autoencoder.to(device)
         if not self.offload:
@@ -118,33 +162,32 @@ class SliderEditFluxKontextPipeline:
 
     # --- sliders --------------------------------------------------------------------------------------
 
-    def load_gstlora(self, path: str | os.PathLike, lora_rank: int | None = None) -> None:
+    def load_gstlora(self, path: str | os.PathLike, lora_rank: int | None = None, lora_dropout: float = 0.0) -> None:
         """Load a GSTLoRA checkpoint (`pytorch_lora_weights.safetensors` or a folder holding it);
-        then `pipe(..., slider_alpha=a)` scales it on every token."""
+        then `pipe(..., slider_alpha=a)` scales it on every token. `lora_rank`, when given, is checked
+        against the file; `lora_dropout` (the release's argument, in [0, 1)) has no effect at inference."""
+        check_lora_dropout(lora_dropout)
         load_adapter(self.transformer, GSTLORA, path, lora_rank)
 
-    def load_stlora(self, path: str | os.PathLike, lora_rank: int | None = None) -> None:
+    def load_stlora(self, path: str | os.PathLike, lora_rank: int | None = None, lora_dropout: float = 0.0) -> None:
         """Load an STLoRA checkpoint (`selective_lora.pt` / `.safetensors` or a folder holding it); then
-        `pipe(..., prompt="A and B", subprompts_list=["A", "B"], slider_alpha_list=[a, b])`."""
+        `pipe(..., prompt="A and B", subprompts_list=["A", "B"], slider_alpha_list=[a, b])`. The release's
+        `pipe.load_stlora(path, lora_rank=16, lora_dropout=0.0)` works as it is (see load_gstlora)."""
+        check_lora_dropout(lora_dropout)
         load_adapter(self.transformer, STLORA, path, lora_rank)
 
     def unload_sliders(self) -> None:
         """Remove every adapter: the transformer is exactly the base model again."""
         remove_adapters(self.transformer)
 
-    def set_sliders(self, prompts: list[str] | None, batch: int, slider_alpha: float | None,
-                    subprompts_list: list[str] | None, slider_alpha_list: list[float] | None,
-                    max_sequence_length: int) -> None:
-        """Set every adapter's scale for the next edit; an adapter given no slider is switched off."""
+    def slider_schedule(self, prompts: list[str] | None, batch: int, num_steps: int, max_sequence_length: int,
+                        slider_alpha: Alpha | None, subprompts_list: Sequence[str] | None,
+                        slider_alpha_list: Sequence[Alpha] | None, slider_steps: object) -> SliderSchedule:
+        """Check the sliders of one edit against the loaded adapters (before anything is computed)."""
         loaded = loaded_adapters(self.transformer)
-        if slider_alpha is not None:
-            if GSTLORA not in loaded:
-                raise ValueError("slider_alpha needs a GSTLoRA: call pipe.load_gstlora(path) first")
-            if not isinstance(slider_alpha, (int, float)) or not math.isfinite(slider_alpha):
-                raise ValueError(f"slider_alpha must be a finite number, got {slider_alpha!r}")
-        set_slider_scale(self.transformer, GSTLORA, slider_alpha)
-
-        token_scales = None
+        if slider_alpha is not None and GSTLORA not in loaded:
+            raise ValueError("slider_alpha needs a GSTLoRA: call pipe.load_gstlora(path) first")
+        spans = None
         if subprompts_list is not None or slider_alpha_list is not None:
             if STLORA not in loaded:
                 raise ValueError("subprompts_list/slider_alpha_list need an STLoRA: call pipe.load_stlora(path) first")
@@ -153,11 +196,13 @@ class SliderEditFluxKontextPipeline:
             if prompts is None:
                 raise ValueError("STLoRA finds the sub-prompts in the prompt's tokens: pass prompt= too")
             encoders = self.text_encoders
-            token_scales = torch.stack([
-                subprompt_token_scales(p, subprompts_list, slider_alpha_list, encoders.t5_token_ids,
-                                       max_sequence_length, encoders.t5_tokenizer.convert_ids_to_tokens)
-                for p in prompts]).expand(batch, -1)
-        set_slider_scale(self.transformer, STLORA, token_scales)
+            spans_of = {p: subprompt_spans(p, subprompts_list, encoders.t5_token_ids, max_sequence_length,
+                                           encoders.t5_tokenizer.convert_ids_to_tokens) for p in dict.fromkeys(prompts)}
+            spans = [spans_of[p] for p in prompts]
+        windows = check_windows(slider_steps, None if subprompts_list is None else len(subprompts_list),
+                                slider_alpha is not None)
+        return SliderSchedule(batch, num_steps, max_sequence_length, windows, slider_alpha, subprompts_list, spans,
+                              slider_alpha_list)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str], max_sequence_length: int | None = None) -> tuple[Tensor, Tensor]:
@@ -185,11 +230,16 @@ class SliderEditFluxKontextPipeline:
     @torch.no_grad()
     def __call__(self, image: ImageInput | None = None, prompt: str | list[str] | None = None, *,
                  num_inference_steps: int = 28, guidance_scale: float = 2.5, height: int | None = None,
-                 width: int | None = None, generator: torch.Generator | None = None, latents: Tensor | None = None,
-                 output_type: str = "pil", prompt_embeds: Tensor | None = None,
+                 width: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: Tensor | None = None, output_type: str = "pil", prompt_embeds: Tensor | None = None,
                  pooled_prompt_embeds: Tensor | None = None, max_sequence_length: int | None = None,
-                 auto_resize: bool | None = None, slider_alpha: float | None = None,
-                 subprompts_list: list[str] | None = None, slider_alpha_list: list[float] | None = None,
+                 auto_resize: bool | None = None, slider_alpha: Alpha | None = None,
+                 subprompts_list: Sequence[str] | None = None, slider_alpha_list: Sequence[Alpha] | None = None,
+                 slider_steps: tuple[float, float] | Sequence[tuple[float, float]] | None = None,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_embeds: Tensor | None = None,
+                 negative_pooled_prompt_embeds: Tensor | None = None, true_cfg_scale: float = 1.0,
+                 callback_on_step_end: StepEndCallback | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                  ) -> KontextOutput:
         """Edit `image` as `prompt` says. Output size: explicit height/width, else the context image's
         aspect ratio at about one megapixel. `latents` (B, N, 64) packed replaces the initial noise.
@@ -199,22 +249,88 @@ class SliderEditFluxKontextPipeline:
 
         Sliders (after load_gstlora / load_stlora): `slider_alpha` scales the GSTLoRA on every token;
         `subprompts_list` + `slider_alpha_list` scale the STLoRA on each sub-prompt's T5 tokens. Alpha 0
-        is the base edit, 1 suppresses the instruction, negative values exaggerate it."""
+        is the base edit, 1 suppresses the instruction, negative values exaggerate it. Sliders are
+        trained for about [-1, 1] (the release validates on [-1.5, 1.5]); |alpha| > 10 warns, a
+        non-finite alpha is an error.
+
+        Batched alphas: `slider_alpha`, or any entry of `slider_alpha_list`, may be a list with one alpha
+        per image. The batch is then that list's length L: one prompt is repeated L times, or a list
+        of L prompts gets one alpha each. Every image shares the context latents, the prompt encoding
+        and the noise (drawn once per prompt, as for an unbatched call with the same generator), so
+        image i equals the unbatched call with alpha i, up to float rounding of batched GEMMs. A list
+        of generators (one per image) or `latents` (B, N, 64) give each image its own noise.
+
+        Schedules: `slider_steps=(start, end)` (fractions of the steps, default (0, 1)) limits the
+        sliders to steps i with start <= i / num_inference_steps < end; a list of pairs gives one
+        window per STLoRA sub-prompt. An alpha may also be a callable alpha(step_index, sigma).
+
+        `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)` runs after every step, as
+        in diffusers (timestep = sigma x 1000); callback_kwargs holds the tensors named in
+        `callback_on_step_end_tensor_inputs` (any of CALLBACK_TENSOR_INPUTS). The tensors of the dict
+        it returns replace those; it may also return "slider_alpha" / "slider_alpha_list" to move the
+        call's sliders from the next step on.
+
+        True CFG (`true_cfg_scale` > 1 with `negative_prompt` or `negative_prompt_embeds` +
+        `negative_pooled_prompt_embeds`, as diffusers): v = v_neg + true_cfg_scale (v - v_neg), two
+        model passes per step. STLoRA's spans are tokens of the positive prompt, so the negative pass
+        runs with the STLoRA off. A GSTLoRA acts on every token (image and context tokens included):
+        it changes the model, not a prompt, so both passes use it at the same alpha; otherwise the
+        guidance difference would carry the adapter's own effect, multiplied by true_cfg_scale."""
         auto_resize = self.defaults.auto_resize if auto_resize is None else auto_resize
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        if prompt_embeds is None:
-            if prompt is None:
-                raise ValueError("give a prompt, or prompt_embeds and pooled_prompt_embeds")
-            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
-        elif pooled_prompt_embeds is None:
-            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the CLIP pooled vector)")
-        txt, vec = prompt_embeds.to(self.device, self.dtype), pooled_prompt_embeds.to(self.device, self.dtype)
-        batch = txt.shape[0]
+        guidance_scale = check_finite(guidance_scale, "guidance_scale")
+        true_cfg_scale = check_finite(true_cfg_scale, "true_cfg_scale")
         if image is None:
             raise ValueError("Kontext edits an image: pass image=")
-        prompts = None if prompt is None else [prompt] * batch if isinstance(prompt, str) else list(prompt)
-        self.set_sliders(prompts, batch, slider_alpha, subprompts_list, slider_alpha_list, txt.shape[1])
+        if prompt_embeds is None and prompt is None:
+            raise ValueError("give a prompt, or prompt_embeds and pooled_prompt_embeds")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the CLIP pooled vector)")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not among {list(CALLBACK_TENSOR_INPUTS)}")
+
+        # The batch: the prompts' rows, or the length of the per-image alpha lists (one prompt repeated).
+        rows = prompt_embeds.shape[0] if prompt_embeds is not None else 1 if isinstance(prompt, str) else len(prompt)
+        alpha_lists = [normalise_alpha(a, "slider_alpha") for a in [slider_alpha] if a is not None]
+        alpha_lists += [normalise_alpha(a, f"slider alpha for sub-prompt {sub!r}")
+                        for sub, a in zip(subprompts_list or [], slider_alpha_list or [])]
+        batch = alpha_batch(alpha_lists) or rows
+        if rows not in (1, batch):
+            raise ValueError(f"{rows} prompts and per-image alpha lists of length {batch}: give one prompt, or one "
+                             "prompt per alpha")
+        prompts = None if prompt is None else [prompt] * batch if isinstance(prompt, str) else list(prompt) * (batch // rows)
+        seq_len = prompt_embeds.shape[1] if prompt_embeds is not None else \
+            (max_sequence_length or self.defaults.max_sequence_length)
+        sliders = self.slider_schedule(prompts, batch, num_inference_steps, seq_len, slider_alpha, subprompts_list,
+                                       slider_alpha_list, slider_steps)
+
+        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+        if true_cfg_scale > 1 and not has_negative:
+            warnings.warn("true_cfg_scale > 1 does nothing without negative_prompt or negative_prompt_embeds",
+                          stacklevel=2)
+        elif has_negative and true_cfg_scale <= 1:
+            warnings.warn("the negative prompt is ignored: true CFG needs true_cfg_scale > 1", stacklevel=2)
+        negative = None
+        if has_negative and true_cfg_scale > 1:
+            if negative_prompt is not None and negative_prompt_embeds is not None:
+                raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+            if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+                raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
+        txt = self._rows(prompt_embeds, batch, "prompt_embeds")
+        vec = self._rows(pooled_prompt_embeds, batch, "pooled_prompt_embeds")
+        if has_negative and true_cfg_scale > 1:
+            if negative_prompt is not None:
+                negative_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(negative_prompt, seq_len)
+            neg_txt = self._rows(negative_prompt_embeds, batch, "negative_prompt_embeds")
+            if neg_txt.shape != txt.shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(neg_txt.shape)} must have the shape of prompt_embeds "
+                                 f"{tuple(txt.shape)}")
+            negative = neg_txt, self._rows(negative_pooled_prompt_embeds, batch, "negative_pooled_prompt_embeds")
 
         cond, context_w, context_h = self.encode_image(image, batch, auto_resize)
         if (height is None) != (width is None):
@@ -226,21 +342,45 @@ class SliderEditFluxKontextPipeline:
             raise ValueError(f"output must be at least 16x16 pixels, got {width}x{height}")
 
         h_tokens, w_tokens = height // 16, width // 16
+        shape = (batch, h_tokens * w_tokens, cond.shape[-1])
         if latents is None:
-            latents = pack_latents(initial_noise(batch, height, width, generator=generator, device=self.device,
-                                                 dtype=self.dtype))
-        elif latents.shape != (batch, h_tokens * w_tokens, cond.shape[-1]):
-            raise ValueError(f"latents must be packed (B, N, 64) = {(batch, h_tokens * w_tokens, cond.shape[-1])} "
-                             f"for a {width}x{height} output, got {tuple(latents.shape)}")
-        img = latents.to(self.device, self.dtype)
+            latents = self._noise(batch, rows, height, width, generator)
+        elif latents.shape[1:] != shape[1:] or latents.shape[0] not in (1, batch):
+            raise ValueError(f"latents must be packed (B, N, 64) = {shape} for a {width}x{height} output, "
+                             f"got {tuple(latents.shape)}")
+        img = latents.to(self.device, self.dtype).expand(shape)
         img_ids = latent_ids(batch, h_tokens, w_tokens, first_id=0, device=self.device, dtype=self.dtype)
         cond_ids = latent_ids(batch, context_h // 16, context_w // 16, first_id=1, device=self.device, dtype=self.dtype)
 
         s = self.schedule
         timesteps = get_schedule(num_inference_steps, img.shape[1], base_seq_len=s.base_image_seq_len,
                                  max_seq_len=s.max_image_seq_len, base_shift=s.base_shift, max_shift=s.max_shift)
+        applied: dict[str, object] = {}
+
+        def set_sliders(step: int, sigma: float, negative_branch: bool) -> None:
+            gst, st = sliders.scales(step, sigma)
+            for name, scale in ((GSTLORA, gst), (STLORA, None if negative_branch else st)):
+                if name not in applied or applied[name] is not scale:  # only what changed
+                    set_slider_scale(self.transformer, name, scale)
+                    applied[name] = scale
+
+        on_step_end = None
+        if callback_on_step_end is not None:
+            def on_step_end(step: int, sigma: float, state: dict[str, Tensor]) -> dict[str, Tensor]:
+                kwargs = {k: state[k] for k in callback_on_step_end_tensor_inputs if k in state}
+                timestep = torch.tensor(sigma * 1000, dtype=torch.float32, device=self.device)
+                out = dict(callback_on_step_end(self, step, timestep, kwargs) or {})
+                sliders.update(out.pop("slider_alpha", None), out.pop("slider_alpha_list", None))
+                for k, v in out.items():
+                    if k not in state or not isinstance(v, Tensor) or v.shape != state[k].shape:
+                        raise ValueError(f"callback_on_step_end returned {k!r}: expected one of {sorted(state)} as a "
+                                         f"tensor of the same shape, or slider_alpha / slider_alpha_list")
+                return out
+
         img = denoise(self.transformer, img, img_ids, txt, text_ids(batch, txt.shape[1], self.device, self.dtype),
-                      vec, timesteps, guidance_scale, cond=cond, cond_ids=cond_ids, progress=self.progress)
+                      vec, timesteps, guidance_scale, cond=cond, cond_ids=cond_ids, progress=self.progress,
+                      negative=negative, true_cfg_scale=true_cfg_scale, before_model=set_sliders,
+                      on_step_end=on_step_end)
 
         pixels = self.autoencoder.decode(unpack_latents(img, height, width))
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
@@ -248,3 +388,22 @@ class SliderEditFluxKontextPipeline:
             return KontextOutput(images=pixels)
         arrays = (pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return KontextOutput(images=[Image.fromarray(a) for a in arrays])
+
+    def _rows(self, embeds: Tensor, batch: int, name: str) -> Tensor:
+        """Embeddings on the pipeline's device and dtype, one row per image (a single row is repeated)."""
+        if embeds.shape[0] not in (1, batch):
+            raise ValueError(f"{name} has {embeds.shape[0]} rows for a batch of {batch} images")
+        return embeds.to(self.device, self.dtype).expand(batch, *embeds.shape[1:])
+
+    def _noise(self, batch: int, rows: int, height: int, width: int,
+               generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+        """Packed initial noise: one draw per prompt row, repeated over an alpha batch; or one draw per
+        generator when a list (one per image) is given."""
+        draw = dict(device=self.device, dtype=self.dtype)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(f"{len(generator)} generators for a batch of {batch} images: give one per image")
+            noise = torch.cat([initial_noise(1, height, width, generator=g, **draw) for g in generator])
+        else:
+            noise = initial_noise(rows, height, width, generator=generator, **draw)
+        return pack_latents(noise).expand(batch, -1, -1)

@@ -3,6 +3,7 @@
 x_t = (1 - t) x0 + t * noise; the model predicts v ~ noise - x0; Euler steps go from t = 1 to t = 0.
 """
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -123,11 +124,23 @@ def denoise(
     cond: Tensor | None = None,
     cond_ids: Tensor | None = None,
     progress: bool = True,
+    *,
+    negative: tuple[Tensor, Tensor] | None = None,
+    true_cfg_scale: float = 1.0,
+    before_model: Callable[[int, float, bool], None] | None = None,
+    on_step_end: Callable[[int, float, dict[str, Tensor]], dict[str, Tensor] | None] | None = None,
 ) -> Tensor:
     """Euler integration of the flow from timesteps[0] to timesteps[-1].
 
     img (B, N, 64) packed noisy latents; cond (B, M, 64) packed context latents, appended after the
     noisy tokens each step (ids likewise); only the first N predicted tokens are used.
+
+    True CFG: with `negative` = (txt (B, T, d), vec (B, d)) the model also runs on the negative prompt and
+    the velocity is v_neg + true_cfg_scale * (v - v_neg), as diffusers' FluxKontextPipeline does.
+    before_model(step_index, t, negative_branch) runs before every model call (the pipeline sets the
+    slider scales there). on_step_end(step_index, t, state) runs after every Euler step with state =
+    {"latents", "prompt_embeds", "pooled_prompt_embeds"} (+ "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds" with CFG); the tensors of a returned dict replace those in state.
     """
     if len(timesteps) < 2:
         raise ValueError(f"need at least two timesteps (start and end), got {len(timesteps)}")
@@ -137,15 +150,30 @@ def denoise(
     ids = img_ids if cond is None else torch.cat([img_ids, cond_ids], dim=1)
     # BFL builds the timestep and guidance vectors in the latent dtype.
     guidance_vec = torch.full((img.shape[0],), guidance, dtype=img.dtype, device=img.device)
+    state = {"latents": img, "prompt_embeds": txt, "pooled_prompt_embeds": vec}
+    if negative is not None:
+        state["negative_prompt_embeds"], state["negative_pooled_prompt_embeds"] = negative
     steps = list(zip(timesteps[:-1], timesteps[1:]))
-    for t_cur, t_next in tqdm(steps, disable=not progress, desc="denoising"):
+    for i, (t_cur, t_next) in enumerate(tqdm(steps, disable=not progress, desc="denoising")):
+        img = state["latents"]
         t_vec = torch.full((img.shape[0],), t_cur, dtype=img.dtype, device=img.device)
         x = img if cond is None else torch.cat([img, cond], dim=1)
-        pred = model(
-            img=x, img_ids=ids, txt=txt, txt_ids=txt_ids, timesteps=t_vec, y=vec, guidance=guidance_vec
-        )
-        img = _euler_step(img, pred[:, :n], t_next - t_cur)
-    return img
+
+        def velocity(branch: str) -> Tensor:
+            if before_model is not None:
+                before_model(i, t_cur, branch == "negative_")
+            out = model(img=x, img_ids=ids, txt=state[f"{branch}prompt_embeds"], txt_ids=txt_ids, timesteps=t_vec,
+                        y=state[f"{branch}pooled_prompt_embeds"], guidance=guidance_vec)
+            return out[:, :n]
+
+        pred = velocity("")
+        if negative is not None:
+            neg = velocity("negative_")
+            pred = neg + true_cfg_scale * (pred - neg)
+        state["latents"] = _euler_step(img, pred, t_next - t_cur)
+        if on_step_end is not None:
+            state.update(on_step_end(i, t_cur, dict(state)) or {})
+    return state["latents"]
 
 
 def _euler_step(x: Tensor, v: Tensor, dt: float) -> Tensor:

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -15,6 +16,7 @@ from .checkpoint import CheckpointError, download_from_hub, looks_like_repo_id
 
 # diffusers-layout subfolders: CLIP is `text_encoder`, T5 is `text_encoder_2`.
 SUBFOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
 
@@ -44,11 +46,12 @@ class KontextTextEncoders(nn.Module):
         missing = [name + "/" for name in SUBFOLDERS if not (folder / name).is_dir()]
         if missing:
             raise CheckpointError(f"{folder} is not a diffusers-layout Kontext folder: missing {', '.join(missing)}")
+        check_encoder_files(folder)
         encoders = cls(
-            CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype),
-            CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=dtype),
-            T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
+            _load(CLIPTextModel, folder / "text_encoder", dtype=dtype),
+            _load(CLIPTokenizer, folder / "tokenizer"),
+            _load(T5EncoderModel, folder / "text_encoder_2", dtype=dtype),
+            _load(T5TokenizerFast, folder / "tokenizer_2"),
         )
         return encoders.requires_grad_(False).to(device)
 
@@ -83,3 +86,25 @@ class KontextTextEncoders(nn.Module):
     def _ids(tokenizer, prompts: list[str], max_length: int, model: nn.Module) -> Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         return ids.input_ids.to(model.device)
+
+
+def check_encoder_files(folder: Path) -> None:
+    """Open every safetensors file of the two encoders: a truncated or corrupt download is one
+    CheckpointError naming the file (safetensors checks that the header covers the file exactly),
+    found before anything is loaded. Reads headers only."""
+    for name in ENCODER_FOLDERS:
+        for path in sorted((Path(folder) / name).glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt download? "
+                                      f"delete it and download it again): {err}") from None
+
+
+def _load(cls, folder: Path, **kwargs):
+    """transformers' from_pretrained, its file errors reported as one CheckpointError naming the folder."""
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}: cannot load this {cls.__name__} ({type(err).__name__}: {err})") from None

@@ -8,9 +8,12 @@ no span (joiners such as " and ", EOS, padding) get 0: the adapter does not touc
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
+
+Span = tuple[int, int]  # [start, end) in the prompt's T5 tokens
 
 
 def find_span(prompt_ids: Sequence[int], sub_ids: Sequence[int]) -> int | None:
@@ -22,21 +25,14 @@ def find_span(prompt_ids: Sequence[int], sub_ids: Sequence[int]) -> int | None:
     return None
 
 
-def subprompt_token_scales(prompt: str, subprompts: Sequence[str], alphas: Sequence[float],
-                           tokenize: Callable[[str], list[int]], max_length: int = 512,
-                           show_tokens: Callable[[list[int]], list[str]] | None = None) -> torch.Tensor:
-    """-> (max_length,) fp32 per-token slider scales of one prompt.
+def subprompt_spans(prompt: str, subprompts: Sequence[str], tokenize: Callable[[str], list[int]],
+                    max_length: int = 512, show_tokens: Callable[[list[int]], list[str]] | None = None) -> list[Span]:
+    """-> one [start, end) T5 token span per sub-prompt, in order.
 
     tokenize(text) gives T5 ids with the trailing EOS; show_tokens(ids) names them for error messages."""
-    if len(subprompts) != len(alphas):
-        raise ValueError(f"subprompts_list has {len(subprompts)} entries but slider_alpha_list has {len(alphas)}: "
-                         "give one alpha per sub-prompt")
     prompt_ids = tokenize(prompt)
-    scale = torch.ones(max_length)
-    selected = torch.zeros(max_length, dtype=torch.bool)
-    for sub, alpha in zip(subprompts, alphas):
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"slider alpha for sub-prompt {sub!r} must be a finite number, got {alpha!r}")
+    spans = []
+    for sub in subprompts:
         sub_ids = tokenize(sub)[:-1]  # drop EOS
         if not sub_ids:
             raise ValueError(f"sub-prompt {sub!r} has no tokens")
@@ -50,6 +46,35 @@ def subprompt_token_scales(prompt: str, subprompts: Sequence[str], alphas: Seque
         if end > max_length:
             raise ValueError(f"sub-prompt {sub!r} spans T5 tokens {start}..{end - 1}, past the {max_length}-token "
                              "truncation of the prompt: shorten the prompt or move the sub-prompt earlier")
-        scale[start:end] *= alpha
-        selected[start:end] = True
+        spans.append((start, end))
+    return spans
+
+
+def span_scales(spans: Sequence[Span], alphas: Sequence[float | None], max_length: int = 512) -> torch.Tensor:
+    """-> (max_length,) fp32: each token's product of the alphas of the spans holding it, 0 outside
+    every span. An alpha of None leaves its span unselected (that slider is not acting)."""
+    scale = torch.ones(max_length)
+    selected = torch.zeros(max_length, dtype=torch.bool)
+    for (start, end), alpha in zip(spans, alphas, strict=True):
+        if alpha is not None:
+            scale[start:end] *= alpha
+            selected[start:end] = True
     return torch.where(selected, scale, 0.0)
+
+
+def subprompt_token_scales(prompt: str, subprompts: Sequence[str], alphas: Sequence[float],
+                           tokenize: Callable[[str], list[int]], max_length: int = 512,
+                           show_tokens: Callable[[list[int]], list[str]] | None = None) -> torch.Tensor:
+    """-> (max_length,) fp32 per-token slider scales of one prompt (spans, then their alphas)."""
+    if len(subprompts) != len(alphas):
+        raise ValueError(f"subprompts_list has {len(subprompts)} entries but slider_alpha_list has {len(alphas)}: "
+                         "give one alpha per sub-prompt")
+    for sub, alpha in zip(subprompts, alphas):
+        if not is_number(alpha) or not math.isfinite(alpha):
+            raise ValueError(f"slider alpha for sub-prompt {sub!r} must be a finite number, got {alpha!r}")
+    return span_scales(subprompt_spans(prompt, subprompts, tokenize, max_length, show_tokens), alphas, max_length)
+
+
+def is_number(value: object) -> bool:
+    """A real number (int, float, NumPy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
