@@ -2,8 +2,15 @@
 
     python train.py --config gstlora_hqedit.yaml
     python train.py --config stlora_faces.yaml --max_train_steps 10 --learning_rate 1e-4
-    python train.py --config stlora_faces.yaml --resume latest
+    python train.py --config stlora_faces.yaml --resume latest      # continue a run that was stopped
+    python train.py --config stlora_faces.yaml --overwrite          # replace the earlier run in output_dir
     torchrun --nproc_per_node 8 train.py --config gstlora_hqedit.yaml
+
+A fresh run refuses an output_dir holding an earlier run's checkpoints, final adapter or validation
+grids: --resume latest continues it, --overwrite removes what a run writes there (checkpoint-N/, the
+adapter, config.yaml, train.log, validation/step-N.png) and nothing else. Relative paths in the
+config are relative to the directory train.py runs from. Ctrl-C stops the run; --resume latest
+continues from its last checkpoint.
 
 Every field of the YAML config can be given on the command line (`--field value`; lists take several
 values: `--validation_lora_scales -1 0 1`), and the command line wins. See slideredit/training/config.py
@@ -17,8 +24,12 @@ import os
 import sys
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from slideredit.training import TrainConfig, TrainResult, load_config, train
+from slideredit.training.checkpoints import checkpoints
+
+INTERRUPTED = 130  # the exit status of a program stopped by Ctrl-C (128 + SIGINT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="the YAML config file (the release's field names)")
     parser.add_argument("--resume", dest="resume_from_checkpoint", default=argparse.SUPPRESS, metavar="latest|PATH",
                         help="'latest' or a checkpoint-N folder (same as --resume_from_checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove an earlier run's checkpoints, adapter, config.yaml, train.log and validation "
+                             "grids from output_dir first (other files there are kept)")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -37,18 +51,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    """-> (the config: file, then command-line fields; whether to --overwrite)."""
     args = vars(build_parser().parse_args(argv))
-    path = args.pop("config")
-    return load_config(path, overrides=args)
+    path, overwrite = args.pop("config"), args.pop("overwrite")
+    return load_config(path, overrides=args), overwrite
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    return parse_args(argv)[0]
+
+
+def interrupted_message(config: TrainConfig) -> str:
+    found = checkpoints(config.output_dir)
+    if not found:
+        return (f"interrupted: no checkpoint was written yet (the first comes at step {config.checkpointing_steps}), "
+                "so there is nothing to resume; run the same command again to start over")
+    step, folder = found[-1]
+    return (f"interrupted: the last checkpoint is {folder} (step {step}); --resume latest continues from it: "
+            f"python train.py --config {Path(config.output_dir) / 'config.yaml'} --resume latest")
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    config = parse_config(argv)
+    config, overwrite = parse_args(argv)
     main_process = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    return train(config)
+    try:
+        return train(config, overwrite=overwrite)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying how to continue, not a traceback
+        if main_process:
+            print(interrupted_message(config), file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
 
 
 if __name__ == "__main__":

@@ -260,3 +260,120 @@ def test_bf16_model_with_fp32_adapter_and_optimizer(short_model_dir, faces, tmp_
     assert {p.dtype for p in trainer.params} == {torch.float32}
     moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
     assert len(moments) == len(trainer.params) and {m.dtype for m in moments} == {torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------
+# An output_dir that holds an earlier run: refused, continued (--resume) or replaced (--overwrite)
+# ---------------------------------------------------------------------------------------------------
+
+def old_run(model: Path, out: Path, images: Path) -> None:
+    """An earlier run's outputs: checkpoint-4 and -6, validation grids, the final adapter, config and log."""
+    train(make_config(model, out, images, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
+                      train_batch_size=1, validation_prompts=["add a red hat"], validation_steps=6,
+                      validation_num_inference_steps=1))
+    assert [step for step, _ in checkpoints(out)] == [4, 6]
+
+
+def cli_args(model: Path, out: Path, images: Path, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--images_dataset_path", str(images),
+            "--training_single_edit_prompts", *EDITS, "--resolution", str(RESOLUTION), "--mixed_precision", "no",
+            "--lora_rank", "4", "--train_batch_size", "1", "--max_train_steps", "2", "--checkpointing_steps", "1",
+            "--checkpoints_total_limit", "2", "--output_dir", str(out), "--seed", "5", *extra]
+
+
+def test_a_fresh_run_into_an_earlier_runs_folder_is_refused_before_the_model_loads(short_model_dir, faces, tmp_path,
+                                                                                      monkeypatch):
+    out = tmp_path / "out"
+    old_run(short_model_dir, out, faces)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the run is refused")
+
+    monkeypatch.setattr(SliderEditFluxKontextPipeline, "from_pretrained", must_not_load)
+    with pytest.raises(ValueError) as err:
+        train_script.main(cli_args(short_model_dir, out, faces))
+    message = str(err.value)
+    assert str(out) in message and "--resume latest" in message and "--overwrite" in message
+    assert "checkpoint-4" in message and "checkpoint-6" in message and ADAPTER_FILE[GSTLORA] in message
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing touched, the log included
+
+    # the final adapter alone is an earlier run's result too
+    only_adapter = tmp_path / "only_adapter"
+    only_adapter.mkdir()
+    (only_adapter / ADAPTER_FILE[STLORA]).write_bytes((out / ADAPTER_FILE[GSTLORA]).read_bytes())
+    with pytest.raises(ValueError, match=f"{only_adapter}.*{ADAPTER_FILE[STLORA]}"):
+        train_script.main(cli_args(short_model_dir, only_adapter, faces))
+
+
+def test_overwrite_removes_only_what_a_run_writes_and_pruning_keeps_the_new_checkpoints(short_model_dir, faces,
+                                                                                        tmp_path):
+    out = tmp_path / "out"
+    old_run(short_model_dir, out, faces)
+    (out / "notes.txt").write_text("mine")  # the user's files beside the run's
+    (out / "data").mkdir()
+    (out / "data" / "checkpoint-1").write_text("a file of mine, not a checkpoint folder")
+    (out / "validation" / "picked.png").write_bytes(b"my favourite grid")
+    (out / ".checkpoint-8.1234abcd.tmp").mkdir()  # a save that was interrupted
+
+    result = train_script.main(cli_args(short_model_dir, out, faces, "--overwrite"))
+    assert result.step == 2
+    # limit 2: the new run's checkpoint-1 and -2 are kept (the old -4 and -6 are not "newer" ones)
+    assert [step for step, _ in checkpoints(out)] == [1, 2]
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "checkpoint-1", "checkpoint-2", ADAPTER_FILE[GSTLORA], "config.yaml", "train.log", "notes.txt", "data",
+        "validation"])
+    assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "checkpoint-1").is_file()
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["picked.png"]  # the old step-6.png is gone
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_train_steps"] == 2
+    log = (out / "train.log").read_text()
+    assert "step 6" not in log and "removed the earlier run's" in log  # a new log, which says what was removed
+    assert_same_tensors(adapter_file(out, GSTLORA), adapter_file(out / "checkpoint-2", GSTLORA))
+
+
+def test_resume_continues_an_earlier_run_without_overwrite(short_model_dir, faces, tmp_path):
+    out = tmp_path / "out"
+    old_run(short_model_dir, out, faces)
+    result = train_script.main(["--config", str(out / "config.yaml"), "--resume", "latest", "--max_train_steps", "8"])
+    assert result.step == 8 and [step for step, _ in checkpoints(out)] == [6, 8]
+    with pytest.raises(ValueError, match="--overwrite would remove the checkpoint that --resume names"):
+        train_script.main(["--config", str(out / "config.yaml"), "--resume", str(out / "checkpoint-8"), "--overwrite"])
+    assert [step for step, _ in checkpoints(out)] == [6, 8]
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_continue(short_model_dir, faces, tmp_path, monkeypatch,
+                                                                       capsys):
+    out = tmp_path / "out"
+    original = Trainer.train_step
+
+    def ctrl_c_after_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_after_step_3)
+    args = cli_args(short_model_dir, out, faces, "--max_train_steps", "5", "--checkpointing_steps", "2")
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(args)
+    assert exit_.value.code == 130  # the shell's code for "ended by Ctrl-C"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    last = err[-1]
+    assert last.startswith("interrupted") and str(out / "checkpoint-2") in last and "--resume latest" in last
+    assert f"--config {out / 'config.yaml'}" in last
+
+    monkeypatch.setattr(Trainer, "train_step", original)
+    result = train_script.main(["--config", str(out / "config.yaml"), "--resume", "latest"])  # what it says to do
+    assert result.step == 5 and "resumed from" in (out / "train.log").read_text()
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(short_model_dir, faces, tmp_path,
+                                                                            monkeypatch, capsys):
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c)
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(cli_args(short_model_dir, tmp_path / "out", faces))
+    assert exit_.value.code == 130
+    assert "no checkpoint was written yet" in capsys.readouterr().err.strip().splitlines()[-1]

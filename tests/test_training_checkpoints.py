@@ -85,8 +85,22 @@ def test_latest_skips_incomplete_folders_and_pruning_keeps_the_newest(model, tmp
         save_checkpoint(tmp_path, step, model, GSTLORA, state(model, step))
     (tmp_path / "checkpoint-30").mkdir()  # not a complete checkpoint (no training_state.pt)
     assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-20"  # numeric order, not text order
-    assert prune_checkpoints(tmp_path, 2) == [tmp_path / "checkpoint-5"]
+    assert prune_checkpoints(tmp_path, 2, newest=20) == [tmp_path / "checkpoint-5"]
     assert [s for s, _ in checkpoints(tmp_path)] == [10, 20]
+
+
+def test_pruning_never_removes_the_checkpoint_just_written_for_later_ones(model, tmp_path):
+    """Checkpoints of later steps (4, 6: a run resumed from an earlier point passes them again) are not
+    counted: limit 2 at step 2 keeps 1 and 2, and at step 4 the replaced checkpoint-4 and its predecessor."""
+    for step in (4, 6, 1, 2):
+        save_checkpoint(tmp_path, step, model, GSTLORA, state(model, step))
+    assert prune_checkpoints(tmp_path, 2, newest=2) == []
+    assert [s for s, _ in checkpoints(tmp_path)] == [1, 2, 4, 6]
+    assert prune_checkpoints(tmp_path, 1, newest=2) == [tmp_path / "checkpoint-1"]
+    save_checkpoint(tmp_path, 4, model, GSTLORA, state(model, 4))
+    assert prune_checkpoints(tmp_path, 2, newest=4) == []
+    assert prune_checkpoints(tmp_path, 1, newest=4) == [tmp_path / "checkpoint-2"]
+    assert [s for s, _ in checkpoints(tmp_path)] == [4, 6]
 
 
 def test_bad_resume_paths_and_states_are_clear_errors(tmp_path):

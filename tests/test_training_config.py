@@ -90,3 +90,49 @@ def test_unknown_command_line_option_is_rejected(config_file, capsys):
     with pytest.raises(SystemExit):
         train_script.parse_config(["--config", str(config_file), "--learning_rat", "1"])
     assert "unrecognized arguments: --learning_rat" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numbers out of range fail when the config is read, before anything is loaded
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("yaml_value", [".nan", ".inf", "-.inf", "nan"])
+def test_a_non_finite_learning_rate_in_yaml_is_a_config_error(tmp_path, yaml_value):
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(RELEASE_STYLE) + f"learning_rate: {yaml_value}\n")
+    assert path.read_text().count("learning_rate") == 2  # the last one wins in YAML: this is the value read
+    with pytest.raises(ConfigError, match="'learning_rate' must be a finite number"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"learning_rate": 0}, "learning_rate must be positive, got 0"),
+    ({"learning_rate": -1e-4}, "learning_rate must be positive"),
+    ({"max_grad_norm": float("nan")}, "'max_grad_norm' must be a finite number"),
+    ({"max_grad_norm": 0}, "max_grad_norm must be positive"),
+    ({"adam_epsilon": 0}, "adam_epsilon must be positive"),
+    ({"adam_beta1": 1.0}, r"adam_beta1 must be in \[0, 1\)"),
+    ({"adam_beta2": -0.1}, r"adam_beta2 must be in \[0, 1\)"),
+    ({"adam_weight_decay": -1e-4}, "adam_weight_decay must be at least 0"),
+    ({"guidance_scale": "inf"}, "'guidance_scale' must be a finite number"),
+    ({"guidance_scale": -1}, "guidance_scale must be at least 0"),
+    ({"validation_lora_scales": [-1, float("nan"), 1]}, r"'validation_lora_scales\[1\]' must be a finite number"),
+    ({"seed": -1}, r"seed must be in \[0, 2\*\*32\)"),
+    ({"seed": 2 ** 32}, r"seed must be in \[0, 2\*\*32\)"),
+    ({"max_train_steps": 0}, "max_train_steps must be at least 1"),
+    ({"max_train_steps": "1e400"}, "'max_train_steps' must be a whole number"),
+    ({"checkpointing_steps": -5}, "checkpointing_steps must be at least 1"),
+    ({"checkpoints_total_limit": 0}, "checkpoints_total_limit must be at least 1"),
+])
+def test_out_of_range_numbers_are_clear_errors(change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {**RELEASE_STYLE, **change})
+
+
+def test_a_nan_learning_rate_fails_before_the_model_loads(config_file, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a config that cannot train")
+
+    monkeypatch.setattr("slideredit.pipelines.SliderEditFluxKontextPipeline.from_pretrained", must_not_load)
+    with pytest.raises(ConfigError, match="'learning_rate' must be a finite number, got 'nan'"):
+        train_script.main(["--config", str(config_file), "--learning_rate", "nan"])

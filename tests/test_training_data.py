@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import random
+import re
 import sys
 import types
 from pathlib import Path
@@ -99,6 +100,21 @@ def test_hub_name_without_datasets_says_what_to_install(monkeypatch):
         open_edit_dataset("UCSC-VLAA/HQ-Edit", "input_image", "edit")
 
 
+@pytest.mark.parametrize("name", ["outputs/toy-sliders-work/data", "data/edits", "./edits", "../edits", "edits.jsonl",
+                                  "~/no-such-slideredit-folder", "/no/such/folder", "data/edits.csv"])
+def test_a_missing_local_path_is_not_found_not_a_hub_name(tmp_path, monkeypatch, name):
+    """A name that can only be a path (deeper than owner/name, relative or absolute, a table file, or
+    under a folder that exists here) is reported as not found; `datasets` and the hub are not involved."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=f"^dataset_name not found: {re.escape(name)}") as err:
+        open_edit_dataset(name, "input_image", "edit")
+    assert "hub" not in str(err.value) and "datasets" not in str(err.value)
+    if not Path(name).expanduser().is_absolute():  # where a relative path was looked for
+        assert str(err.value).endswith(f"(relative to the current directory {tmp_path})")
+
+
 class FakeHubDataset:
     """The few `datasets.Dataset` members the loader uses, over a list of rows (HQ-Edit's columns)."""
 
@@ -139,8 +155,10 @@ def test_image_folder_lists_images_only(tmp_path):
     (tmp_path / "faces" / "notes.txt").write_text("x")
     dataset = ImageFolderDataset(tmp_path / "faces", ["a"], 3)
     assert [p.name for p in dataset.files] == ["face_0.png", "face_1.png"]
-    with pytest.raises(DataError, match="not a folder"):
+    with pytest.raises(DataError, match=f"^images_dataset_path not found: {re.escape(str(tmp_path / 'missing'))}$"):
         ImageFolderDataset(tmp_path / "missing", ["a"], 3)
+    with pytest.raises(DataError, match="is not a folder"):
+        ImageFolderDataset(tmp_path / "faces" / "face_0.png", ["a"], 3)
 
 
 def test_image_folder_given_as_a_relative_path(tmp_path, monkeypatch):

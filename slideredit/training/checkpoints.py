@@ -92,9 +92,11 @@ def load_training_state(folder: str | os.PathLike) -> dict:
     return state
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; -> the folders removed."""
-    old = [path for _, path in checkpoints(output_dir)[:-keep]]
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int, newest: int) -> list[Path]:
+    """Delete all but the `keep` latest checkpoints up to step `newest` (the one just written); -> the folders
+    removed. Checkpoints of later steps are not this run's past (a run resumed from an earlier checkpoint
+    passes them again, replacing each): they are neither counted nor deleted."""
+    old = [path for step, path in checkpoints(output_dir) if step <= newest][:-keep]
     for path in old:
         shutil.rmtree(path)
     return old

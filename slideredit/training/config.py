@@ -7,6 +7,7 @@ are an error that names them, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 import typing
@@ -123,6 +124,8 @@ def coerce(name: str, value, kind):
             if not number.is_integer():
                 raise ConfigError(f"config field {name!r} must be a whole number, got {value!r}")
             return int(number)
+        if not math.isfinite(number):  # YAML's .nan / .inf, or "nan" on the command line
+            raise ConfigError(f"config field {name!r} must be a finite number, got {value!r}")
         return number
     if kind is str:
         if isinstance(value, (dict, list)):
@@ -186,8 +189,18 @@ def check(c: TrainConfig) -> None:
         problems.append(f"checkpoints_total_limit must be at least 1 (or null), got {c.checkpoints_total_limit}")
     if c.resolution < 16 or c.resolution % 16:
         problems.append(f"resolution must be a positive multiple of 16 (one latent token), got {c.resolution}")
-    if c.learning_rate <= 0 or c.max_grad_norm <= 0 or c.adam_epsilon <= 0:
-        problems.append("learning_rate, max_grad_norm and adam_epsilon must be positive")
+    # (every float is finite already: coerce() rejects NaN and infinities)
+    for name in ("learning_rate", "max_grad_norm", "adam_epsilon"):
+        if getattr(c, name) <= 0:
+            problems.append(f"{name} must be positive, got {getattr(c, name):g}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            problems.append(f"{name} must be in [0, 1), got {getattr(c, name):g}")
+    for name in ("adam_weight_decay", "guidance_scale"):
+        if getattr(c, name) < 0:
+            problems.append(f"{name} must be at least 0, got {getattr(c, name):g}")
+    if not 0 <= c.seed < 2 ** 32:  # numpy's global generator takes 32-bit seeds
+        problems.append(f"seed must be in [0, 2**32), got {c.seed}")
     if c.mixed_precision not in ("no", "bf16"):
         problems.append(f"mixed_precision must be 'no' or 'bf16', got {c.mixed_precision!r}")
     if c.report_to not in ("none", "wandb"):

@@ -36,6 +36,7 @@ from .config import TrainConfig
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
 IMAGEFOLDER_COLUMN = "file_name"  # the image column of a Hugging Face imagefolder's metadata
 
 
@@ -208,8 +209,24 @@ def hub_edit_rows(name: str, image_column: str, instruction_column: str):
     return rows
 
 
+def looks_local(name: str) -> bool:
+    """Whether a dataset name can only be a path: hub ids are `name` or `owner/name`, so anything absolute,
+    starting with `.` or `~`, deeper than owner/name, naming a table file, or whose first folder exists
+    here is meant as a local file or folder."""
+    parts = Path(name).parts
+    return (name.startswith((".", "~", "/", "\\")) or len(parts) > 2 or Path(name).suffix.lower() in TABLE_SUFFIXES
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def not_found(field: str, name: str) -> DataError:
+    where = "" if Path(name).expanduser().is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    return DataError(f"{field} not found: {name}{where}")
+
+
 def open_edit_dataset(name: str, image_column: str, instruction_column: str) -> InstructionEditDataset:
     path = Path(name).expanduser()
+    if not path.exists() and looks_local(name):
+        raise not_found("dataset_name", name)
     if path.exists():
         rows, root = local_edit_rows(path)
         columns = set().union(*(row.keys() for row in rows)) if rows else set()
@@ -239,6 +256,8 @@ def draw_instructions(edits: Sequence[str], max_n: int, rng: random.Random) -> t
 
 class ImageFolderDataset:
     def __init__(self, folder: Path, edits: Sequence[str], max_instructions: int):
+        if not folder.exists():
+            raise not_found("images_dataset_path", str(folder))
         if not folder.is_dir():
             raise DataError(f"images_dataset_path {folder} is not a folder")
         self.folder, self.edits, self.max_instructions = folder, list(edits), max_instructions

@@ -38,6 +38,7 @@ from .checkpoints import (checkpoints, global_rng_state, load_training_state, pr
 from .config import ConfigError, TrainConfig
 from .data import DataError, DataOrder, UnreadableImage, center_crop, decode_image, derived_seed, open_dataset, to_pixels
 from .distributed import Distributed, cleanup_distributed, setup_distributed
+from .outputs import prepare_output_dir
 from .encoding import EncodingCache, FrozenEncoders, Source
 from .losses import (DistillationBatch, DistillationPrompts, distillation_prompts, draw_sigmas, draw_suppressed,
                      self_distillation_loss, stlora_token_scale)
@@ -77,6 +78,7 @@ class Trainer:
         dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
         with d.main_process_first():  # hub downloads happen once, on rank 0
             self.dataset = open_dataset(c)
+            check_validation_image(c)  # before the model loads, not at the first validation step
             self.pipe = SliderEditFluxKontextPipeline.from_pretrained(
                 c.pretrained_model_name_or_path, torch_dtype=dtype, device=self.device, offload=c.offload)
         self.model = self.pipe.transformer
@@ -130,6 +132,10 @@ class Trainer:
             self.unreadable = set(state["unreadable"].tolist())
             set_global_rng_state(state["rng"])
             logger.info("resumed from %s at step %d", resume, self.step)
+            later = [str(path) for step, path in checkpoints(c.output_dir) if step > self.step]
+            if later:
+                logger.warning("%s are of later steps than the checkpoint resumed from: each is replaced when this "
+                               "run reaches its step", ", ".join(later))
         return params, optimizer
 
     # --- data -----------------------------------------------------------------------------------------
@@ -232,25 +238,30 @@ class Trainer:
         bar = tqdm(total=c.max_train_steps, initial=self.step, unit="step", desc="training", disable=not d.is_main)
         loss_sum, count, last_loss = torch.zeros((), device=self.device), 0, None
         first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=self.device)
-        while self.step < c.max_train_steps:
-            loss = self.train_step()
-            loss_sum, count = loss_sum + loss, count + 1
-            first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=self.step))
-            bar.update(1)
+        try:
+            while self.step < c.max_train_steps:
+                loss = self.train_step()
+                loss_sum, count = loss_sum + loss, count + 1
+                first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=self.step))
+                bar.update(1)
 
-            s = self.step
-            checkpoint_now = s % c.checkpointing_steps == 0
-            validate_now = bool(c.validation_prompts) and s % c.validation_steps == 0
-            if checkpoint_now or validate_now or s % c.logging_steps == 0 or s == c.max_train_steps:
-                self.check_finite(first_bad)  # before anything is written
-                last_loss = d.all_mean(loss_sum / count).item()
-                loss_sum, count = torch.zeros_like(loss_sum), 0
-                self.log(last_loss, bar)
-            if checkpoint_now:
-                self.save()
-            if validate_now and d.is_main:
-                self.validate()
-        bar.close()
+                s = self.step
+                checkpoint_now = s % c.checkpointing_steps == 0
+                validate_now = bool(c.validation_prompts) and s % c.validation_steps == 0
+                if checkpoint_now or validate_now or s % c.logging_steps == 0 or s == c.max_train_steps:
+                    self.check_finite(first_bad)  # before anything is written
+                    last_loss = d.all_mean(loss_sum / count).item()
+                    loss_sum, count = torch.zeros_like(loss_sum), 0
+                    self.log(last_loss, bar)
+                if checkpoint_now:
+                    self.save()
+                if validate_now and d.is_main:
+                    self.validate()
+        except KeyboardInterrupt:
+            logger.info("interrupted by Ctrl-C after step %d", self.step)  # in train.log: where the run stopped
+            raise
+        finally:
+            bar.close()  # ends the bar's line, so that what follows is not printed into it
         return self.finish(last_loss)
 
     def check_finite(self, first_bad: torch.Tensor) -> None:
@@ -288,7 +299,7 @@ class Trainer:
         path = save_checkpoint(c.output_dir, self.step, self.model, c.method, state)
         logger.info("saved %s", path)
         if c.checkpoints_total_limit is not None:
-            for old in prune_checkpoints(c.output_dir, c.checkpoints_total_limit):
+            for old in prune_checkpoints(c.output_dir, c.checkpoints_total_limit, newest=self.step):
                 logger.info("removed %s (checkpoints_total_limit %d)", old, c.checkpoints_total_limit)
 
     def validation_image(self) -> Image.Image:
@@ -339,6 +350,14 @@ def model_key(source: str) -> str:
     return str(path.resolve()) if path.exists() else source
 
 
+def check_validation_image(c: TrainConfig) -> None:
+    if c.validation_prompts and c.validation_image is not None:
+        path = Path(c.validation_image).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"validation_image not found: {c.validation_image}")
+        load_image(path)  # a clear error now if it cannot be read
+
+
 def check_resumable(state: dict, c: TrainConfig, folder: Path) -> None:
     for name in ("method", "lora_rank"):
         if state.get(name) != getattr(c, name):
@@ -354,17 +373,25 @@ def start_wandb(c: TrainConfig):
     return wandb.init(project="slideredit", config=c.to_dict(), dir=c.output_dir)
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train an adapter as `config` says, in this process or as one rank of a torchrun job."""
+def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
+    """Train an adapter as `config` says, in this process or as one rank of a torchrun job.
+
+    A fresh run (no resume_from_checkpoint) into an output_dir that holds an earlier run's checkpoints,
+    final adapter or validation grids is refused (OutputDirError) unless `overwrite`, which removes
+    exactly what a run writes there first (outputs.py)."""
     dist = setup_distributed()
     handler, level = None, logger.level
     try:
+        removed = prepare_output_dir(config, overwrite, dist.is_main)  # before anything is loaded or written
+        dist.barrier()  # the other ranks start once rank 0 has cleared the folder
         if dist.is_main:  # the run's log file: progress, skipped images, checkpoints
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(Path(config.output_dir) / "train.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
+        if removed:
+            logger.info("--overwrite: removed the earlier run's %s", ", ".join(str(p) for p in removed))
         return Trainer(config, dist).run()
     finally:
         if handler is not None:

@@ -1,0 +1,110 @@
+"""What a training run writes under `output_dir`, so that a new run never mixes with an earlier one.
+
+A run writes exactly these entries (and nothing else) under output_dir:
+
+    checkpoint-N/                 every checkpointing_steps steps (checkpoints.py); `.checkpoint-N.*`
+                                  is one whose save was interrupted
+    pytorch_lora_weights.safetensors | selective_lora.safetensors     the final adapter
+    config.yaml, train.log
+    validation/step-N.png         validation grids (`validation/.step-N.*.png.tmp`: an interrupted write)
+
+A fresh run (resume_from_checkpoint not set) refuses an output_dir holding an earlier run's results
+(checkpoints, a final adapter, validation grids): `--resume latest` continues that run, `--overwrite`
+removes the entries above first. Any other file in output_dir is the user's and is never touched.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from ..slider_checkpoints import FILE_NAMES
+from ..sliders import GSTLORA, STLORA
+from .checkpoints import STATE_FILE
+from .config import ConfigError, TrainConfig
+
+logger = logging.getLogger("slideredit.training")
+ADAPTER_FILES = (FILE_NAMES[GSTLORA][0], FILE_NAMES[STLORA][0])  # what save_adapter writes
+RUN_FILES = ("config.yaml", "train.log")
+VALIDATION_DIR = "validation"
+_CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\..+)?")  # checkpoint-N, or a hidden temporary one beside it
+_GRID = re.compile(r"\.?step-\d+(\..+)?\.png(\.tmp)?")  # step-N.png, or its temporary file
+_HIDDEN_TMP = re.compile(r"\.(" + "|".join(re.escape(Path(n).stem) for n in ADAPTER_FILES + RUN_FILES) + r")\..+\.tmp")
+
+
+class OutputDirError(ConfigError):
+    """output_dir holds an earlier run that this one would overwrite or mix with."""
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """checkpoint-N/ holding a training state, or the hidden temporary folder of an interrupted save."""
+    m = _CHECKPOINT.fullmatch(path.name)
+    if not m or not path.is_dir():
+        return False
+    if path.name.startswith("."):
+        return m.group(1) is not None
+    return m.group(1) is None and (path / STATE_FILE).is_file()
+
+
+def results(output_dir: str | Path) -> list[Path]:
+    """An earlier run's results under output_dir: checkpoint folders, final adapters, validation grids."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if _is_checkpoint(p) and not p.name.startswith(".")]
+    found += [out / name for name in ADAPTER_FILES if (out / name).is_file()]
+    if (out / VALIDATION_DIR).is_dir():
+        found += [p for p in (out / VALIDATION_DIR).iterdir() if p.is_file() and _GRID.fullmatch(p.name)
+                  and not p.name.startswith(".")]
+    return sorted(found, key=_natural)
+
+
+def run_entries(output_dir: str | Path) -> list[Path]:
+    """Every entry a run writes that exists under output_dir (what --overwrite removes)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    entries = [p for p in out.iterdir() if _is_checkpoint(p) or (p.is_file() and _HIDDEN_TMP.fullmatch(p.name))]
+    entries += [out / name for name in ADAPTER_FILES + RUN_FILES if (out / name).is_file()]
+    if (out / VALIDATION_DIR).is_dir():
+        entries += [p for p in (out / VALIDATION_DIR).iterdir() if p.is_file() and _GRID.fullmatch(p.name)]
+    return sorted(entries, key=_natural)
+
+
+def _natural(path: Path) -> tuple:
+    """checkpoint-4 before checkpoint-10."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path)))
+
+
+def _summary(paths: list[Path], out: Path, limit: int = 6) -> str:
+    names = [str(p.relative_to(out)) for p in paths]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def prepare_output_dir(config: TrainConfig, overwrite: bool, is_main: bool) -> list[Path]:
+    """Refuse to start a fresh run over an earlier one, or (overwrite) remove the earlier run's entries;
+    -> the entries removed. Called before anything is loaded or written; only the main process removes."""
+    out = Path(config.output_dir)
+    resume = config.resume_from_checkpoint
+    if overwrite and resume not in (None, "latest"):
+        resumed = Path(resume).expanduser().resolve()
+        if out.resolve() in (resumed, *resumed.parents):
+            raise OutputDirError(f"--overwrite would remove the checkpoint that --resume names ({resume}): "
+                                 "give one of the two")
+    if overwrite:
+        removed = run_entries(out)
+        if is_main:
+            for path in removed:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            validation = out / VALIDATION_DIR
+            if validation.is_dir() and not any(validation.iterdir()):
+                validation.rmdir()
+        return removed
+    earlier = results(out)
+    if earlier and resume is None:
+        raise OutputDirError(
+            f"output_dir {out} already holds an earlier run ({_summary(earlier, out)}). Continue it with "
+            f"--resume latest, replace it with --overwrite (removes its checkpoints, final adapter, config.yaml, "
+            f"train.log and validation grids; nothing else), or choose another output_dir")
+    return []
