@@ -16,7 +16,8 @@ Model mode: edit every case of a JSONL file at every alpha, then evaluate those 
 A case is one slider of one sweep: its curve is the score against that slider's alpha with every
 other slider at 0 (a 2-slider STLoRA grid gives two cases; the whole grid still goes into the CSV).
 Writes to --out: metrics.csv (one row per case and image), summary.json (per case and metric:
-continuity, monotonicity, min, max, range; and the inputs), curves.png (one panel per metric).
+continuity, monotonicity, min, max, range; and the inputs), curves.png (one panel per metric). Each
+evaluated sweep folder gets (or has updated) its explorer page, index.html, showing every cell's scores.
 
 Scorers (--scorer): "pretrained" runs the models of --metrics (CLIP, SigLIP, BLIP, DINOv2...: hub ids or
 local folders). "toy" needs no network and no model: for sweeps of the toy model (assets/toy-kontext) it
@@ -43,6 +44,7 @@ from PIL import Image
 
 from slideredit.atomic import atomic_path
 from slideredit.cli import join_alphas, parse_alphas
+from slideredit.explorer import write_explorer
 from slideredit.image import load_image, to_rgb
 from slideredit.evaluation import (ArcFaceDistance, BlipItmScore, ClipScore, DinoDistance, HubUnreachableError,
                                    LpipsDistance, SiglipScore, Sweep, SweepCell, ToyEditStrength, check_hub_source,
@@ -369,6 +371,17 @@ def summarise(case: Case, rows: list[dict], metrics: list[str]) -> dict:
     return summary
 
 
+def cell_scores(cases: list[Case], per_case_rows: list[list[dict]], metrics: list[str]) -> dict[str, dict]:
+    """For the explorer page: each cell's scores, a text score once per case ("clip (curly hair)")."""
+    sweep, scores = cases[0].sweep, {}
+    for case, rows in zip(cases, per_case_rows):
+        for cell, row in zip(sweep.cells, rows):
+            for name in metrics:
+                label = name if name in DISTANCE_METRICS else f"{name} ({case.attribute})"
+                scores.setdefault(cell.image, {})[label] = row[name]
+    return scores
+
+
 def _json_safe(value: object) -> object:
     """NaN (a missing face, an undefined correlation) is not JSON: write null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -420,13 +433,17 @@ def main(argv: list[str] | None = None) -> int:
         choose_scorer(args, [(cases[0].sweep.model, cases[0].folder) for cases in groups])
         evaluators = build_evaluators(args)
 
-    rows, summaries = [], []
+    rows, summaries, pages = [], [], {}
     for cases in groups:  # the cases of one sweep share its images
-        for case, case_rows in zip(cases, evaluate_sweep(cases, evaluators)):
+        per_case = evaluate_sweep(cases, evaluators)
+        for case, case_rows in zip(cases, per_case):
             rows += case_rows
             summaries.append(summarise(case, case_rows, args.metrics))
+        pages[cases[0].folder] = cell_scores(cases, per_case, args.metrics)
     write_outputs(args.out, args, rows, summaries)
-    print(f"wrote {args.out / 'metrics.csv'}, {args.out / 'summary.json'}, {args.out / 'curves.png'}", file=sys.stderr)
+    explorers = [write_explorer(folder, scores) for folder, scores in pages.items()]
+    print(f"wrote {args.out / 'metrics.csv'}, {args.out / 'summary.json'}, {args.out / 'curves.png'} and the "
+          f"explorer page(s) {', '.join(map(str, explorers))}", file=sys.stderr)
     return 0
 
 

@@ -308,6 +308,15 @@ def test_toy_scorer_is_chosen_for_toy_sweeps_and_reads_the_strengths(tmp_path):
         assert stats["continuity"] == pytest.approx(continuity_score(stats["values"]))
         assert stats["monotonicity"] == pytest.approx(spearman)
     assert curves.size[0] > 0
+    # The sweep's explorer page shows each cell's scores: one text score per case, as in the CSV.
+    html = (folder / "index.html").read_text()
+    data = json.loads(html.split('id="sweep-data">')[1].split("</script>")[0].replace("<\\/", "</"))
+    for index in (0, 4, 8):
+        assert data["cells"][index]["scores"] == {
+            "toy (make the square red)": float(first[index]["toy"]),
+            "toy_others (make the square red)": float(first[index]["toy_others"]),
+            "toy (make the circle larger)": float(second[index]["toy"]),
+            "toy_others (make the circle larger)": float(second[index]["toy_others"])}
 
     # Explicitly, for a sweep whose model folder is gone (e.g. copied from another machine).
     other = tmp_path / "moved"
