@@ -1,11 +1,20 @@
 """The toy recipe end to end at a few steps per stage: it writes a folder the pipeline loads, with its
-model card and example, and a second run with the same work folder resumes instead of retraining."""
+model card and example, and a second run with the same work folder resumes instead of retraining. The
+slider data command writes what the shipped slider configs read, and train.py runs them as shipped."""
 import json
+from pathlib import Path
 
+import pytest
 import torch
+import yaml
 
+import train as train_script
 from slideredit.pipelines import SliderEditFluxKontextPipeline
-from slideredit.toy import recipe
+from slideredit.toy import recipe, slider_data, slider_recipe
+from slideredit.training import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "assets" / "toy-kontext" / "sliders"
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
@@ -50,3 +59,58 @@ def test_recipe_runs_resumes_and_writes_a_loadable_folder(tmp_path):
     recipe.main(args)
     log = (tmp_path / "work" / "log.txt").read_text()
     assert "autoencoder: done earlier" in log and "transformer: done earlier" in log and "pool: loaded" in log
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shipped slider configs run as shipped: the data command writes what they read
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["gstlora", "stlora"])
+def test_the_shipped_config_is_what_the_recipe_writes(method):
+    """The files cannot drift from the recipe: same fields, and paths that slider_data and train.py use."""
+    text = (SHIPPED / method / "train_config.yaml").read_text()
+    assert text == slider_recipe.shipped_config(Path("assets/toy-kontext"), method)
+    config = load_config(SHIPPED / method / "train_config.yaml")
+    data = config.dataset_name if method == "gstlora" else str(Path(config.images_dataset_path).parent)
+    assert Path(data) == slider_data.DEFAULT_OUT and config.pretrained_model_name_or_path == "assets/toy-kontext"
+    assert f"python -m slideredit.toy.slider_data --out {slider_data.DEFAULT_OUT} --scenes 512" in text
+
+
+@pytest.mark.parametrize("method", ["gstlora", "stlora"])
+def test_the_data_command_then_train_py_on_the_shipped_config(tmp_path, monkeypatch, method):
+    """As the README says, from the repository root (here a copy of its layout): write the data with the
+    default command, then train the shipped config (1 step, a smaller batch)."""
+    (tmp_path / "assets").symlink_to(REPO / "assets")
+    monkeypatch.chdir(tmp_path)
+    assert slider_data.main(["--scenes", "3"]) == slider_data.DEFAULT_OUT
+    data = tmp_path / slider_data.DEFAULT_OUT
+    assert sorted(p.name for p in data.iterdir()) == ["images", "metadata.jsonl", "single_edit_prompts.json"]
+    assert len(list((data / "images").iterdir())) == 3
+
+    result = train_script.main(["--config", f"assets/toy-kontext/sliders/{method}/train_config.yaml",
+                                "--max_train_steps", "1", "--train_batch_size", "2"])
+    out = tmp_path / "outputs" / "toy-sliders-work" / method
+    assert result.step == 1 and result.output_dir.resolve() == out and result.unreadable_images == 0
+    assert (out / slider_recipe.ADAPTER_FILE[method]).is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_train_steps"] == 1
+
+
+def test_the_data_command_is_the_recipes_data_and_replaces_only_its_own_folder(tmp_path, capsys):
+    first = slider_data.write_slider_data(tmp_path / "a", 4)
+    (tmp_path / "b").mkdir()
+    slider_data.main(["--out", str(tmp_path / "b"), "--scenes", "6"])
+    for i in range(4):  # scenes are functions of (seed, number): the first 4 of 6 are the 4
+        name = f"images/{i:05d}.png"
+        assert (first / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "metadata.jsonl").read_text().splitlines() == \
+        (tmp_path / "b" / "metadata.jsonl").read_text().splitlines()[:4]
+    slider_data.write_slider_data(tmp_path / "b", 2)  # an earlier toy data folder is replaced, not mixed
+    assert len(list((tmp_path / "b" / "images").iterdir())) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.png").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        slider_data.main(["--out", str(tmp_path / "mine")])
+    assert "is not a toy slider data folder" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "photo.png").read_bytes() == b"x"

@@ -2,9 +2,11 @@
 
     python -m slideredit.toy.slider_recipe --model assets/toy-kontext --work outputs/toy-sliders-work
 
-Writes the training data (held-apart source scenes from the toy generator), one YAML config per
-method (also copied next to the shipped adapters, so `python train.py --config ...` reruns either),
-trains both, and puts the final adapters in `<model>/sliders/gstlora/` and `<model>/sliders/stlora/`.
+Writes the training data (slider_data.py) to `<work>/data`, trains both methods into `<work>/<method>`
+(a stopped recipe continues from the last checkpoint when run again) and puts the final adapters in
+`<model>/sliders/gstlora/` and `<model>/sliders/stlora/`, each with a `train_config.yaml` that retrains
+it with `python train.py --config ...` after `python -m slideredit.toy.slider_data` has written the
+data where that config reads it (data/toy-sliders, relative to the repository root).
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from pathlib import Path
 import yaml
 
 from ..training import TrainConfig, train
-from .shapes import INDEPENDENT_EDITS, NEUTRAL_PROMPT, write_slider_training_folder
+from .shapes import INDEPENDENT_EDITS, NEUTRAL_PROMPT
+from .slider_data import DEFAULT_OUT, SCENES, write_slider_data
 
-SLIDER_DATA_SEED = 30_000  # scenes for the sliders: a stream of their own
+SHIPPED_OUTPUT_DIR = Path("outputs/toy-sliders-work")  # where the shipped configs train
+ADAPTER_FILE = {"gstlora": "pytorch_lora_weights.safetensors", "stlora": "selective_lora.safetensors"}
 COMMON = dict(resolution=128, lora_rank=16, learning_rate=1e-3, train_batch_size=8, max_train_steps=400,
               checkpointing_steps=100, checkpoints_total_limit=1, validation_steps=200,
               validation_lora_scales=[-1.0, 0.0, 1.0], validation_num_inference_steps=12,
@@ -38,30 +42,45 @@ def slider_configs(model: Path, data: Path, work: Path) -> dict[str, dict]:
     }
 
 
-def train_sliders(model: Path, work: Path, scenes: int = 512, steps: int | None = None,
+def shipped_config(model: Path, method: str, scenes: int = SCENES, steps: int | None = None) -> str:
+    """The `train_config.yaml` shipped beside an adapter: the config it was trained with, reading the
+    data where slider_data.py writes it by default and training into outputs/, so that it runs as is
+    from the repository root."""
+    fields = slider_configs(model, DEFAULT_OUT, SHIPPED_OUTPUT_DIR)[method]
+    if steps is not None:
+        fields["max_train_steps"] = steps
+    config_path = model / "sliders" / method / "train_config.yaml"
+    header = (f"# The toy {'GSTLoRA' if method == 'gstlora' else 'STLoRA'} slider's training config "
+              "(written by python -m slideredit.toy.slider_recipe).\n"
+              "# Relative paths are relative to the directory train.py runs from: the repository root. Retrain:\n"
+              f"#   python -m slideredit.toy.slider_data --out {DEFAULT_OUT} --scenes {scenes}\n"
+              f"#   python train.py --config {config_path}\n")
+    return header + yaml.safe_dump(TrainConfig(**fields).to_dict(), sort_keys=False)
+
+
+def train_sliders(model: Path, work: Path, scenes: int = SCENES, steps: int | None = None,
                   methods: tuple[str, ...] = ("gstlora", "stlora")) -> None:
-    data = write_slider_training_folder(work / "data", scenes, seed=SLIDER_DATA_SEED)
+    data = write_slider_data(work / "data", scenes)
     for method, fields in slider_configs(model, data, work).items():
         if method not in methods:
             continue
         if steps is not None:
             fields["max_train_steps"] = steps
-        config = TrainConfig(**fields)
+        config = TrainConfig(**fields, resume_from_checkpoint="latest")  # a stopped recipe continues
         (work / f"{method}.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         result = train(config)
         target = model / "sliders" / method
         target.mkdir(parents=True, exist_ok=True)
-        name = "pytorch_lora_weights.safetensors" if method == "gstlora" else "selective_lora.safetensors"
-        shutil.copyfile(Path(result.output_dir) / name, target / name)
-        shutil.copyfile(work / f"{method}.yaml", target / "train_config.yaml")
-        print(f"{method}: {result.step} steps, final loss {result.loss:.4g} -> {target / name}")
+        shutil.copyfile(Path(result.output_dir) / ADAPTER_FILE[method], target / ADAPTER_FILE[method])
+        (target / "train_config.yaml").write_text(shipped_config(model, method, scenes, steps))
+        print(f"{method}: {result.step} steps, final loss {result.loss:.4g} -> {target / ADAPTER_FILE[method]}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="assets/toy-kontext", help="the trained toy base model folder")
     parser.add_argument("--work", default="outputs/toy-sliders-work", help="training data, runs and logs")
-    parser.add_argument("--scenes", type=int, default=512, help="source scenes for slider training")
+    parser.add_argument("--scenes", type=int, default=SCENES, help="source scenes for slider training")
     parser.add_argument("--steps", type=int, default=None, help="override max_train_steps (both methods)")
     parser.add_argument("--methods", nargs="+", default=["gstlora", "stlora"], choices=["gstlora", "stlora"],
                         help="which sliders to train (default: both)")
