@@ -9,9 +9,11 @@ Structure: two launches, whatever K is.
   1. `scaled_shrink`: H~ = S (x) (X A^T) in fp32, (M, K*r). One program per BLOCK_M rows holds the whole
      stacked rank (K*r <= 128) and streams X once. Row tiles whose scales are all zero skip the loop
      (X and A are never read) and store zeros.
-  2. `fused_linear`: one GEMM whose fp32 accumulator starts from H~ B^T (skipped for all-zero row tiles,
-     so B is never read there), then runs the usual loop over X W^T, adds the bias and stores Y once.
-     No read-modify-write of Y, no pass per adapter.
+  2. `fused_linear`: one GEMM: the usual loop over X W^T into an fp32 accumulator, then (still in
+     registers) the fp8 row scales if W is fp8, then H~ B^T (skipped for all-zero row tiles, so B is never
+     read there), the bias, and Y is stored once. No read-modify-write of Y, no pass per adapter. The
+     low-rank term comes after the loop, not before, so that an fp8 scale multiplies the base term only.
+     Without adapters (HAS_LORA off) it is a plain (fp8) linear.
 
 Why not recompute the shrink inside the GEMM (one launch)? Each output tile would redo its rows' shrink:
 BLOCK_M x K*r x D extra tensor-core work next to the tile's BLOCK_M x BLOCK_N x D, i.e. K*r / BLOCK_N
@@ -21,13 +23,20 @@ byte of X, below the H100's ~295 FLOP/byte ridge): it re-reads X once, ~16 us fo
 3.35 TB/s, against ~170-240 us for the 8704 x 3072 x 3072 base GEMM (7-10%), ~2.5% at d_out = 12288,
 and flat in K. Recomputation comes closest at K*r = 16, d_out = 3072 (+12.5% against +7-10%) and loses
 everywhere else; and for STLoRA text tokens (a handful of the 512 rows selected) the shrink skips almost
-all of X. The expand prologue adds K*r / D of the main loop's work (<= 4% at K*r = 128, D = 3072).
+all of X. The expand epilogue adds K*r / D of the main loop's work (<= 4% at K*r = 128, D = 3072).
 These are bounds from the reference numbers, not measurements: timings are pending a GPU run of
 benchmarks/bench_lora.py (the kernels were compiled for sm_90 here, but never run on a GPU).
 
 Precision: dot operands are x's dtype (adapters of any dtype are cast tile by tile on load), accumulation
 is fp32, H~ stays fp32 until it is rounded to x's dtype for the expand dot. fp32 inputs use IEEE fp32 dots
-unless torch allows TF32 matmuls (torch.backends.cuda.matmul.allow_tf32).
+unless torch allows TF32 matmuls (torch.backends.cuda.matmul.allow_tf32). fp8 (float8_e4m3fn) weight
+tiles are converted to x's dtype in the main loop (exact: e4m3 has 3 mantissa bits); in dX = dY W, where
+the row scale runs along the reduction, each tile is dequantized (times its scales, rounded to x's dtype).
+
+Autotuning: the key holds every build flag and M's power-of-two bucket; configs that cannot fit the
+device's shared memory are pruned before they are compiled; IEEE fp32 dots get small FMA tiles (the
+dispatch sends fp32 to PyTorch unless Triton is forced); results are cached on disk by Triton where it
+supports `cache_results` (Triton >= 3.3; ~/.triton/cache).
 
 Under TRITON_INTERPRET=1 (CPU, NumPy) bfloat16 `tl.dot` is wrong, so bf16 operands are upcast to fp32
 there (the UPCAST flag); on a GPU the dots stay bf16. The interpreter also gets a single autotune config.
@@ -192,17 +201,19 @@ def _scaled_shrink_kernel(
 
 @triton.autotune(
     configs=_GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "D", "BLOCK_R", "stride_xd", "stride_wd", "HAS_BIAS", "UPCAST", "INPUT_PRECISION"],
+    key=["M_BUCKET", "N", "D", "BLOCK_R", "stride_xd", "stride_wd", "HAS_BIAS", "HAS_LORA", "W_SCALE", "UPCAST",
+         "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_gemm_configs}, **_DISK_CACHE,
 )
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _fused_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, s_ptr, y_ptr,
+    x_ptr, w_ptr, ws_ptr, bias_ptr, h_ptr, b_ptr, s_ptr, y_ptr,
     M, M_BUCKET, N, D, KR, R,
     stride_xm, stride_xd, stride_wn, stride_wd, stride_hm, stride_hj, stride_bn, stride_bj,
     stride_sm, stride_sk, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, W_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
@@ -219,26 +230,9 @@ def _fused_linear_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < M
     n_ok = offs_n < N
-
-    # The accumulator starts from H~ B^T, skipped where every scale of the row tile is zero.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    scale = _load_scales(s_ptr, offs_m, offs_j, M, KR, R, stride_sm, stride_sk)
-    if tl.sum((scale != 0).to(tl.int32)) > 0:
-        j_ok = offs_j < KR
-        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_j[None, :] * stride_hj,
-                    mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_j[:, None] * stride_bj,  # B^T (BLOCK_R, BLOCK_N)
-                     mask=j_ok[:, None] & n_ok[None, :], other=0.0)
-        h = h.to(x_ptr.dtype.element_ty)  # rounded once to the dot dtype, like X
-        bt = bt.to(x_ptr.dtype.element_ty)
-        if UPCAST:
-            h = h.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(h, bt, acc, input_precision=INPUT_PRECISION)
 
     # Rows / columns past the edge wrap onto valid ones for the loads (no M, N masks in the loop); only
     # the store is masked. The hints keep the loads vectorised, as in Triton's matmul tutorial: a lane past
@@ -248,6 +242,7 @@ def _fused_linear_kernel(
     offs_n_ld = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
     x_ptrs = x_ptr + offs_m_ld[:, None] * stride_xm + offs_d[None, :] * stride_xd
     w_ptrs = w_ptr + offs_n_ld[None, :] * stride_wn + offs_d[:, None] * stride_wd  # W^T tile (BLOCK_D, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         if EVEN_D:  # no masks: lets Triton software-pipeline the loads of a K-major W (nn.Linear's layout)
             x = tl.load(x_ptrs)
@@ -256,12 +251,35 @@ def _fused_linear_kernel(
             d_ok = offs_d < D - d0
             x = tl.load(x_ptrs, mask=d_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
+        if W_SCALE == 2:  # fp8 W^T in dX = dY W: the scale runs along the reduction, dequantize the tile
+            ws = tl.load(ws_ptr + d0 + offs_d, mask=offs_d < D - d0, other=0.0)
+            w = w.to(tl.float32) * ws[:, None]
+        w = w.to(x_ptr.dtype.element_ty)  # fp8 -> x's dtype is exact; a no-op for x's own dtype
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_D * stride_xd
         w_ptrs += BLOCK_D * stride_wd
+    if W_SCALE == 1:  # fp8 W: one scale per output row of W, i.e. per column of Y, on the base term only
+        acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+
+    # Then the low-rank term, unscaled, skipped where every scale of the row tile is zero (B never read).
+    if HAS_LORA:
+        offs_j = tl.arange(0, BLOCK_R)
+        scale = _load_scales(s_ptr, offs_m, offs_j, M, KR, R, stride_sm, stride_sk)
+        if tl.sum((scale != 0).to(tl.int32)) > 0:
+            j_ok = offs_j < KR
+            h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_j[None, :] * stride_hj,
+                        mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+            bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_j[:, None] * stride_bj,  # B^T (BLOCK_R, BLOCK_N)
+                         mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+            h = h.to(x_ptr.dtype.element_ty)  # rounded once to the dot dtype, like X
+            bt = bt.to(x_ptr.dtype.element_ty)
+            if UPCAST:
+                h = h.to(tl.float32)
+                bt = bt.to(tl.float32)
+            acc = tl.dot(h, bt, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -299,25 +317,34 @@ def scaled_shrink(x: torch.Tensor, lora_a: torch.Tensor, scale: torch.Tensor, ra
 
 def fused_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    h: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, rank: int,
+    h: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int,
+    weight_scale: torch.Tensor | None = None, weight_scale_dim: int = 0,
 ) -> torch.Tensor:
     """Y = X W^T + b + H~ B^T in x's dtype, written once.
 
-    x: (M, D); weight: (N, D); bias: (N,) or None; h: (M, K*r) fp32; lora_b: (N, K*r); scale: (M, K).
+    x: (M, D); weight: (N, D), x's dtype or float8_e4m3fn; bias: (N,) or None; h: (M, K*r) fp32;
+    lora_b: (N, K*r); scale: (M, K); h, lora_b and scale all None for no adapters. weight_scale (fp32):
+    W stands for weight * weight_scale along weight's dim `weight_scale_dim` (0: per row, applied to the
+    base accumulator; 1: per reduction index, applied to each W tile as it is converted).
     Any strides: the backward passes transposed views (dX = dY W + G~ A).
     """
     M, D = x.shape
     N = weight.shape[0]
-    KR = h.shape[1]
+    has_lora = h is not None
+    KR = h.shape[1] if has_lora else 0
     y = _empty((M, N), x.dtype, x.device)
     if M == 0 or N == 0:
         return y
+    if not has_lora:  # placeholders, never read
+        h, lora_b, scale, rank = y, y, y, 1
+    w_scale = 0 if weight_scale is None else 1 + weight_scale_dim
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fused_linear_kernel[grid](
-        x, weight, bias if bias is not None else y, h, lora_b, scale, y,  # y: placeholder, never read
+        x, weight, weight_scale if weight_scale is not None else y, bias if bias is not None else y,
+        h, lora_b, scale, y,
         M, m_bucket(M), N, D, KR, rank,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
         lora_b.stride(0), lora_b.stride(1), scale.stride(0), scale.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_R=_block_r(KR), **_dot_flags(x.dtype),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_SCALE=w_scale, BLOCK_R=_block_r(KR), **_dot_flags(x.dtype),
     )
     return y

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from kernels import dispatch, masked_lora_linear, masked_lora_triton
+from kernels import dispatch, fp8_linear, masked_lora_linear, masked_lora_triton
 from kernels.dispatch import Dispatcher, Key
 
 KEY = Key("Fake GPU", "forward", "bfloat16", "bfloat16", "float32", 45, 51, 12, 128, "x:row w:row", "bias")
@@ -329,3 +329,16 @@ def test_env_override_does_not_apply_to_cpu_tensors(fresh_dispatcher, monkeypatc
     monkeypatch.setattr(masked_lora_triton, "fused_linear", lambda *a: pytest.fail("triton ran on CPU tensors"))
     masked_lora_linear(*slider_inputs())
     assert dispatch.decisions() == []
+
+
+def test_auto_guards_the_fp8_paths(fresh_dispatcher):
+    x, weight, bias, lora_a, lora_b, scale = slider_inputs()
+    w_scale = weight.float().abs().amax(1) / 448
+    w8 = (weight.float() / w_scale[:, None]).to(torch.float8_e4m3fn)
+    x.requires_grad_(True)
+    masked_lora_linear(x, w8, bias, lora_a, lora_b, scale, backend="auto", weight_scale=w_scale).sum().backward()
+    fp8_linear(x, w8, w_scale, None, backend="auto").sum().backward()
+    records = {(r["op"], r["stacked_rank"], r["extras"]): r for r in dispatch.decisions()}
+    assert set(records) == {("forward", 8, "bias,scale"), ("backward_dx", 8, "scale"),
+                            ("forward", 0, "scale"), ("backward_dx", 0, "scale")}
+    assert all(r["weight_dtype"] == "float8_e4m3fn" and r["backend"] == "triton" for r in records.values())

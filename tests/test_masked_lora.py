@@ -7,7 +7,7 @@ Every Triton output buffer is filled with NaN before the kernel runs (see `poiso
 import pytest
 import torch
 
-from kernels import masked_lora_linear
+from kernels import fp8_linear, masked_lora_linear
 from kernels import masked_lora_triton
 
 BATCH, TOKENS, D_IN, D_OUT = 2, 35, 51, 45
@@ -303,3 +303,121 @@ def test_triton_only_errors(monkeypatch):
     monkeypatch.setattr(masked_lora_triton, "INTERPRET", False)
     with pytest.raises(ValueError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
         masked_lora_linear(*make_inputs(torch.float32, 1, 4), backend="triton")
+
+
+# -- fp8 weights ------------------------------------------------------------------------------------------
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8(weight):
+    """Per-output-row scales so each row's largest magnitude maps to e4m3's largest finite value."""
+    w = weight.float()
+    scale = w.abs().amax(1).clamp_min(1e-12) / FP8_MAX
+    return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+def fp8_inputs(dtype, K, r, scales="mixed", bias=True):
+    x, weight, b, lora_a, lora_b, s = make_inputs(dtype, K, r, scales, bias=bias)
+    w8, w_scale = quantize_fp8(weight)
+    return x, w8, w_scale, b, lora_a, lora_b, s
+
+
+def dequantized(w8, w_scale):
+    return w8.double() * w_scale.double()[:, None]
+
+
+# The Triton path's base term is exact products of x and fp8 values; the PyTorch path rounds the
+# dequantized weight to x's dtype once more: one more ulp than the unquantized bound.
+FP8_ULPS = {dtype: ulps + 1 for dtype, ulps in ULPS.items()}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scales", ["zero", "mixed"])
+def test_fp8_weight_forward_matches_float64(backend, dtype, scales, poisoned_outputs):
+    x, w8, w_scale, b, lora_a, lora_b, s = fp8_inputs(dtype, 3, 4, scales)
+    y = masked_lora_linear(x, w8, b, lora_a, lora_b, s, backend=backend, weight_scale=w_scale)
+    assert y.dtype == dtype and y.shape == (BATCH, TOKENS, D_OUT)
+    ref_inputs = list(as_reference(x, w8.float(), b, lora_a, lora_b, s))
+    ref_inputs[1] = dequantized(w8, w_scale)  # the slider term is added to it unscaled
+    assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, FP8_ULPS[dtype], EPS[dtype]), "y")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_weight_gradients_match_float64(backend, dtype, poisoned_outputs):
+    """QLoRA-style: frozen fp8 base, trainable adapters; dX flows through the fp8 weight."""
+    x, w8, w_scale, b, lora_a, lora_b, s = fp8_inputs(dtype, 2, 4)
+    trainable = ("x", "lora_a", "lora_b")
+    inputs = leaves((x, w8.float(), b, lora_a, lora_b, s), trainable)
+    dy = torch.randn(BATCH, TOKENS, D_OUT, generator=torch.Generator().manual_seed(5))
+    got = grads(lambda x_, _w, b_, a_, bb_, s_: masked_lora_linear(
+        x_, w8, b_, a_, bb_, s_, backend=backend, weight_scale=w_scale), inputs, dy.to(dtype))
+    if backend == "triton":
+        assert len(poisoned_outputs) == 4
+    ref_inputs = list(as_reference(*inputs))
+    ref_inputs[1] = dequantized(w8, w_scale)
+    want = grads(reference, leaves(ref_inputs, trainable), dy.double())
+    bounds = grads(reference, leaves([None if t is None else t.abs() for t in ref_inputs], trainable),
+                   dy.abs().double())
+    ulps = FP8_ULPS[dtype] + (BATCH * TOKENS if dtype == torch.float32 else 2)
+    for name in trainable:
+        assert_within(got[name], want[name], ulps * EPS[dtype] * bounds[name], f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_matches_float64(backend, dtype, poisoned_outputs):
+    x, w8, w_scale, b, *_ = fp8_inputs(dtype, 1, 4)
+    x, b = x.detach().requires_grad_(True), b.detach().requires_grad_(True)
+    y = fp8_linear(x, w8, w_scale, b, backend=backend)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    y.backward(dy)
+    if backend == "triton":
+        assert len(poisoned_outputs) == 2, "Y and dX come from _empty, nothing else"
+
+    w64, x64, b64 = dequantized(w8, w_scale), x.detach().double(), b.detach().double()
+    n = D_IN if dtype == torch.float32 else 0
+    assert_within(y, x64 @ w64.T + b64, (n + 3) * EPS[dtype] * (x64.abs() @ w64.abs().T + b64.abs()), "y")
+    n = D_OUT if dtype == torch.float32 else 0
+    want_dx = dy.double() @ w64
+    assert_within(x.grad, want_dx, (n + 3) * EPS[dtype] * (dy.double().abs() @ w64.abs()), "dx")
+    # db: an fp32 sum over the tokens, rounded once to b's dtype
+    db_bound = (BATCH * TOKENS * EPS[torch.float32] + EPS[dtype]) * dy.double().abs().sum((0, 1))
+    assert_within(b.grad, dy.double().sum((0, 1)), db_bound, "db")
+
+
+def test_fp8_linear_without_bias_and_the_slider_path_agree():
+    x, w8, w_scale, _, lora_a, lora_b, s = fp8_inputs(torch.bfloat16, 1, 4, "zero", bias=False)
+    plain = fp8_linear(x, w8, w_scale, None, backend="triton")
+    slider_off = masked_lora_linear(x, w8, None, lora_a, lora_b, s, backend="triton", weight_scale=w_scale)
+    assert torch.equal(plain, slider_off)  # the same GEMM: zero scales add nothing
+
+
+FP8_BAD = {
+    "fp8 without scale": (TypeError, "needs weight_scale", lambda i: dict(weight=i["w8"], weight_scale=None)),
+    "scale on bf16 weight": (TypeError, "weight_scale is for float8", lambda i: dict(weight=i["w8"].float())),
+    "scale shape": (ValueError, "weight_scale must be float32 \\(d_out=45,\\)",
+                    lambda i: dict(weight_scale=i["w_scale"][:-1])),
+    "scale dtype": (ValueError, "weight_scale must be float32", lambda i: dict(weight_scale=i["w_scale"].double())),
+}
+
+
+@pytest.mark.parametrize("case", list(FP8_BAD))
+def test_fp8_bad_inputs_raise_clear_errors(case):
+    error, message, change = FP8_BAD[case]
+    x, w8, w_scale, b, lora_a, lora_b, s = fp8_inputs(torch.float32, 2, 3)
+    args = {"weight": w8, "weight_scale": w_scale} | change({"w8": w8, "w_scale": w_scale})
+    with pytest.raises(error, match=message):
+        masked_lora_linear(x, args["weight"], b, lora_a, lora_b, s, backend="torch", weight_scale=args["weight_scale"])
+
+
+def test_fp8_linear_errors():
+    x, w8, w_scale, b, *_ = fp8_inputs(torch.float32, 1, 4)
+    with pytest.raises(TypeError, match="fp8_linear: weight must be float8_e4m3fn"):
+        fp8_linear(x, w8.float(), w_scale, b)
+    with pytest.raises(TypeError, match="fp8_linear: weight_scale is required"):
+        fp8_linear(x, w8, None, b)
+    with pytest.raises(ValueError, match="fp8_linear: weight must be \\(d_out, d_in=51\\)"):
+        fp8_linear(x, w8[:, :-1], w_scale, b)
