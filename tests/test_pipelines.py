@@ -1,4 +1,7 @@
 """The editing pipeline against diffusers' FluxKontextPipeline on a complete tiny model folder."""
+import math
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +126,43 @@ def test_bad_inputs(ours, tmp_path):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(CheckpointError, match="model folder not found"):
         SliderEditFluxKontextPipeline.from_pretrained(tmp_path / "nope")
+
+
+def test_guidance_must_be_finite(ours, monkeypatch):
+    monkeypatch.setattr(ours.text_encoders, "encode", lambda *a, **k: pytest.fail("encoded before validating"))
+    for name in ("guidance_scale", "true_cfg_scale"):
+        for bad in (math.nan, math.inf, "2.5"):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                ours(image=random_image(32, 32), prompt=PROMPT, num_inference_steps=1, **{name: bad})
+
+
+def test_unavailable_device_is_refused_before_loading(tiny_kontext_dir, monkeypatch):
+    import slideredit.pipelines as pipelines
+
+    monkeypatch.setattr(pipelines, "load_flux", lambda *a, **k: pytest.fail("loaded before checking the device"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch, on any machine
+    with pytest.raises(ValueError, match="device 'cuda' is not available"):
+        SliderEditFluxKontextPipeline.from_pretrained(tiny_kontext_dir, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="'cuda:3' is not available: this machine has 1 cuda device"):
+        SliderEditFluxKontextPipeline.from_pretrained(tiny_kontext_dir, device="cuda:3")
+    with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+        SliderEditFluxKontextPipeline.from_pretrained(tiny_kontext_dir, device="gpu")
+
+
+def test_truncated_text_encoder_is_one_clear_error_before_loading(tiny_kontext_dir, tmp_path, monkeypatch):
+    import slideredit.pipelines as pipelines
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for entry in tiny_kontext_dir.iterdir():
+        if entry.name != "text_encoder_2":
+            (folder / entry.name).symlink_to(entry)
+    shutil.copytree(tiny_kontext_dir / "text_encoder_2", folder / "text_encoder_2")
+    weights = folder / "text_encoder_2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    monkeypatch.setattr(pipelines, "load_flux", lambda *a, **k: pytest.fail("loaded before checking the encoders"))
+    with pytest.raises(CheckpointError, match="text_encoder_2/model.safetensors: not a readable safetensors") as err:
+        SliderEditFluxKontextPipeline.from_pretrained(folder)
+    assert "\n" not in str(err.value)

@@ -1,3 +1,4 @@
+import shutil
 import warnings
 
 import pytest
@@ -96,3 +97,14 @@ def test_hub_errors_are_readable():
     # Tests run with HF_HUB_OFFLINE=1 (conftest): an uncached repo fails without touching the network.
     with pytest.raises(CheckpointError, match="slideredit-tests/not-a-repo"):
         KontextTextEncoders.from_pretrained("slideredit-tests/not-a-repo")
+
+
+@pytest.mark.parametrize("subfolder", ["text_encoder", "text_encoder_2"])
+def test_truncated_weights_are_one_clear_error(tiny_kontext_dir, tmp_path, subfolder):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_kontext_dir, folder, ignore=shutil.ignore_patterns("transformer", "vae"))
+    weights = folder / subfolder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # the last bytes of the download never arrived
+    with pytest.raises(CheckpointError, match=f"{subfolder}/model.safetensors: not a readable safetensors file") as err:
+        KontextTextEncoders.from_pretrained(folder, dtype=torch.float32)
+    assert "\n" not in str(err.value)
