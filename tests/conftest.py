@@ -2,6 +2,11 @@
 
 TRITON_INTERPRET must be set before `kernels` is first imported, so the Triton kernels run on the CPU
 with NumPy. Tests never touch the network: the hub client is forced offline.
+
+Float comparisons (tests/README.md): exact equality (torch.equal) only where both sides run the same
+kernels on the same shapes and strides; otherwise `from tolerances import assert_close_ulps` and
+compare within a few ULPs of the output's scale. BLAS routines differ by CPU (Intel vs AMD EPYC) and by
+operand layout, so a test that is bit-exact on one machine fails on another.
 """
 import os
 
