@@ -168,6 +168,8 @@ class Dispatcher:
         return list(self._records.values())
 
     def _decide(self, key: Key, compute, tolerance: float) -> tuple:
+        if key in self._choices:  # another thread decided it while this one waited for the lock
+            return compute(self._choices[key])
         stored = self._read_disk().get(key.text())
         if stored is not None and stored.get("backend") in ("triton", "torch"):
             self._remember(Decision(key, stored["backend"], stored.get("reason", ""), stored.get("ms", {}), "disk"))

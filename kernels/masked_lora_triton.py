@@ -71,10 +71,11 @@ GPU_GEMM_CONFIGS = [
 ]
 # IEEE fp32 dots run on the FMA units with the whole accumulator in registers: the tensor-core tiles
 # above need 128-256 accumulator registers per thread there and spill 45-125 KB per thread (60-155 s of
-# ptxas each). These keep 32 accumulators per thread (their sm_90 builds take ~5 s).
+# ptxas each). These keep 32 / 16 accumulators per thread: their sm_90 builds (K*r = 32) use 128 / 168
+# registers, no spills, 6-9 s each (32 x 64 with 2 warps spilled).
 FMA_GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=2, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
 ]
 
 if INTERPRET:
@@ -106,8 +107,9 @@ def _cuda_smem_limit(index: int) -> int:
 # Shared-memory estimates, upper bounds: each pipeline stage buffers one tile of every operand the main
 # loop loads, in the dtype it is loaded in (the copies are asynchronous, before any conversion); the
 # low-rank tiles of the GEMM are loaded outside the loop and reuse that memory. For the bf16 GEMM this is
-# what sm_90 builds allocate (147,456 B for 128 x 256 x 64, 3 stages); the configs it rejects at the
-# H100's limit are those whose sm_90 builds failed (TF32 GEMM configs 0-2, fp32 shrink configs 0-1).
+# what sm_90 builds allocate (147,456 B for 128 x 256 x 64, 3 stages), and above the fp8-weight builds
+# (114,688 / 115,200 B forward / dX there, estimate 131,072); the configs it rejects at the H100's limit
+# are those whose sm_90 builds failed (TF32 GEMM configs 0-2, fp32 shrink configs 0-1).
 
 def shrink_smem_bytes(config: triton.Config, block_r: int, x_bytes: int, a_bytes: int) -> int:
     bm, bd = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"]
@@ -117,6 +119,8 @@ def shrink_smem_bytes(config: triton.Config, block_r: int, x_bytes: int, a_bytes
 def gemm_smem_bytes(config: triton.Config, block_r: int, x_bytes: int, w_bytes: int) -> int:
     bm, bn, bd = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
     main_loop = config.num_stages * (bm * bd * x_bytes + bd * bn * w_bytes)
+    if w_bytes < x_bytes:  # fp8 W: the tile converted to x's dtype goes back to shared memory for wgmma
+        main_loop += bd * bn * x_bytes
     low_rank = (bm * block_r + block_r * bn) * x_bytes  # H~ and B^T tiles, in the dot dtype
     return max(main_loop, low_rank)
 

@@ -24,6 +24,16 @@ def test_gemm_estimate_matches_the_sm90_build():
     assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[0], 16, 2, 2) == 3 * (128 * 64 + 64 * 256) * 2 == 147_456
 
 
+def test_fp8_gemm_estimate_covers_the_sm90_builds():
+    # sm_90 builds of the fp8-weight GEMM (bf16 x), forward and dX: 114,688 and 115,200 B for config 0,
+    # 106,496 and 107,264 B for config 1 (the converted W tile is staged once more)
+    assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[0], 32, 2, 1) >= 115_200
+    assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[1], 32, 2, 1) >= 107_264
+    kept = T.prune_gemm_configs(T.GPU_GEMM_CONFIGS + T.FMA_GEMM_CONFIGS,
+                                args(torch.bfloat16, torch.float8_e4m3fn), BLOCK_R=32, INPUT_PRECISION="tf32")
+    assert kept == T.GPU_GEMM_CONFIGS
+
+
 @pytest.mark.parametrize("precision", ["tf32", "ieee"])
 def test_fp32_gemm_configs(precision):
     kept = T.prune_gemm_configs(T.GPU_GEMM_CONFIGS + T.FMA_GEMM_CONFIGS, args(torch.float32), BLOCK_R=16,
