@@ -7,8 +7,11 @@ Variants (each in a fresh process, alternating, so peak memory is its own):
         output by the per-token scale with a forward hook (what a user adds on top of peft).
 CPU (default): a mid-size model (hidden 768, 2 double + 4 single blocks, 512 text + 2 x 1024 image
 tokens, fp32); `--device cuda`: the full 1024x1024 Kontext shape (19 + 38 blocks, hidden 3072, 512 text
-+ 2 x 4096 image tokens), random weights made on the GPU, bf16. Prints median step time and peak
-memory of each and the ratios ours / (diffusers + peft).
++ 2 x 4096 image tokens), random weights made on the GPU, bf16. Both get the adapter in the dtype a user
+loads it in: the model's (bf16 on the GPU) for diffusers + peft; ours reads it as load_adapter does (fp32
+parameters, cast to the model's dtype once, when a layer stacks its adapters). Prints median step time
+and peak memory of each, and the ratios ours / (diffusers + peft): time as min / median / max over the
+rounds (round i runs every variant once, in turn, so ratio i compares processes run back to back).
 
     python benchmarks/bench_step.py [--device cuda] [--repeats 5]
 """
@@ -80,7 +83,7 @@ def run(variant: str, device: str, repeats: int) -> dict:
         torch.manual_seed(0)
         reference = FluxTransformer2DModel(num_layers=c["layers"], num_single_layers=c["single"],
                                            num_attention_heads=c["heads"], guidance_embeds=True).to(c["dtype"])
-    adapter = release_adapter(kind, c["layers"], c["single"], dim, device, torch.float32)
+    adapter = release_adapter(kind, c["layers"], c["single"], dim, device, c["dtype"])
     n_img = c["side"] ** 2
     g = torch.Generator(device).manual_seed(0)
     rows = torch.arange(c["side"], device=device).repeat_interleave(c["side"])
@@ -150,7 +153,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per process (default: %(default)s)")
-    parser.add_argument("--processes", type=int, default=2, help="processes per variant, alternating (default: %(default)s)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="rounds: processes per variant, alternating (default: %(default)s)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -174,9 +178,11 @@ def main() -> None:
               f"{med[v][1]:8.0f} MB")
     for kind in ("gstlora", "stlora"):
         ours, peer = med[f"{kind}-ours"], med[f"{kind}-peft"]
+        ratios = sorted(a["seconds"] / b["seconds"] for a, b in zip(results[f"{kind}-ours"], results[f"{kind}-peft"]))
         a, b = results[f"{kind}-ours"][0], results[f"{kind}-peft"][0]
         agree = max(abs(a["norm"] - b["norm"]), abs(a["probe"] - b["probe"])) / b["norm"]
-        print(f"{kind}: ours / (diffusers + peft): time {ours[0] / peer[0]:.3f}, peak memory {ours[1] / peer[1]:.3f}; "
+        print(f"{kind}: ours / (diffusers + peft): time {ratios[0]:.3f} / {statistics.median(ratios):.3f} / "
+              f"{ratios[-1]:.3f} (min / median / max over {len(ratios)} rounds), peak memory {ours[1] / peer[1]:.3f}; "
               f"outputs agree to {agree:.1e} (relative)")
 
 

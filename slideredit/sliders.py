@@ -153,21 +153,27 @@ class SliderLinear(nn.Module):
         sources: list = []
         for a in adapters:
             sources += [a, a.scale, *a.parameters()]
+        if any(isinstance(s, Tensor) and s.is_inference() for s in sources):
+            return self._live_stack(adapters, x)  # no version counter to watch: build for this call only
         key = (x.device, x.dtype, x.shape[:-1], *[(id(s), getattr(s, "_version", 0),
                                                     s.data_ptr() if isinstance(s, Tensor) else 0) for s in sources])
         if self._cache is not None and self._cache[0] == key:
             return self._cache[2]
+        stack = self._live_stack(adapters, x)
+        self._cache = (key, sources, stack)
+        return stack
+
+    def _live_stack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The cached form of the stack of the adapters with a non-zero scale (None if there are none)."""
         # inference_mode(False): a stack built under inference mode must still be usable by autograd
         # later (x requiring grad); no_grad: nothing here is differentiated.
         with torch.inference_mode(False), torch.no_grad():
             live = [a for a in adapters if bool(a.scale.any())]  # one sync per rebuild, not per call
-            stack = None
-            if live:
-                lora_a, lora_b, token_scale = self._stack(live, x)
-                lead = (*x.shape[:-1], token_scale.shape[-1])
-                stack = (lora_a.to(x.dtype), lora_b.to(x.dtype), token_scale.expand(lead).contiguous())
-        self._cache = (key, sources, stack)
-        return stack
+            if not live:
+                return None
+            lora_a, lora_b, token_scale = self._stack(live, x)
+            lead = (*x.shape[:-1], token_scale.shape[-1])
+            return lora_a.to(x.dtype), lora_b.to(x.dtype), token_scale.expand(lead).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,7 +250,9 @@ def set_slider_scale(model: nn.Module, name: str, scale: float | Tensor | None) 
             if scale is not None:
                 device = layer.weight.device
                 if device not in on_device:
-                    t = torch.as_tensor(scale, dtype=torch.float32, device=device)
+                    with torch.inference_mode(False):  # a tensor with a version counter: the cache watches it
+                        t = torch.as_tensor(scale, dtype=torch.float32, device=device)
+                        t = t.clone() if t.is_inference() else t
                     on_device[device] = t.reshape(1, 1) if t.ndim == 0 else t
                 value = on_device[device]
             layer.adapters[name].scale = value

@@ -201,3 +201,15 @@ def test_model_reload_and_unload_are_seen():
         assert torch.equal(first(**inputs), want_second)
         remove_adapters(first)
         assert torch.equal(first(**inputs), base)
+
+
+def test_scales_set_under_inference_mode_are_cached_and_watched():
+    layer, x = qkv_layer(), x_in()
+    with torch.inference_mode():
+        set_slider_scale(layer, GSTLORA, torch.full((2, T), 0.5))
+        first, second = count_ops(lambda: layer(x)), count_ops(lambda: layer(x))
+        assert second[1] < first[1]  # the scale has a version counter: the stack is reused
+        assert close(layer(x), reference(layer, x))
+    layer.adapters[GSTLORA].scale.mul_(-1)  # set_slider_scale's tensor, changed in place outside
+    with torch.no_grad():
+        assert close(layer(x), reference(layer, x))

@@ -1,0 +1,46 @@
+"""benchmarks/gpu_report.py --smoke: every part of the GPU report runs, at tiny shapes on the CPU."""
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_report  # noqa: E402
+
+
+def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
+    parts = gpu_report.main(["--smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown in capsys.readouterr().out  # the markdown is printed too
+    assert set(report["parts"]) == set("eabcd") and report["machine"]["triton interpreter"] is True
+    for key, part in parts.items():
+        assert f"## {key}. {part['title']}" in markdown
+        assert part["rows"], f"part {key} produced no rows: {part['notes']}"
+        assert not any("time budget" in note or "out of memory" in note for note in part["notes"]), part["notes"]
+
+    setup = gpu_report.smoke_setup()
+    cases = len(setup.ranks) * len(setup.dtypes) * len(setup.kernel_tokens) * len(setup.layer_shapes()) * len(setup.ks)
+    assert len(parts["a"]["rows"]) == cases and all(row["ok"] is True for row in parts["a"]["rows"])
+    assert len(parts["b"]["rows"]) == cases // (len(setup.ranks) * len(setup.dtypes))
+    assert all("bare ms" in row for row in parts["b"]["rows"])
+    ours = [row["variant"] for row in parts["c"]["rows"] if row["model"] == "ours"]
+    assert ours == ["base", "GSTLoRA", "STLoRA", "GSTLoRA + STLoRA"]
+    assert len(parts["d"]["rows"]) == 4 and all("/" in row["step ms (min / median / max)"] for row in parts["d"]["rows"])
+    first, second = parts["e"]["rows"]
+    assert first["steps"] == second["steps"] == setup.edit_steps and first["output finite"] is True
+
+
+def test_correctness_part_catches_a_wrong_kernel(monkeypatch):
+    """Part a is a check, not a formality: a kernel that drops the low-rank term fails it."""
+    import kernels
+
+    def no_lora(x, weight, bias, lora_a, lora_b, token_scale, backend=None):
+        return kernels.masked_lora_linear(x, weight, bias, lora_a, 0 * lora_b, token_scale, backend="torch")
+
+    monkeypatch.setattr(gpu_report, "masked_lora_linear", no_lora)
+    setup = replace(gpu_report.smoke_setup(), dtypes=(torch.bfloat16,), kernel_tokens=(8,), ks=(2,))
+    part = gpu_report.part_correctness(setup, deadline=float("inf"))
+    assert part.rows and all(row["ok"] is False for row in part.rows)
