@@ -5,6 +5,11 @@ Accepted sources: a BFL single file (`flux1-kontext-dev.safetensors`, optionally
 `config.json`), a full model folder holding either, or a hub repo id. The diffusers layout is converted
 to BFL's on the fly (FLUX_KONTEXT.md section 3): q/k/v are fused along the output rows, the single
 blocks' q/k/v/mlp are fused into `linear1`, and the final adaLN halves are swapped.
+
+Loading streams (slideredit/checkpoint.py): the conversion is a plan of row pieces, the model is
+allocated once on its device in its final dtype, and each stored tensor is read into its rows.
+Peak memory: the model plus the largest stored tensor. `quantize="fp8"` quantizes the block linears
+per tensor as they are read (slideredit/quantization.py); fp8 single files are accepted as they are.
 """
 from __future__ import annotations
 
@@ -16,8 +21,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import (CheckpointError, assign_state_dict, download_from_hub, looks_like_repo_id,
-                         read_safetensors, sharded_files)
+from .checkpoint import (CheckpointError, Piece, Plan, StoredTensor, assign_tensors, check_state_dict,
+                         download_from_hub, file_order, identity_plan, index_safetensors,
+                         looks_like_repo_id, map_stored, plan_shapes, read_into, sharded_files)
+from .quantization import (Fp8Linear, fp8_targets, split_stored_scales, stored_scale_rows, stored_values,
+                           swap_in_fp8, write_fp8_rows)
 from .transformer import Flux, FluxParams
 
 BFL_PREFIX = "model.diffusion_model."
@@ -73,41 +81,65 @@ def _rename(name: str, table: dict[str, str]) -> str | None:
     return None
 
 
-def diffusers_to_bfl(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Convert a diffusers `FluxTransformer2DModel` state dict to BFL names (works on meta tensors).
+def diffusers_to_bfl_plan(shapes: dict[str, torch.Size]) -> Plan:
+    """How to build each BFL tensor from a diffusers `FluxTransformer2DModel` checkpoint's tensors.
 
-    Returns (converted, source) where source maps each BFL name to the (first) diffusers name it was
-    made from, so errors can still name the file. Tensors that fit no rule keep their own name, so
-    the model check reports them as unexpected."""
-    sd = dict(sd)
-    out: dict[str, Tensor] = {}
-    source: dict[str, str] = {}
+    Fused projections are several pieces stacked along the output rows; `norm_out.linear` is one
+    tensor read as two swapped halves. Tensors that fit no rule keep their own name, so the model
+    check reports them as unexpected; so do the parts of a fusion with a part missing."""
+    plan: Plan = {}
+    taken: set[str] = set()
+
+    def add(new: str, pieces: list[Piece]) -> None:
+        if new in plan:
+            raise CheckpointError(f"tensors {plan[new][0].source!r} and {pieces[0].source!r} both map to {new!r}")
+        plan[new] = pieces
 
     # Fusions first: they consume several diffusers tensors each.
     blocks = (("transformer_blocks", "double_blocks", _DOUBLE_FUSED), ("single_transformer_blocks", "single_blocks", _SINGLE_FUSED))
     for diff_root, bfl_root, fused in blocks:
-        indices = sorted({int(m.group(1)) for k in sd if (m := re.match(rf"{diff_root}\.(\d+)\.", k))})
+        indices = sorted({int(m.group(1)) for k in shapes if (m := re.match(rf"{diff_root}\.(\d+)\.", k))})
         for i in indices:
             for bfl_name, parts in fused.items():
                 for suffix in ("weight", "bias"):
                     keys = [f"{diff_root}.{i}.{p}.{suffix}" for p in parts]
-                    if all(k in sd for k in keys):
-                        new = f"{bfl_root}.{i}.{bfl_name}.{suffix}"
-                        out[new], source[new] = torch.cat([sd.pop(k) for k in keys], dim=0), keys[0]
+                    if all(k in shapes for k in keys):
+                        at = [0]
+                        for k in keys[:-1]:
+                            at.append(at[-1] + shapes[k][0])
+                        add(f"{bfl_root}.{i}.{bfl_name}.{suffix}", [Piece(k, None, a) for k, a in zip(keys, at)])
+                        taken.update(keys)
 
-    for name, tensor in sd.items():
+    for name in shapes:
+        if name in taken:
+            continue
         if name.startswith("norm_out.linear."):
-            scale, shift = tensor.chunk(2, dim=0)  # diffusers stores [scale ; shift], BFL [shift ; scale]
-            new, tensor = "final_layer.adaLN_modulation.1." + name.rsplit(".", 1)[1], torch.cat((shift, scale), dim=0)
-        elif m := re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", name):
+            half = shapes[name][0] // 2  # diffusers stores [scale ; shift], BFL [shift ; scale]
+            add("final_layer.adaLN_modulation.1." + name.rsplit(".", 1)[1],
+                [Piece(name, (half, 2 * half), 0), Piece(name, (0, half), half)])
+            continue
+        if m := re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", name):
             root, i, rest = m.groups()
             double = root == "transformer_blocks"
             renamed = _rename(rest, _DOUBLE if double else _SINGLE)
             new = f"{'double_blocks' if double else 'single_blocks'}.{i}.{renamed}" if renamed else name
         else:
             new = _rename(name, _TOP_LEVEL) or name
-        out[new], source[new] = tensor, name
-    return out, source
+        add(new, [Piece(name)])
+    return plan
+
+
+def diffusers_to_bfl(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Convert an in-memory diffusers state dict to BFL names by the same plan (works on meta tensors).
+
+    Returns (converted, source) where source maps each BFL name to the (first) diffusers name it was
+    made from."""
+    plan = diffusers_to_bfl_plan({k: v.shape for k, v in sd.items()})
+    out = {}
+    for new, pieces in plan.items():
+        parts = [sd[p.source][p.rows[0]:p.rows[1]] if p.rows else sd[p.source] for p in pieces]
+        out[new] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return out, {new: pieces[0].source for new, pieces in plan.items()}
 
 
 def is_diffusers_layout(names) -> bool:
@@ -143,13 +175,13 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
     return first, (head_dim - first) // 2, (head_dim - first) // 2
 
 
-def params_from_state_dict(sd: dict[str, Tensor], fallback: FluxParams | None) -> FluxParams:
-    """FluxParams read from BFL tensor shapes; the RoPE split (not visible in shapes) from `fallback`
-    when given, else FLUX's rule."""
+def params_from_state_dict(sd: dict[str, torch.Size], fallback: FluxParams | None) -> FluxParams:
+    """FluxParams read from BFL tensor shapes ({name: shape}); the RoPE split (not visible in shapes)
+    from `fallback` when given, else FLUX's rule."""
     def shape(name: str) -> torch.Size:
         if name not in sd:
             raise CheckpointError(f"cannot infer the model size: tensor {name!r} is missing from the checkpoint")
-        return sd[name].shape
+        return sd[name]
 
     hidden, in_channels = shape("img_in.weight")
     head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0] if "double_blocks.0.img_attn.norm.query_norm.scale" in sd \
@@ -223,29 +255,86 @@ def find_transformer_files(source: str | os.PathLike) -> tuple[list[Path], dict 
 # Public entry point
 # ---------------------------------------------------------------------------------------------------
 
+QUANTIZE_MODES = (None, "fp8")
+
+
+def _strip_prefix(index: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
+    if any(k.startswith(BFL_PREFIX) for k in index):
+        return {k.removeprefix(BFL_PREFIX): v for k, v in index.items()}
+    return index
+
+
+def _stream(model: Flux, plan: Plan, index: dict[str, StoredTensor], scales: dict[str, Tensor],
+            device: torch.device) -> None:
+    """Allocate each tensor of the (meta-device) model once, on `device` in its final dtype, and fill it
+    piece by piece in file order; each stored tensor is mapped, copied and dropped. A stored tensor that
+    already is a whole CPU model tensor (same dtype, unscaled) is kept as its mapping, not copied."""
+    wanted = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+    fp8_layers = {f"{name}.weight": name for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    real: dict[str, Tensor] = {}
+
+    def target(name: str) -> Tensor:
+        if name not in real:
+            shape, dtype = wanted[name]
+            real[name] = torch.empty(shape, dtype=dtype, device=device)
+        return real[name]
+
+    for name, piece in file_order(plan, index):
+        stored = index[piece.source]
+        rows = piece.row_range(index)
+        scale = stored_scale_rows(scales, piece.source, rows)
+        plain = scale is None and stored.dtype == wanted[name][1] and device.type == "cpu"
+        if name in fp8_layers:
+            try:
+                write_fp8_rows(target(name), target(f"{fp8_layers[name]}.weight_scale"), piece.at,
+                               map_stored(stored, piece.rows), scale)
+            except ValueError as err:
+                raise CheckpointError(f"{stored.path}: tensor {piece.source!r} {err}") from None
+        elif plain and len(plan[name]) == 1 and piece.rows is None:
+            real[name] = map_stored(stored).view(wanted[name][0])  # the mapping itself: nothing copied
+        else:
+            out = target(name)
+            out = out[piece.at:piece.at + rows[1] - rows[0]] if out.ndim else out
+            if plain:
+                read_into(stored, piece.rows, out)
+            else:  # the mapped rows are converted on the way and dropped right after
+                out.copy_(stored_values(map_stored(stored, piece.rows), scale))
+    assign_tensors(model, real)
+
+
 def load_flux(source: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-              params: FluxParams | None = None) -> Flux:
-    """Load FLUX.1 Kontext [dev] (or any FLUX.1 transformer) from an official checkpoint.
+              params: FluxParams | None = None, quantize: str | None = None) -> Flux:
+    """Load FLUX.1 Kontext [dev] (or any FLUX.1 transformer) from an official checkpoint, frozen.
 
     Sizes come from the diffusers `config.json` when present, else from the tensor shapes; `params`
     supplies what neither holds (the RoPE split) and is checked against the checkpoint otherwise.
-    The model is built on the meta device and receives the checkpoint's tensors directly."""
+    `quantize="fp8"`: the block linears become `Fp8Linear` (float8_e4m3fn weights, one fp32 scale per
+    output row), quantized tensor by tensor while reading; the rest is in `dtype`. fp8 checkpoints
+    (ComfyUI's, with or without scales) load in either mode: their fp8 bytes are kept as they are when
+    quantizing, dequantized to `dtype` otherwise."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     files, config = find_transformer_files(source)
-    sd, origin = read_safetensors(files, dtype=dtype, device=device)
-    if any(k.startswith(BFL_PREFIX) for k in sd):
-        sd = {k.removeprefix(BFL_PREFIX): v for k, v in sd.items()}
-        origin = {k.removeprefix(BFL_PREFIX): v for k, v in origin.items()}
-    if is_diffusers_layout(sd):
-        sd, source = diffusers_to_bfl(sd)
-        origin = {k: origin[source[k]] for k in sd}
+    index = _strip_prefix(index_safetensors(files))
+    index, scales = split_stored_scales(index)
+    plan = diffusers_to_bfl_plan({k: torch.Size(v.shape) for k, v in index.items()}) if is_diffusers_layout(index) \
+        else identity_plan(index)
+    shapes = plan_shapes(plan, index)
+    origin = {name: index[pieces[0].source].path for name, pieces in plan.items()}
 
-    found = params_from_config(config) if config is not None else params_from_state_dict(sd, params)
+    found = params_from_config(config) if config is not None else params_from_state_dict(shapes, params)
     if params is not None and params != found:
         diffs = {f: (getattr(params, f), getattr(found, f)) for f in params.__dataclass_fields__
                  if getattr(params, f) != getattr(found, f)}
         raise CheckpointError(f"params disagree with the checkpoint {files[0]}: "
                               + ", ".join(f"{f}={a} given but {b} found" for f, (a, b) in diffs.items()))
     with torch.device("meta"):
-        model = Flux(found)
-    assign_state_dict(model, sd, origin, what="FLUX transformer")
+        model = Flux(found).to(dtype)
+    if quantize == "fp8":
+        swap_in_fp8(model, fp8_targets(model))
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith(".weight_scale")}
+    check_state_dict(expected, shapes, origin, what="FLUX transformer")
+
+    _stream(model, plan, index, scales, torch.device(device))
     return model.eval().requires_grad_(False)
+

@@ -197,3 +197,81 @@ def test_hub_fetches_only_transformer_files(monkeypatch, layouts):
     assert model.params == PARAMS
     assert asked == [("black-forest-labs/FLUX.1-Kontext-dev", ["transformer/*.json", "transformer/*.safetensors"])]
     assert checkpoint.looks_like_repo_id("black-forest-labs/FLUX.1-Kontext-dev")
+
+
+# --- streaming: same bytes as reading everything, and never more than one stored tensor in flight ----
+
+def whole_checkpoint(folder) -> dict[str, torch.Tensor]:
+    """The pre-streaming reference: every tensor of every shard read, then converted in memory."""
+    from slideredit.transformer_loading import diffusers_to_bfl
+    sd = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        sd.update(load_file(shard))
+    sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
+    return diffusers_to_bfl(sd)[0] if any(k.startswith("transformer_blocks.") for k in sd) else sd
+
+
+@pytest.mark.parametrize("source, files", [("full/transformer", "full/transformer"), ("bfl", "bfl"),
+                                           ("prefixed.safetensors", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_weights_equal_the_whole_read(layouts, source, files, dtype):
+    """The same bytes are copied (or converted by the same cast), so the weights are exactly equal."""
+    if source == "prefixed.safetensors":
+        reference = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(layouts / source).items()}
+    else:
+        reference = whole_checkpoint(layouts / files)
+    model = load_flux(layouts / source, dtype=dtype)
+    loaded = model.state_dict()
+    assert loaded.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert loaded[name].dtype == dtype
+        assert torch.equal(loaded[name], tensor.to(dtype)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_stored_tensor_outlives_its_copy(layouts, monkeypatch, dtype):
+    """Every file mapping the loader makes is gone before the next one is made, unless its tensor became
+    a model tensor itself (a whole stored tensor, same dtype: kept as its mapping, nothing copied). The
+    checkpoint is fp32: in bf16 every tensor is a converted copy and no mapping may survive."""
+    import mmap
+    import weakref
+
+    mappings, live_at_each_call = [], []
+    real_mmap = mmap.mmap
+
+    def spy(*args, **kwargs):
+        live_at_each_call.append({i for i, ref in enumerate(mappings) if ref() is not None})
+        mapping = real_mmap(*args, **kwargs)
+        mappings.append(weakref.ref(mapping))
+        return mapping
+
+    monkeypatch.setattr(mmap, "mmap", spy)
+    model = load_flux(layouts / "full/transformer", dtype=dtype)
+    monkeypatch.setattr(mmap, "mmap", real_mmap)
+    survivors = {i for i, ref in enumerate(mappings) if ref() is not None}
+    assert len(mappings) > 20
+    assert all(live <= survivors for live in live_at_each_call)
+    fused = [n for n in model.state_dict() if n.endswith(("qkv.weight", "qkv.bias", "linear1.weight", "linear1.bias",
+                                                          "adaLN_modulation.1.weight", "adaLN_modulation.1.bias"))]
+    assert len(survivors) == (0 if dtype == torch.bfloat16 else len(model.state_dict()) - len(fused))
+
+
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+def test_each_model_tensor_is_allocated_once(layouts, monkeypatch, quantize):
+    """Bytes allocated with torch.empty on the target device (CPU here) during the load = the final
+    model's bytes: no second copy, no fused temporaries (the fused projections are written row range by
+    row range; fp8 rows are quantized in place, through fp32 chunks of at most 64 MB)."""
+    allocated = []
+    original = torch.empty
+
+    def spy(*args, **kwargs):
+        tensor = original(*args, **kwargs)
+        if tensor.device.type != "meta":
+            allocated.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", spy)
+    model = load_flux(layouts / "full/transformer", dtype=torch.bfloat16, quantize=quantize)
+    monkeypatch.setattr(torch, "empty", original)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert sum(allocated) == model_bytes
