@@ -377,3 +377,39 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(shor
         train_script.main(cli_args(short_model_dir, tmp_path / "out", faces))
     assert exit_.value.code == 130
     assert "no checkpoint was written yet" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_resumed_run_keeps_skipping_the_unreadable_images_it_met_before(short_model_dir, tmp_path, monkeypatch):
+    """2 readable + 2 unreadable images, 2 samples a step: the first pass (steps 1-2, before checkpoint-2)
+    tries every image, so both unreadable ones are known when the run is killed after step 3. The resumed
+    run skips them without trying them again, reports the same count and ends bit-identical."""
+    folder = tmp_path / "faces"
+    write_images(folder, 2)
+    (folder / "garbage.png").write_bytes(b"this is not an image")
+    (folder / "empty.png").write_bytes(b"")
+    changes = dict(max_train_steps=4, checkpointing_steps=2)
+    straight = train(make_config(short_model_dir, tmp_path / "straight", folder, **changes))
+    assert straight.unreadable_images == 2
+
+    killed = tmp_path / "killed"
+    original = Trainer.train_step
+
+    def dies_after_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(short_model_dir, killed, folder, **changes))
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert load_training_state(killed / "checkpoint-2")["unreadable"].numel() == 2
+
+    resumed = train(make_config(short_model_dir, killed, folder, resume_from_checkpoint="latest", **changes))
+    assert resumed.step == 4 and resumed.unreadable_images == 2
+    after_resume = (killed / "train.log").read_text().split("resumed from", 1)[1]
+    assert "skipping unreadable image" not in after_resume  # known from the checkpoint, not met anew
+    assert "2 unreadable image(s) skipped" in after_resume
+    assert_same_tensors(adapter_file(killed, GSTLORA), adapter_file(tmp_path / "straight", GSTLORA))
+    assert load_training_state(killed / "checkpoint-4")["unreadable"].tolist() == \
+        load_training_state(tmp_path / "straight" / "checkpoint-4")["unreadable"].tolist()
