@@ -123,7 +123,7 @@ def fp8_targets(model: nn.Module, modulation: bool = True) -> list[str]:
     names = []
     for root in ("double_blocks", "single_blocks"):
         for name, module in getattr(model, root).named_modules():
-            if isinstance(module, nn.Linear) and (modulation or not name.endswith(("mod.lin", "modulation.lin"))):
+            if isinstance(module, (nn.Linear, Fp8Linear)) and (modulation or not name.endswith(("mod.lin", "modulation.lin"))):
                 names.append(f"{root}.{name}")
     return names
 
