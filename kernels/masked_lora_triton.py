@@ -9,11 +9,10 @@ Structure: two launches, whatever K is.
   1. `scaled_shrink`: H~ = S (x) (X A^T) in fp32, (M, K*r). One program per BLOCK_M rows holds the whole
      stacked rank (K*r <= 128) and streams X once. Row tiles whose scales are all zero skip the loop
      (X and A are never read) and store zeros.
-  2. `fused_linear`: one GEMM: the usual loop over X W^T into an fp32 accumulator, then (still in
-     registers) the fp8 row scales if W is fp8, then H~ B^T (skipped for all-zero row tiles, so B is never
-     read there), the bias, and Y is stored once. No read-modify-write of Y, no pass per adapter. The
-     low-rank term comes after the loop, not before, so that an fp8 scale multiplies the base term only.
-     Without adapters (HAS_LORA off) it is a plain (fp8) linear.
+  2. `fused_linear`: one GEMM whose fp32 accumulator starts from H~ B^T (skipped for all-zero row tiles,
+     so B is never read there), then runs the usual loop over X W^T, adds the bias and stores Y once.
+     No read-modify-write of Y, no pass per adapter. With fp8 weights the loop comes first, then the
+     per-row scales, then H~ B^T (unscaled). Without adapters (HAS_LORA off) it is a plain (fp8) linear.
 
 Why not recompute the shrink inside the GEMM (one launch)? Each output tile would redo its rows' shrink:
 BLOCK_M x K*r x D extra tensor-core work next to the tile's BLOCK_M x BLOCK_N x D, i.e. K*r / BLOCK_N
@@ -23,7 +22,7 @@ byte of X, below the H100's ~295 FLOP/byte ridge): it re-reads X once, ~16 us fo
 3.35 TB/s, against ~170-240 us for the 8704 x 3072 x 3072 base GEMM (7-10%), ~2.5% at d_out = 12288,
 and flat in K. Recomputation comes closest at K*r = 16, d_out = 3072 (+12.5% against +7-10%) and loses
 everywhere else; and for STLoRA text tokens (a handful of the 512 rows selected) the shrink skips almost
-all of X. The expand epilogue adds K*r / D of the main loop's work (<= 4% at K*r = 128, D = 3072).
+all of X. The expand prologue adds K*r / D of the main loop's work (<= 4% at K*r = 128, D = 3072).
 These are bounds from the reference numbers, not measurements: timings are pending a GPU run of
 benchmarks/bench_lora.py (the kernels were compiled for sm_90 here, but never run on a GPU).
 
@@ -139,12 +138,20 @@ def prune_shrink_configs(configs, named_args, **kwargs) -> list:
     return _fitting(list(configs), size, smem_limit(x.device))
 
 
+def accumulators_per_thread(config: triton.Config) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+
+
 def prune_gemm_configs(configs, named_args, **kwargs) -> list:
     """early_config_prune for the GEMM: the FMA tiles for IEEE fp32 dots, the tensor-core tiles otherwise,
-    then drop those that cannot fit shared memory."""
+    then drop those that would spill or cannot fit shared memory."""
     x, w = named_args["x_ptr"], named_args["w_ptr"]
     fma = kwargs["INPUT_PRECISION"] == "ieee" and x.dtype == torch.float32
     family = [c for c in configs if any(c is f for f in FMA_GEMM_CONFIGS) == fma] or list(configs)
+    if kwargs.get("HAS_LORA") and kwargs.get("W_SCALE") == 1 and kwargs["BLOCK_R"] >= 128:
+        # fp8 forward: the low-rank tiles come after the loop, beside the accumulator; at K*r > 64 the
+        # tiles with 128 accumulators per thread spill in sm_90 builds (48-248 B), those with 64 do not
+        family = [c for c in family if accumulators_per_thread(c) <= 64] or family
     size = lambda c: gemm_smem_bytes(c, kwargs["BLOCK_R"], x.element_size(), w.element_size())
     return _fitting(family, size, smem_limit(x.device))
 
@@ -203,6 +210,28 @@ def _scaled_shrink_kernel(
     tl.store(h_ptrs, h, mask=(offs_m[:, None] < M) & (offs_j[None, :] < KR))
 
 
+@triton.jit
+def _add_low_rank(acc, x_ptr, h_ptr, b_ptr, s_ptr, offs_m, offs_n, M, N, KR, R,
+                  stride_hm, stride_hj, stride_bn, stride_bj, stride_sm, stride_sk,
+                  BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + H~ B^T for one (BLOCK_M, BLOCK_N) tile; skipped (B never read) where the row tile's scales are all 0."""
+    offs_j = tl.arange(0, BLOCK_R)
+    scale = _load_scales(s_ptr, offs_m, offs_j, M, KR, R, stride_sm, stride_sk)
+    if tl.sum((scale != 0).to(tl.int32)) > 0:
+        m_ok, n_ok, j_ok = offs_m < M, offs_n < N, offs_j < KR
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_j[None, :] * stride_hj,
+                    mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_j[:, None] * stride_bj,  # B^T (BLOCK_R, BLOCK_N)
+                     mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+        h = h.to(x_ptr.dtype.element_ty)  # rounded once to the dot dtype, like X
+        bt = bt.to(x_ptr.dtype.element_ty)
+        if UPCAST:
+            h = h.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(h, bt, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 @triton.autotune(
     configs=_GEMM_CONFIGS,
     key=["M_BUCKET", "N", "D", "BLOCK_R", "stride_xd", "stride_wd", "HAS_BIAS", "HAS_LORA", "W_SCALE", "UPCAST",
@@ -238,6 +267,17 @@ def _fused_linear_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
 
+    # The low-rank term H~ B^T goes into the accumulator first, before the loop's pointer tiles exist,
+    # so its tiles are dead by the time the pipelined loop runs (after the loop, or beside those
+    # pointers, sm_90 builds of the 128 x 256 and the 4-warp 128 x 128 tiles spill at K*r = 128). With an
+    # fp8 row scale it must come after the loop, since the scale multiplies the base term only.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        if W_SCALE != 1:
+            acc = _add_low_rank(acc, x_ptr, h_ptr, b_ptr, s_ptr, offs_m, offs_n, M, N, KR, R,
+                                stride_hm, stride_hj, stride_bn, stride_bj, stride_sm, stride_sk,
+                                BLOCK_R, UPCAST, INPUT_PRECISION)
+
     # Rows / columns past the edge wrap onto valid ones for the loads (no M, N masks in the loop); only
     # the store is masked. The hints keep the loads vectorised, as in Triton's matmul tutorial: a lane past
     # the edge feeds only outputs the store drops, and a vector's width divides the row stride, so it
@@ -246,7 +286,7 @@ def _fused_linear_kernel(
     offs_n_ld = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
     x_ptrs = x_ptr + offs_m_ld[:, None] * stride_xm + offs_d[None, :] * stride_xd
     w_ptrs = w_ptr + offs_n_ld[None, :] * stride_wn + offs_d[:, None] * stride_wd  # W^T tile (BLOCK_D, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
     for d0 in range(0, D, BLOCK_D):
         if EVEN_D:  # no masks: lets Triton software-pipeline the loads of a K-major W (nn.Linear's layout)
             x = tl.load(x_ptrs)
@@ -267,23 +307,10 @@ def _fused_linear_kernel(
         w_ptrs += BLOCK_D * stride_wd
     if W_SCALE == 1:  # fp8 W: one scale per output row of W, i.e. per column of Y, on the base term only
         acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-
-    # Then the low-rank term, unscaled, skipped where every scale of the row tile is zero (B never read).
-    if HAS_LORA:
-        offs_j = tl.arange(0, BLOCK_R)
-        scale = _load_scales(s_ptr, offs_m, offs_j, M, KR, R, stride_sm, stride_sk)
-        if tl.sum((scale != 0).to(tl.int32)) > 0:
-            j_ok = offs_j < KR
-            h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_j[None, :] * stride_hj,
-                        mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-            bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_j[:, None] * stride_bj,  # B^T (BLOCK_R, BLOCK_N)
-                         mask=j_ok[:, None] & n_ok[None, :], other=0.0)
-            h = h.to(x_ptr.dtype.element_ty)  # rounded once to the dot dtype, like X
-            bt = bt.to(x_ptr.dtype.element_ty)
-            if UPCAST:
-                h = h.to(tl.float32)
-                bt = bt.to(tl.float32)
-            acc = tl.dot(h, bt, acc, input_precision=INPUT_PRECISION)
+        if HAS_LORA:  # then the slider term, unscaled
+            acc = _add_low_rank(acc, x_ptr, h_ptr, b_ptr, s_ptr, offs_m, offs_n, M, N, KR, R,
+                                stride_hm, stride_hj, stride_bn, stride_bj, stride_sm, stride_sk,
+                                BLOCK_R, UPCAST, INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
