@@ -1,100 +1,204 @@
-"""Edit an image with FLUX.1 Kontext [dev], optionally sweeping SliderEdit sliders.
+"""Edit an image with FLUX.1 Kontext [dev], optionally with SliderEdit sliders (one edit, or a sweep).
 
 With no arguments: the embedded demo. The toy Kontext model bundled in assets/toy-kontext (trained on a
 CPU, see its README) edits its example scene, sweeping its two STLoRA sliders over a grid:
     python infer.py
 
-One edit with the real model:
+One edit with the real model (the format follows --out's extension: .png, .jpg/.jpeg or .webp):
     python infer.py --model black-forest-labs/FLUX.1-Kontext-dev --image photo.png --prompt "make the sky pink" \\
         --out edited.png
 
-GSTLoRA sweep (one global slider; writes a labelled grid PNG, a GIF and sweep.json into --out):
+GSTLoRA sweep (one global slider; writes a labelled grid PNG, a GIF and sweep.json into the --out folder):
     python infer.py --model black-forest-labs/FLUX.1-Kontext-dev --image photo.png --prompt "make the sky pink" \\
-        --gstlora ckpt/ --alphas -1,-0.5,0,0.5,1
+        --gstlora ckpt/ --alphas -1 -0.5 0 0.5 1
 
-STLoRA sweep (one slider per sub-prompt; with two sub-prompts the grid covers both sliders):
+STLoRA sweep (one slider per sub-prompt; with two sub-prompts the grid covers both sliders; with three or
+more, sweep one of them with --sweep-slider N while the others stay at --slider-alphas, or 0):
     python infer.py --model black-forest-labs/FLUX.1-Kontext-dev --image face.png --stlora selective_lora.pt \\
         --subprompts "add a hat" "make the hair red" --alphas -1,0,1
 
-Alpha 0 is the base edit, 1 suppresses the instruction, negative values exaggerate it. Every cell of a
-sweep uses the same seed, and the prompt is encoded once per sweep.
+One edit with sliders (one alpha per sub-prompt for STLoRA, one alpha for GSTLoRA):
+    python infer.py ... --stlora selective_lora.pt --subprompts "add a hat" "make the hair red" \\
+        --slider-alphas 1 -0.5 --out hat-gone.png
+
+Alpha 0 is the base edit, 1 suppresses the instruction, negative values exaggerate it. Sliders are trained
+for alphas in [-1, 1] (the release validates -1.5 .. 1.5); alphas must be finite, and beyond |alpha| > 10
+infer.py warns (the edit turns to noise). Every cell of a sweep uses the same seed, and the prompt is
+encoded once per sweep. A sweep is written into a hidden temporary folder beside --out and swapped in when
+it is complete: an interrupted sweep (Ctrl-C) leaves the previous sweep in --out as it was. An existing
+--out folder is replaced only if it holds nothing but a previous sweep's files.
 """
 from __future__ import annotations
 
+# Only fast imports here: --help and argument errors must not wait for torch (imported after parsing).
 import argparse
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
-
-from slideredit.cli import join_alphas, parse_alphas
-from slideredit.evaluation.sweep import Sweep, SweepCell, write_sweep
-from slideredit.grids import labelled_grid, save_gif, save_png, with_caption
-from slideredit.image import load_image, to_rgb
-from slideredit.pipelines import SliderEditFluxKontextPipeline
+from slideredit.cli import finite_float, join_alphas, parse_alphas, positive_int
+from slideredit.grids import IMAGE_FORMATS
 
 TOY_MODEL = Path(__file__).resolve().parent / "assets" / "toy-kontext"
 DEFAULT_MODEL = str(TOY_MODEL)  # the embedded default; the real model: black-forest-labs/FLUX.1-Kontext-dev
+ALPHA_WARNING = 10.0  # |alpha| beyond this is far outside any trained range
+ASPECT_NOTICE = 0.10  # tell the user when resizing changes the aspect ratio by more than this (relative)
+SWEEP_ENTRIES = {"sweep.json", "source.png", "grid.png", "sweep.gif", "cells"}  # what a sweep folder holds
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", default=None,
                         help="the image to edit (any format PIL reads); default: the model folder's example.png "
-                             "(the toy model has one), then with no --prompt its example sweep")
+                             "(the toy model has one), then with no --prompt and no adapter its example sweep")
     parser.add_argument("--prompt", default=None,
                         help="the edit instruction (STLoRA: defaults to the sub-prompts joined by ' and ')")
     parser.add_argument("--out", default=None,
-                        help="output PNG for one edit (default outputs/edit.png), or the sweep folder "
-                             "(default outputs/sweep)")
+                        help="one edit: the image file, .png, .jpg/.jpeg or .webp (default outputs/edit.png); "
+                             "a sweep: its folder (default outputs/sweep), replaced when the sweep completes")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="a diffusers-layout Kontext folder or hub repo id (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="denoising steps (default: 28, or the model folder's example.json)")
-    parser.add_argument("--guidance", type=float, default=2.5, help="distilled guidance strength (default: %(default)s)")
+    parser.add_argument("--guidance", type=finite_float, default=2.5,
+                        help="distilled guidance strength, a finite number (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise, shared by every cell (default: %(default)s)")
-    parser.add_argument("--height", type=int, default=None,
-                        help="output height in pixels (default: the input's aspect ratio at about one megapixel)")
-    parser.add_argument("--width", type=int, default=None, help="output width in pixels (give with --height)")
-    parser.add_argument("--keep-size", action="store_true",
-                        help="keep the input image's own size (floored to 16 px) instead of snapping it to the "
-                             "nearest preferred Kontext resolution (about one megapixel)")
+    parser.add_argument("--height", type=positive_int, default=None,
+                        help="output height in pixels, at least 16 (default: the context image's size)")
+    parser.add_argument("--width", type=positive_int, default=None, help="output width in pixels (give with --height)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--keep-size", dest="auto_resize", action="store_const", const=False, default=None,
+                      help="keep the input image's own size (floored to 16 px)")
+    size.add_argument("--snap-size", dest="auto_resize", action="store_const", const=True,
+                      help="snap the input image to the nearest preferred Kontext resolution (about one "
+                           "megapixel). Default: the model folder's slideredit.json says (the toy model keeps "
+                           "the size; FLUX.1 Kontext [dev] snaps)")
     parser.add_argument("--gstlora", default=None, help="GSTLoRA checkpoint (pytorch_lora_weights.safetensors or its folder)")
     parser.add_argument("--stlora", default=None, help="STLoRA checkpoint (selective_lora.pt / .safetensors or its folder)")
     parser.add_argument("--subprompts", nargs="+", default=None, help="STLoRA: the sub-instructions, one slider each")
     parser.add_argument("--alphas", type=parse_alphas, default=[-1.0, -0.5, 0.0, 0.5, 1.0],
-                        help="comma-separated slider values of the sweep (default: -1,-0.5,0,0.5,1)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: %(default)s)")
+                        help="distinct slider values of a sweep, separated by commas or spaces "
+                             "(default: -1,-0.5,0,0.5,1)")
+    parser.add_argument("--slider-alphas", default=None,
+                        type=lambda text: parse_alphas(text, flag="--slider-alphas", distinct=False),
+                        help="one edit, no sweep: one alpha per slider (STLoRA: one per sub-prompt, in order; "
+                             "GSTLoRA: one). With --sweep-slider: the values the other sliders are held at")
+    parser.add_argument("--sweep-slider", type=positive_int, default=None, metavar="N",
+                        help="STLoRA: sweep only sub-prompt N (1 = the first) over --alphas, holding the others at "
+                             "--slider-alphas (default 0). Needed with three or more sub-prompts")
+    parser.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="weights and activations dtype (default: %(default)s)")
     parser.add_argument("--offload", action="store_true", help="keep the text encoders on the CPU except while encoding")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check every argument that can be checked without torch or the model."""
+    parser = build_parser()
     args = parser.parse_args(join_alphas(sys.argv[1:] if argv is None else argv))
     example = read_example(args.model)
     if args.image is None:
         if example is None:
             parser.error(f"--image is required: {args.model} has no example.json to edit by default")
         args.image = str(Path(args.model) / "example.png")
-        if args.prompt is None and not (args.gstlora or args.stlora):  # the example sweep
+        if args.prompt is None and not (args.gstlora or args.stlora or args.subprompts):  # the example sweep
             args.stlora, args.subprompts = str(Path(args.model) / "sliders" / "stlora"), example["subprompts"]
-            args.keep_size = True
+    elif not Path(args.image).is_file():
+        parser.error(f"--image {args.image}: no such file")
     if args.steps is None:
         args.steps = (example or {}).get("steps", 28)
     if (args.height is None) != (args.width is None):
         parser.error("give --height and --width together, or neither")
-    if args.gstlora and args.stlora:
-        parser.error("sweep one adapter at a time: --gstlora or --stlora")
-    if args.stlora and not args.subprompts:
-        parser.error("--stlora needs --subprompts (the sub-instructions its sliders control)")
-    if args.subprompts and not args.stlora:
-        parser.error("--subprompts needs --stlora")
+    if args.height is not None and min(args.height, args.width) < 16:
+        parser.error(f"--height and --width must be at least 16 pixels, got {args.height}x{args.width}")
+    check_sliders(parser, args)
     if args.prompt is None:
         if not args.subprompts:
             parser.error("--prompt is required (except for an STLoRA sweep, which joins the sub-prompts)")
         args.prompt = " and ".join(args.subprompts)
+    args.sweep = bool(args.gstlora or args.stlora) and (args.slider_alphas is None or args.sweep_slider is not None)
+    args.out = Path(args.out or ("outputs/sweep" if args.sweep else "outputs/edit.png"))
+    problem = sweep_out_problem(args.out) if args.sweep else edit_out_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
+    for alpha in (args.alphas if args.sweep else []) + (args.slider_alphas or []):
+        if abs(alpha) > ALPHA_WARNING:
+            print(f"warning: alpha {alpha:g} is far outside the range sliders are trained for ([-1, 1]; "
+                  f"|alpha| <= {ALPHA_WARNING:g} is the documented range): expect noise", file=sys.stderr)
     return args
+
+
+def check_sliders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The adapter flags fit together: which adapter, its sub-prompts, and one alpha per slider."""
+    if args.gstlora and args.stlora:
+        parser.error("use one adapter at a time: --gstlora or --stlora")
+    if args.subprompts and not args.stlora:
+        parser.error("--subprompts needs --stlora (the STLoRA whose sliders they control)")
+    if args.stlora and not args.subprompts:
+        parser.error("--stlora needs --subprompts (the sub-instructions its sliders control)")
+    if args.slider_alphas is not None and not (args.gstlora or args.stlora):
+        parser.error("--slider-alphas needs --gstlora or --stlora (the sliders it sets)")
+    if args.sweep_slider is not None and not args.stlora:
+        parser.error("--sweep-slider picks one STLoRA sub-prompt to sweep: it needs --stlora and --subprompts")
+    sliders = len(args.subprompts) if args.stlora else 1
+    if args.slider_alphas is not None and len(args.slider_alphas) != sliders:
+        what = f"{sliders} sub-prompt(s)" if args.stlora else "a GSTLoRA (one slider)"
+        parser.error(f"--slider-alphas needs one alpha per slider: {sliders} for {what}, "
+                     f"got {len(args.slider_alphas)} ({' '.join(f'{a:g}' for a in args.slider_alphas)})")
+    if args.sweep_slider is not None and args.sweep_slider > sliders:
+        parser.error(f"--sweep-slider {args.sweep_slider}: there are only {sliders} sub-prompt(s) (1 .. {sliders})")
+    if args.stlora and sliders > 2 and args.slider_alphas is None and args.sweep_slider is None:
+        parser.error(f"{sliders} sub-prompts would sweep {len(args.alphas)}^{sliders} = "
+                     f"{len(args.alphas) ** sliders} cells: sweep one slider with --sweep-slider N (the others "
+                     f"at 0, or at --slider-alphas), or make one edit with --slider-alphas")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself or its closest ancestor that exists (the folder a new file or folder would go into)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why `path` could not be created (a file where a folder must be, no permission), or None."""
+    base = nearest_existing(path.parent)
+    if not base.is_dir():
+        return f"{base} is a file, not a folder"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"cannot write into {base} (permission denied)"
+    return None
+
+
+def edit_out_problem(out: Path) -> str | None:
+    """Why one edit could not be saved at `out`, found before any computing, or None."""
+    if out.is_dir():
+        return "is an existing folder; one edit writes one image file, e.g. " + str(out / "edit.png")
+    if out.suffix.lower() not in IMAGE_FORMATS:
+        return (f"cannot tell the image format from the extension {out.suffix or '(none)'!r}; "
+                f"use {', '.join(IMAGE_FORMATS)}")
+    return writable_problem(out)
+
+
+def sweep_out_problem(out: Path) -> str | None:
+    """Why a sweep could not go into the folder `out`, found before any computing, or None. An existing
+    folder may be replaced only when it holds nothing but a previous sweep (never the user's own files)."""
+    if out.exists() and not out.is_dir():
+        return "is an existing file; a sweep writes a folder (grid.png, sweep.gif, sweep.json, cells/)"
+    if not out.exists() and out.suffix.lower() in IMAGE_FORMATS:
+        return "looks like an image file, but a sweep writes a folder (grid.png, sweep.gif, sweep.json, cells/)"
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in SWEEP_ENTRIES
+                         and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # an atomic write's leftover
+        if foreign:
+            return (f"holds {foreign[0]!r}, which a sweep does not write; a sweep replaces its folder, so give a "
+                    f"new or empty folder, or a previous sweep's")
+    return writable_problem(out)
 
 
 def read_example(model: str) -> dict | None:
@@ -103,63 +207,140 @@ def read_example(model: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_device(name: str | None) -> str:
+    """The torch device to run on, checked to exist here before anything loads: a one-line error otherwise."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"--device {name!r}: infer.py runs on {', '.join(DEVICE_TYPES)}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+        if backend is None or not backend.is_available():
+            raise ValueError(f"--device {name}: this machine or torch build has no {device.type} device; use --device cpu")
+    return name
+
+
+def resize_notice(width: int, height: int, auto_resize: bool) -> str | None:
+    """A note when the context image's resize (snap or floor to 16) changes its aspect ratio by over 10%."""
+    from slideredit.image import context_size
+
+    w, h = context_size(width, height, auto_resize=auto_resize)
+    before, after = width / height, w / h
+    if abs(after / before - 1) <= ASPECT_NOTICE:
+        return None
+    how = ("snapped to the nearest preferred Kontext resolution; --keep-size keeps its own size" if auto_resize
+           else "floored to multiples of 16 pixels")
+    return (f"note: the {width}x{height} image (aspect {before:.2f}:1) is resized to {w}x{h} "
+            f"(aspect {after:.2f}:1), {how}")
+
+
 def sweep_cells(args: argparse.Namespace) -> list[tuple[float, ...]]:
-    """One alpha per slider for every cell: a row for GSTLoRA or one sub-prompt, a grid for two or more."""
-    sliders = len(args.subprompts) if args.stlora else 1
-    return list(itertools.product(args.alphas, repeat=sliders))
+    """One alpha per slider for every cell: a row for GSTLoRA, one sub-prompt or --sweep-slider, else
+    (two sub-prompts) the grid over both."""
+    if args.gstlora:
+        return [(alpha,) for alpha in args.alphas]
+    n = len(args.subprompts)
+    if args.sweep_slider is not None:
+        held, swept = list(args.slider_alphas or [0.0] * n), args.sweep_slider - 1
+        return [tuple(alpha if i == swept else held[i] for i in range(n)) for alpha in args.alphas]
+    return list(itertools.product(args.alphas, repeat=n))  # n is 1 or 2 here (parse_args)
 
 
-def run_sweep(pipe: SliderEditFluxKontextPipeline, args: argparse.Namespace, out: Path) -> Path:
-    method = "stlora" if args.stlora else "gstlora"
-    if args.stlora:
-        pipe.load_stlora(args.stlora)
-    else:
-        pipe.load_gstlora(args.gstlora)
-    embeds, pooled = pipe.encode_prompt(args.prompt)  # once for the whole sweep
+def edit(pipe, args: argparse.Namespace, source, alphas: tuple[float, ...] | None = None, **embeds):
+    """One edit of `source`, with the loaded adapter at `alphas` (one per slider) when given."""
+    import torch
 
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    source = to_rgb(load_image(args.image))
-    source.save(out / "source.png")
-    images, cells = {}, []
-    for alphas in sweep_cells(args):
-        sliders = (dict(subprompts_list=args.subprompts, slider_alpha_list=list(alphas)) if args.stlora
-                   else dict(slider_alpha=alphas[0]))
-        image = pipe(image=source, prompt=args.prompt, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-                     num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                     width=args.width, auto_resize=not args.keep_size,
-                     generator=torch.Generator("cpu").manual_seed(args.seed), **sliders).images[0]
-        name = "cells/" + "_".join(f"{a:+.2f}" for a in alphas) + ".png"
-        save_png(image, out / name)
-        images[alphas] = image
-        cells.append(SweepCell(alphas=alphas, image=name))
-        print(f"  alphas {', '.join(f'{a:+.2f}' for a in alphas)} -> {out / name}")
+    sliders = ({} if alphas is None else dict(slider_alpha=alphas[0]) if args.gstlora
+               else dict(subprompts_list=args.subprompts, slider_alpha_list=list(alphas)))
+    return pipe(image=source, prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                height=args.height, width=args.width, auto_resize=args.auto_resize,
+                generator=torch.Generator("cpu").manual_seed(args.seed), **embeds, **sliders).images[0]
+
+
+def sweep_grid(args: argparse.Namespace, images: dict):
+    """The labelled grid of a sweep: rows x columns over two sliders, else one row."""
+    from slideredit.grids import labelled_grid
 
     labels = [f"{a:+.2f}" for a in args.alphas]
-    if len(cells[0].alphas) == 2:  # rows: first slider, columns: second
+    cells = list(images)
+    if len(cells[0]) == 2 and args.sweep_slider is None:  # rows: first slider, columns: second
         rows = [[images[(a, b)] for b in args.alphas] for a in args.alphas]
-        grid = labelled_grid(rows, labels, labels,
-                             title=f"rows: '{args.subprompts[0]}'   columns: '{args.subprompts[1]}'")
-    else:
-        grid = labelled_grid([[images[c.alphas] for c in cells]], None, [", ".join(f"{a:+.2f}" for a in c.alphas) for c in cells])
-    save_png(grid, out / "grid.png")
-    save_gif([with_caption(images[c.alphas], "alpha " + ", ".join(f"{a:+.2f}" for a in c.alphas)) for c in cells],
-             out / "sweep.gif")
-    write_sweep(out, Sweep(source_image="source.png", prompt=args.prompt, subprompts=args.subprompts, seed=args.seed,
-                           method=method, model=str(args.model), steps=args.steps, guidance=args.guidance, cells=cells))
-    print(f"wrote {out / 'grid.png'}, {out / 'sweep.gif'} and {out / 'sweep.json'}")
-    return out
+        return labelled_grid(rows, labels, labels, title=f"rows: '{args.subprompts[0]}'   columns: '{args.subprompts[1]}'")
+    if args.sweep_slider is not None:
+        held = [f"'{text}' {alpha:+.2f}" for i, (text, alpha) in enumerate(zip(args.subprompts, cells[0]))
+                if i != args.sweep_slider - 1]
+        title = f"sweeping '{args.subprompts[args.sweep_slider - 1]}'; held: " + ", ".join(held)
+        return labelled_grid([list(images.values())], None, labels, title=title)
+    return labelled_grid([list(images.values())], None, labels)
+
+
+def run_sweep(pipe, args: argparse.Namespace, source) -> Path:
+    """Every cell of the sweep into a temporary folder, swapped in for args.out when all is written."""
+    from tqdm.auto import tqdm
+
+    from slideredit.atomic import atomic_folder
+    from slideredit.evaluation.sweep import Sweep, SweepCell, write_sweep
+    from slideredit.grids import save_gif, save_png, with_caption
+
+    method = "stlora" if args.stlora else "gstlora"
+    embeds, pooled = pipe.encode_prompt(args.prompt)  # once for the whole sweep
+    pipe.set_progress_bar_config(disable=True)  # one bar over the cells instead of one per cell
+    with atomic_folder(args.out) as folder:
+        (folder / "cells").mkdir()
+        save_png(source, folder / "source.png")
+        images, cells = {}, []
+        for alphas in tqdm(sweep_cells(args), desc="sweep", unit="cell"):
+            image = edit(pipe, args, source, alphas, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+            name = "cells/" + "_".join(f"{a:+.2f}" for a in alphas) + ".png"
+            save_png(image, folder / name)
+            images[alphas] = image
+            cells.append(SweepCell(alphas=alphas, image=name))
+        save_png(sweep_grid(args, images), folder / "grid.png")
+        save_gif([with_caption(images[c.alphas], "alpha " + ", ".join(f"{a:+.2f}" for a in c.alphas)) for c in cells],
+                 folder / "sweep.gif")
+        write_sweep(folder, Sweep(source_image="source.png", prompt=args.prompt, subprompts=args.subprompts,
+                                  seed=args.seed, method=method, model=str(args.model), steps=args.steps,
+                                  guidance=args.guidance, cells=cells))
+    print(f"wrote {len(cells)} cells, {args.out / 'grid.png'}, {args.out / 'sweep.gif'} and {args.out / 'sweep.json'}")
+    return args.out
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    args.device = check_device(args.device)
+    import torch  # the slow imports, after every argument is checked
+
+    from slideredit.grids import save_image
+    from slideredit.image import load_image, to_rgb
+    from slideredit.pipelines import SliderEditFluxKontextPipeline
+
+    source = to_rgb(load_image(args.image))  # a bad image fails before the model loads
     pipe = SliderEditFluxKontextPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype),
                                                          device=args.device, offload=args.offload)
-    if args.gstlora or args.stlora:
-        return run_sweep(pipe, args, Path(args.out or "outputs/sweep"))
-    image = pipe(image=args.image, prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                 height=args.height, width=args.width, auto_resize=not args.keep_size,
-                 generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
-    out = save_png(image, args.out or "outputs/edit.png")
+    auto_resize = pipe.defaults.auto_resize if args.auto_resize is None else args.auto_resize
+    notice = resize_notice(source.width, source.height, auto_resize)
+    if notice:
+        print(notice, file=sys.stderr)
+    if args.stlora:
+        pipe.load_stlora(args.stlora)
+    elif args.gstlora:
+        pipe.load_gstlora(args.gstlora)
+    if args.sweep:
+        return run_sweep(pipe, args, source)
+    image = edit(pipe, args, source, None if args.slider_alphas is None else tuple(args.slider_alphas))
+    out = save_image(image, args.out)
     print(f"wrote {out} ({image.width}x{image.height})")
     return out
 
@@ -169,3 +350,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, TypeError, OSError) as err:  # CheckpointError is a ValueError: one readable line
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (a previous sweep in --out is left as it was)", file=sys.stderr)
+        raise SystemExit(130) from None

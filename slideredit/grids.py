@@ -9,6 +9,9 @@ from PIL import Image, ImageDraw
 from .atomic import atomic_path
 
 LABEL_HEIGHT = 18
+# file extension -> PIL format of a saved image, and the keyword arguments it is saved with
+IMAGE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
+                 ".webp": ("WEBP", {"quality": 95})}
 
 
 def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str] | None, col_labels: list[str],
@@ -38,6 +41,26 @@ def with_caption(image: Image.Image, caption: str) -> Image.Image:
     framed.paste(image, (0, LABEL_HEIGHT))
     ImageDraw.Draw(framed).text((4, 3), caption, fill="black")
     return framed
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The format an image saved at `path` gets, from its extension (case-insensitive): PNG, JPEG or WEBP."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"{path}: cannot tell the image format from the extension {suffix or '(none)'!r}; "
+                         f"use {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix][0]
+
+
+def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Save atomically in the format of the extension (image_format); JPEG has no alpha: saved as RGB."""
+    fmt = image_format(path)  # an unknown extension is an error, before anything is written
+    options = IMAGE_FORMATS[Path(path).suffix.lower()][1]
+    if fmt == "JPEG" and image.mode != "RGB":
+        image = image.convert("RGB")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt, **options)
+    return Path(path)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
