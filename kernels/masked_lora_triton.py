@@ -70,11 +70,11 @@ GPU_GEMM_CONFIGS = [
 ]
 # IEEE fp32 dots run on the FMA units with the whole accumulator in registers: the tensor-core tiles
 # above need 128-256 accumulator registers per thread there and spill 45-125 KB per thread (60-155 s of
-# ptxas each). These keep 32 / 16 accumulators per thread: their sm_90 builds (K*r = 32) use 128 / 168
-# registers, no spills, 6-9 s each (32 x 64 with 2 warps spilled).
+# ptxas each). This tile keeps 32 accumulators per thread; its sm_90 builds use 128 registers without
+# spilling up to K*r = 64 (6-12 s each), and spill 580 B at K*r = 128 (a 32 x 64 tile spilled already
+# at K*r = 64). The dispatch sends fp32 to PyTorch anyway; this serves backend="triton" when forced.
 FMA_GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
 ]
 
 if INTERPRET:
