@@ -331,6 +331,15 @@ def test_overwrite_removes_only_what_a_run_writes_and_pruning_keeps_the_new_chec
     assert_same_tensors(adapter_file(out, GSTLORA), adapter_file(out / "checkpoint-2", GSTLORA))
 
 
+def test_overwrite_keeps_the_earlier_run_when_the_new_one_cannot_start(short_model_dir, faces, tmp_path):
+    out = tmp_path / "out"
+    old_run(short_model_dir, out, faces)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(DataError, match="images_dataset_path not found"):
+        train_script.main(cli_args(short_model_dir, out, tmp_path / "no-such-folder", "--overwrite"))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
 def test_resume_continues_an_earlier_run_without_overwrite(short_model_dir, faces, tmp_path):
     out = tmp_path / "out"
     old_run(short_model_dir, out, faces)
@@ -413,3 +422,13 @@ def test_a_resumed_run_keeps_skipping_the_unreadable_images_it_met_before(short_
     assert_same_tensors(adapter_file(killed, GSTLORA), adapter_file(tmp_path / "straight", GSTLORA))
     assert load_training_state(killed / "checkpoint-4")["unreadable"].tolist() == \
         load_training_state(tmp_path / "straight" / "checkpoint-4")["unreadable"].tolist()
+
+
+def test_a_missing_validation_image_fails_before_the_model_loads(short_model_dir, faces, tmp_path, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the validation image is missing")
+
+    monkeypatch.setattr(SliderEditFluxKontextPipeline, "from_pretrained", must_not_load)
+    with pytest.raises(ValueError, match=f"validation_image not found: {tmp_path / 'street.png'}"):
+        train(make_config(short_model_dir, tmp_path / "out", faces, validation_prompts=["add a red hat"],
+                          validation_image=str(tmp_path / "street.png")))

@@ -94,10 +94,16 @@ def test_parquet_without_pyarrow_or_pandas_says_what_to_install(tmp_path, monkey
         open_edit_dataset(str(tmp_path / "edits.parquet"), "input_image", "edit")
 
 
-def test_hub_name_without_datasets_says_what_to_install(monkeypatch):
+@pytest.mark.parametrize("name", ["UCSC-VLAA/HQ-Edit", "data/toy-sliders"])
+def test_hub_name_without_datasets_says_what_to_install(tmp_path, monkeypatch, name):
+    """owner/name with no such local folder: it is either a path not written yet or a hub id, and the
+    message says both."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(DataError, match="needs the `datasets` package: pip install datasets"):
-        open_edit_dataset("UCSC-VLAA/HQ-Edit", "input_image", "edit")
+    with pytest.raises(DataError, match=f"^dataset_name not found: {name} is no local file or folder "
+                                        f"\\(looked in {re.escape(str(tmp_path))}\\), and reading it as a Hugging "
+                                        "Face hub dataset needs the `datasets` package: pip install datasets$"):
+        open_edit_dataset(name, "input_image", "edit")
 
 
 @pytest.mark.parametrize("name", ["outputs/toy-sliders-work/data", "data/edits", "./edits", "../edits", "edits.jsonl",

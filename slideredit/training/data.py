@@ -193,15 +193,16 @@ def local_edit_rows(path: Path) -> tuple[list[dict], Path]:
 def hub_edit_rows(name: str, image_column: str, instruction_column: str):
     """A hub dataset's train split, its image column left undecoded (bytes): the `datasets` package is
     optional and imported only here."""
+    not_local = f"dataset_name not found: {name} is no local file or folder (looked in {Path.cwd()})"
     try:
         import datasets
     except ImportError:
-        raise DataError(f"dataset_name {name!r} is not a local file or folder, so it would be read from the "
-                        "Hugging Face hub, which needs the `datasets` package: pip install datasets") from None
+        raise DataError(f"{not_local}, and reading it as a Hugging Face hub dataset needs the `datasets` package: "
+                        "pip install datasets") from None
     try:
         rows = datasets.load_dataset(name, split="train")
     except Exception as err:  # the hub client raises many types; one readable line instead
-        raise DataError(f"cannot load the hub dataset {name!r} ({type(err).__name__}: {err})") from None
+        raise DataError(f"{not_local}, and the hub dataset cannot be loaded ({type(err).__name__}: {err})") from None
     check_columns(rows.column_names, [image_column, instruction_column], name)
     rows = rows.select_columns([image_column, instruction_column])
     if isinstance(rows.features[image_column], datasets.Image):

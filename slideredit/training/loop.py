@@ -38,7 +38,7 @@ from .checkpoints import (checkpoints, global_rng_state, load_training_state, pr
 from .config import ConfigError, TrainConfig
 from .data import DataError, DataOrder, UnreadableImage, center_crop, decode_image, derived_seed, open_dataset, to_pixels
 from .distributed import Distributed, cleanup_distributed, setup_distributed
-from .outputs import prepare_output_dir
+from .outputs import check_output_dir, clear_output_dir
 from .encoding import EncodingCache, FrozenEncoders, Source
 from .losses import (DistillationBatch, DistillationPrompts, distillation_prompts, draw_sigmas, draw_suppressed,
                      self_distillation_loss, stlora_token_scale)
@@ -70,8 +70,12 @@ class Sample:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, dist: Distributed | None = None):
+    """`overwrite`: the earlier run in output_dir is about to be removed, so `resume_from_checkpoint:
+    latest` starts afresh instead of resuming it."""
+
+    def __init__(self, config: TrainConfig, dist: Distributed | None = None, overwrite: bool = False):
         self.config = c = config
+        self.overwrite = overwrite
         self.dist = d = dist or Distributed()
         self.device = d.device
         self.tracker = start_wandb(c) if c.report_to == "wandb" and d.is_main else None
@@ -111,9 +115,9 @@ class Trainer:
         random.seed(c.seed)
         np.random.seed(c.seed)
         torch.manual_seed(c.seed)
-        resume = resolve_resume(c.output_dir, c.resume_from_checkpoint)
-        if resume is None and c.resume_from_checkpoint == "latest":
-            logger.info("no checkpoint in %s yet: starting from scratch", c.output_dir)
+        latest_of_removed_run = self.overwrite and c.resume_from_checkpoint == "latest"
+        resume = None if latest_of_removed_run else resolve_resume(c.output_dir, c.resume_from_checkpoint)
+        self.resumed_from = resume
         state = load_training_state(resume) if resume is not None else None
         if state is not None:
             check_resumable(state, c, resume)
@@ -131,12 +135,19 @@ class Trainer:
             self.step, self.samples = state["step"], state["samples"]  # the data position: samples drawn
             self.unreadable = set(state["unreadable"].tolist())
             set_global_rng_state(state["rng"])
-            logger.info("resumed from %s at step %d", resume, self.step)
-            later = [str(path) for step, path in checkpoints(c.output_dir) if step > self.step]
-            if later:
-                logger.warning("%s are of later steps than the checkpoint resumed from: each is replaced when this "
-                               "run reaches its step", ", ".join(later))
         return params, optimizer
+
+    def log_start(self) -> None:
+        c = self.config
+        if self.resumed_from is None:
+            if c.resume_from_checkpoint == "latest":
+                logger.info("no checkpoint in %s yet: starting from scratch", c.output_dir)
+            return
+        logger.info("resumed from %s at step %d", self.resumed_from, self.step)
+        later = [str(path) for step, path in checkpoints(c.output_dir) if step > self.step]
+        if later:
+            logger.warning("%s are of later steps than the checkpoint resumed from: each is replaced when this run "
+                           "reaches its step", ", ".join(later))
 
     # --- data -----------------------------------------------------------------------------------------
 
@@ -229,6 +240,7 @@ class Trainer:
     def run(self) -> TrainResult:
         c, d = self.config, self.dist
         out = Path(c.output_dir)
+        self.log_start()
         if d.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
@@ -378,12 +390,15 @@ def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
 
     A fresh run (no resume_from_checkpoint) into an output_dir that holds an earlier run's checkpoints,
     final adapter or validation grids is refused (OutputDirError) unless `overwrite`, which removes
-    exactly what a run writes there first (outputs.py)."""
+    exactly what a run writes there (outputs.py) once the data, the model and the adapter are ready:
+    a run that cannot start leaves the earlier one intact."""
     dist = setup_distributed()
     handler, level = None, logger.level
     try:
-        removed = prepare_output_dir(config, overwrite, dist.is_main)  # before anything is loaded or written
-        dist.barrier()  # the other ranks start once rank 0 has cleared the folder
+        check_output_dir(config, overwrite)  # before anything loads
+        trainer = Trainer(config, dist, overwrite)  # data, model, adapter (or checkpoint); nothing written yet
+        removed = clear_output_dir(config.output_dir) if overwrite and dist.is_main else []
+        dist.barrier()  # the other ranks go on once rank 0 has cleared the folder
         if dist.is_main:  # the run's log file: progress, skipped images, checkpoints
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(Path(config.output_dir) / "train.log")
@@ -392,7 +407,7 @@ def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
             logger.setLevel(logging.INFO)
         if removed:
             logger.info("--overwrite: removed the earlier run's %s", ", ".join(str(p) for p in removed))
-        return Trainer(config, dist).run()
+        return trainer.run()
     finally:
         if handler is not None:
             logger.removeHandler(handler)

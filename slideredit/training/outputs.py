@@ -10,11 +10,11 @@ A run writes exactly these entries (and nothing else) under output_dir:
 
 A fresh run (resume_from_checkpoint not set) refuses an output_dir holding an earlier run's results
 (checkpoints, a final adapter, validation grids): `--resume latest` continues that run, `--overwrite`
-removes the entries above first. Any other file in output_dir is the user's and is never touched.
+removes the entries above, once the new run's data and model have loaded (a run that cannot start
+leaves the earlier one as it was). Any other file in output_dir is the user's and is never touched.
 """
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -24,7 +24,6 @@ from ..sliders import GSTLORA, STLORA
 from .checkpoints import STATE_FILE
 from .config import ConfigError, TrainConfig
 
-logger = logging.getLogger("slideredit.training")
 ADAPTER_FILES = (FILE_NAMES[GSTLORA][0], FILE_NAMES[STLORA][0])  # what save_adapter writes
 RUN_FILES = ("config.yaml", "train.log")
 VALIDATION_DIR = "validation"
@@ -82,9 +81,9 @@ def _summary(paths: list[Path], out: Path, limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def prepare_output_dir(config: TrainConfig, overwrite: bool, is_main: bool) -> list[Path]:
-    """Refuse to start a fresh run over an earlier one, or (overwrite) remove the earlier run's entries;
-    -> the entries removed. Called before anything is loaded or written; only the main process removes."""
+def check_output_dir(config: TrainConfig, overwrite: bool) -> None:
+    """Refuse a fresh run over an earlier one (unless it is to be overwritten), and --overwrite together
+    with --resume of a checkpoint it would remove."""
     out = Path(config.output_dir)
     resume = config.resume_from_checkpoint
     if overwrite and resume not in (None, "latest"):
@@ -92,19 +91,20 @@ def prepare_output_dir(config: TrainConfig, overwrite: bool, is_main: bool) -> l
         if out.resolve() in (resumed, *resumed.parents):
             raise OutputDirError(f"--overwrite would remove the checkpoint that --resume names ({resume}): "
                                  "give one of the two")
-    if overwrite:
-        removed = run_entries(out)
-        if is_main:
-            for path in removed:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            validation = out / VALIDATION_DIR
-            if validation.is_dir() and not any(validation.iterdir()):
-                validation.rmdir()
-        return removed
     earlier = results(out)
-    if earlier and resume is None:
+    if earlier and resume is None and not overwrite:
         raise OutputDirError(
             f"output_dir {out} already holds an earlier run ({_summary(earlier, out)}). Continue it with "
             f"--resume latest, replace it with --overwrite (removes its checkpoints, final adapter, config.yaml, "
             f"train.log and validation grids; nothing else), or choose another output_dir")
-    return []
+
+
+def clear_output_dir(output_dir: str | Path) -> list[Path]:
+    """Remove every entry a run writes under output_dir (run_entries) and nothing else; -> those removed."""
+    removed = run_entries(output_dir)
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    validation = Path(output_dir) / VALIDATION_DIR
+    if validation.is_dir() and not any(validation.iterdir()):
+        validation.rmdir()
+    return removed
