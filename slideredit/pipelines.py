@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError, download_from_hub, looks_like_repo_id
 from .image import ImageInput, default_output_size, prepare_context_image
 from .slider_checkpoints import load_adapter
 from .sliders import GSTLORA, STLORA, loaded_adapters, remove_adapters, set_slider_scale
-from .slider_schedule import Alpha, SliderSchedule, alpha_batch, check_windows, normalise_alpha
+from .slider_schedule import Alpha, SliderSchedule, alpha_batch, check_windows
 from .token_selection import is_number, subprompt_spans
 from .sampling import denoise, get_schedule, initial_noise, latent_ids, pack_latents, text_ids, unpack_latents
 from .text_encoders import SUBFOLDERS, KontextTextEncoders, check_encoder_files
@@ -88,15 +88,13 @@ def check_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device {device!r} is not a torch device ({err})") from None
     if device.type in ("cpu", "meta"):
         return device
-    backend = getattr(torch, device.type, None)
-    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
-    if device.type == "mps":
-        available = torch.backends.mps.is_available()
-    if not available:
-        raise ValueError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) "
-                         f"{'was built without CUDA' if device.type == 'cuda' and torch.version.cuda is None else f'sees no {device.type} device'}"
-                         "; use device='cpu' or install a torch build for this machine's accelerator")
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    if backend is None or not backend.is_available():
+        why = "was built without CUDA" if device.type == "cuda" and torch.version.cuda is None else \
+            f"sees no {device.type} device"
+        raise ValueError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) {why}; "
+                         "use device='cpu', or install the torch build for this machine's accelerator")
+    count = getattr(backend, "device_count", lambda: 1)()
     if device.index is not None and device.index >= count:
         raise ValueError(f"device {str(device)!r} is not available: this machine has {count} {device.type} device(s)")
     return device
@@ -113,6 +111,25 @@ def check_finite(value: object, name: str) -> float:
     if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def use_true_cfg(true_cfg_scale: float, negative_prompt: object, negative_prompt_embeds: Tensor | None,
+                 negative_pooled_prompt_embeds: Tensor | None) -> bool:
+    """diffusers' rule: true CFG runs when true_cfg_scale > 1 and a negative prompt is given; half of
+    that is a warning, a negative given twice or without its pooled vector an error."""
+    has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+    if true_cfg_scale > 1 and not has_negative:
+        warnings.warn("true_cfg_scale > 1 does nothing without negative_prompt or negative_prompt_embeds",
+                      stacklevel=3)
+    elif has_negative and true_cfg_scale <= 1:
+        warnings.warn("the negative prompt is ignored: true CFG needs true_cfg_scale > 1", stacklevel=3)
+    if not (has_negative and true_cfg_scale > 1):
+        return False
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+    if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+        raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+    return True
 
 
 class SliderEditFluxKontextPipeline:
@@ -293,10 +310,7 @@ class SliderEditFluxKontextPipeline:
 
         # The batch: the prompts' rows, or the length of the per-image alpha lists (one prompt repeated).
         rows = prompt_embeds.shape[0] if prompt_embeds is not None else 1 if isinstance(prompt, str) else len(prompt)
-        alpha_lists = [normalise_alpha(a, "slider_alpha") for a in [slider_alpha] if a is not None]
-        alpha_lists += [normalise_alpha(a, f"slider alpha for sub-prompt {sub!r}")
-                        for sub, a in zip(subprompts_list or [], slider_alpha_list or [])]
-        batch = alpha_batch(alpha_lists) or rows
+        batch = alpha_batch([slider_alpha, *(slider_alpha_list or [])]) or rows
         if rows not in (1, batch):
             raise ValueError(f"{rows} prompts and per-image alpha lists of length {batch}: give one prompt, or one "
                              "prompt per alpha")
@@ -306,31 +320,21 @@ class SliderEditFluxKontextPipeline:
         sliders = self.slider_schedule(prompts, batch, num_inference_steps, seq_len, slider_alpha, subprompts_list,
                                        slider_alpha_list, slider_steps)
 
-        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
-        if true_cfg_scale > 1 and not has_negative:
-            warnings.warn("true_cfg_scale > 1 does nothing without negative_prompt or negative_prompt_embeds",
-                          stacklevel=2)
-        elif has_negative and true_cfg_scale <= 1:
-            warnings.warn("the negative prompt is ignored: true CFG needs true_cfg_scale > 1", stacklevel=2)
-        negative = None
-        if has_negative and true_cfg_scale > 1:
-            if negative_prompt is not None and negative_prompt_embeds is not None:
-                raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
-            if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-                raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+        true_cfg = use_true_cfg(true_cfg_scale, negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds)
 
         if prompt_embeds is None:
             prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
         txt = self._rows(prompt_embeds, batch, "prompt_embeds")
         vec = self._rows(pooled_prompt_embeds, batch, "pooled_prompt_embeds")
-        if has_negative and true_cfg_scale > 1:
+        negative = None
+        if true_cfg:
             if negative_prompt is not None:
                 negative_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(negative_prompt, seq_len)
-            neg_txt = self._rows(negative_prompt_embeds, batch, "negative_prompt_embeds")
-            if neg_txt.shape != txt.shape:
-                raise ValueError(f"negative_prompt_embeds {tuple(neg_txt.shape)} must have the shape of prompt_embeds "
-                                 f"{tuple(txt.shape)}")
-            negative = neg_txt, self._rows(negative_pooled_prompt_embeds, batch, "negative_pooled_prompt_embeds")
+            negative = (self._rows(negative_prompt_embeds, batch, "negative_prompt_embeds"),
+                        self._rows(negative_pooled_prompt_embeds, batch, "negative_pooled_prompt_embeds"))
+            if negative[0].shape != txt.shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(negative[0].shape)} must have the shape of "
+                                 f"prompt_embeds {tuple(txt.shape)}")
 
         cond, context_w, context_h = self.encode_image(image, batch, auto_resize)
         if (height is None) != (width is None):

@@ -159,16 +159,17 @@ def denoise(
         t_vec = torch.full((img.shape[0],), t_cur, dtype=img.dtype, device=img.device)
         x = img if cond is None else torch.cat([img, cond], dim=1)
 
-        def velocity(branch: str) -> Tensor:
+        def velocity(negative_branch: bool) -> Tensor:
             if before_model is not None:
-                before_model(i, t_cur, branch == "negative_")
-            out = model(img=x, img_ids=ids, txt=state[f"{branch}prompt_embeds"], txt_ids=txt_ids, timesteps=t_vec,
-                        y=state[f"{branch}pooled_prompt_embeds"], guidance=guidance_vec)
+                before_model(i, t_cur, negative_branch)
+            prefix = "negative_" if negative_branch else ""
+            out = model(img=x, img_ids=ids, txt=state[prefix + "prompt_embeds"], txt_ids=txt_ids, timesteps=t_vec,
+                        y=state[prefix + "pooled_prompt_embeds"], guidance=guidance_vec)
             return out[:, :n]
 
-        pred = velocity("")
+        pred = velocity(negative_branch=False)
         if negative is not None:
-            neg = velocity("negative_")
+            neg = velocity(negative_branch=True)
             pred = neg + true_cfg_scale * (pred - neg)
         state["latents"] = _euler_step(img, pred, t_next - t_cur)
         if on_step_end is not None:

@@ -54,8 +54,14 @@ def normalise_alpha(value: object, what: str) -> float | list[float] | AlphaFn:
 
 
 def alpha_batch(alphas: Sequence[object]) -> int | None:
-    """The batch size the per-image alpha lists ask for (None when there are none); they must agree."""
-    lengths = {len(a) for a in alphas if isinstance(a, list)}
+    """The batch size the per-image alpha lists among `alphas` ask for (None when there are none);
+    they must agree."""
+    lengths = set()
+    for alpha in alphas:
+        if hasattr(alpha, "tolist") and not is_number(alpha):  # NumPy arrays, tensors
+            alpha = alpha.tolist()
+        if isinstance(alpha, (list, tuple)):
+            lengths.add(len(alpha))
     if len(lengths) > 1:
         raise ValueError(f"per-image alpha lists have different lengths {sorted(lengths)}: each gives one alpha "
                          "per image of the batch, so they must all have the batch's length")

@@ -213,3 +213,37 @@ def test_denoise_rejects_bad_arguments():
         denoise(ToyFlow(), **{**inputs, "cond_ids": None}, timesteps=[1.0, 0.0], guidance=1.0, progress=False)
     with pytest.raises(ValueError, match="two timesteps"):
         denoise(ToyFlow(), **inputs, timesteps=[1.0], guidance=1.0, progress=False)
+
+
+def test_true_cfg_hooks_and_step_end_in_float64():
+    """v = v_neg + s (v_pos - v_neg) by hand; before_model sees (step, t, branch) before each call; a
+    step-end hook's returned tensors replace the loop's."""
+    inputs = toy_inputs(torch.float64)
+    neg_txt, neg_vec = -inputs["txt"].flip(1), inputs["vec"] * 2
+    schedule, scale = get_schedule(3, 6), 4.0
+    hooks, ends = [], []
+
+    def on_step_end(i, t, state):
+        ends.append((i, t, sorted(state)))
+        if i == 0:  # a new prompt from step 1 on
+            return {"prompt_embeds": state["prompt_embeds"] * 0.5}
+
+    out = denoise(ToyFlow(), **inputs, timesteps=schedule, guidance=2.5, progress=False, negative=(neg_txt, neg_vec),
+                  true_cfg_scale=scale, before_model=lambda i, t, neg: hooks.append((i, t, neg)),
+                  on_step_end=on_step_end)
+
+    model, x, txt = ToyFlow(), inputs["img"].clone(), inputs["txt"]
+    ids = torch.cat([inputs["img_ids"], inputs["cond_ids"]], dim=1)
+    for i in range(3):
+        t, t_next = schedule[i], schedule[i + 1]
+        vectors = (torch.full((2,), t, dtype=torch.float64), torch.full((2,), 2.5, dtype=torch.float64))
+        run = lambda prompt, pooled: model(torch.cat([x, inputs["cond"]], 1), ids, prompt, inputs["txt_ids"],  # noqa
+                                           vectors[0], pooled, vectors[1])[:, :6]
+        v_pos, v_neg = run(txt, inputs["vec"]), run(neg_txt, neg_vec)
+        x = x + (t_next - t) * (v_neg + scale * (v_pos - v_neg))
+        txt = inputs["txt"] * 0.5
+    assert torch.allclose(out, x, atol=1e-12, rtol=0)
+    assert hooks == [(i, schedule[i], neg) for i in range(3) for neg in (False, True)]
+    state = ["latents", "negative_pooled_prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+             "prompt_embeds"]
+    assert ends == [(i, schedule[i], state) for i in range(3)]
