@@ -105,10 +105,12 @@ def _cuda_smem_limit(index: int) -> int:
 
 # Shared-memory estimates, upper bounds: each pipeline stage buffers one tile of every operand the main
 # loop loads, in the dtype it is loaded in (the copies are asynchronous, before any conversion); the
-# low-rank tiles of the GEMM are loaded outside the loop and reuse that memory. For the bf16 GEMM this is
-# what sm_90 builds allocate (147,456 B for 128 x 256 x 64, 3 stages), and above the fp8-weight builds
-# (114,688 / 115,200 B forward / dX there, estimate 131,072); the configs it rejects at the H100's limit
-# are those whose sm_90 builds failed (TF32 GEMM configs 0-2, fp32 shrink configs 0-1).
+# low-rank tiles of the GEMM are loaded outside the loop and reuse that memory. Every sm_90 build checked
+# (Triton 3.9, launch-like specialisation, M = 8704, d = 3072, K*r = 32 and 128) allocated at most this:
+# exactly this for the bf16 GEMM (147,456 B for 128 x 256 x 64, 3 stages), 114,688-115,200 B against
+# 131,072 for the fp8-weight GEMM. At the H100's limit it rejects every config whose build exceeds it
+# (TF32 GEMM configs 0-2, the fp32-adapter shrink 64 x 128 at K*r = 128: 294,912 B) and one that fits
+# (the fp32-adapter shrink 32 x 128, 4 stages, at K*r = 128: 221,184 B; two other configs remain).
 
 def shrink_smem_bytes(config: triton.Config, block_r: int, x_bytes: int, a_bytes: int) -> int:
     bm, bd = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"]

@@ -1,7 +1,8 @@
 """kernels.masked_lora_triton's build decisions, as pure functions: config pruning and autotune keys.
 
 The GPU config lists are pruned here with CPU stand-ins for the kernel arguments (the hook reads only
-dtypes and the device); the expected survivors are those whose sm_90 builds fit an H100's 232,448 B.
+dtypes and the device). The byte counts quoted are from sm_90 builds of these kernels (Triton 3.9 on a
+CPU machine, launch-like specialisation); the H100 / H200 limit is 232,448 B.
 """
 import inspect
 
@@ -72,6 +73,7 @@ def test_shrink_pruning_depends_on_the_adapter_dtype_and_rank():
     assert prune(torch.bfloat16, torch.float32, 16) == [0, 1, 2, 3]
     assert prune(torch.bfloat16, torch.bfloat16, 128) == [0, 1, 2, 3]
     # fp32 adapters beside bf16 x at K*r = 128: the 4-stage, 128-deep configs buffer 64 KB of A per stage
+    # (config 1's sm_90 build needs 294,912 B; config 0's 221,184 B would fit: the estimate is an upper bound)
     assert prune(torch.bfloat16, torch.float32, 128) == [2, 3]
     assert prune(torch.float32, torch.float32, 128) == [2, 3]
 
