@@ -56,8 +56,8 @@ DISTANCE_METRICS = ("dino", "lpips", "arcface")  # measured against the sweep's 
 DEFAULT_METRICS = "clip,siglip,blip,dino"        # the ones that need no optional package
 TOY_METRICS = ("toy", "toy_others")              # --scorer toy: read from the toy world's attributes
 MODEL_FLAGS = {"clip": "--clip-model", "siglip": "--siglip-model", "blip": "--blip-model", "dino": "--dino-model"}
-TITLES = {"toy": "toy: edit strength (0 = source, 1 = edit)",
-          "toy_others": "toy_others: strength of the prompt's other edits", "clip": "clip: CLIP cosine", "siglip": "siglip: SigLIP match probability",
+TITLES = {"toy": "toy: edit strength (0 = source, 1 = edit)", "toy_others": "toy_others: the other edits' strength",
+          "clip": "clip: CLIP cosine", "siglip": "siglip: SigLIP match probability",
           "blip": "blip: BLIP ITM match probability", "dino": "dino: DINOv2 distance to source",
           "lpips": "lpips: LPIPS distance to source", "arcface": "arcface: identity distance to source"}
 MODEL_MODE_ONLY = ("model", "gstlora", "stlora", "cases", "alphas", "seed", "steps", "guidance", "dtype")
@@ -293,8 +293,8 @@ def generate_sweeps(args: argparse.Namespace, specs: list[CaseSpec]) -> list[Pat
 # ---------------------------------------------------------------------------------------------------
 
 def build_evaluators(args: argparse.Namespace) -> dict:
-    if args.scorer == "toy":
-        return {name: ToyEditStrength() for name in TOY_METRICS}
+    if args.scorer == "toy":  # one reader for both toy metrics (see toy_scores)
+        return dict.fromkeys(TOY_METRICS, ToyEditStrength())
     makers = {
         "clip": lambda: ClipScore(args.clip_model, args.device, args.batch_size),
         "siglip": lambda: SiglipScore(args.siglip_model, args.device, args.batch_size),
