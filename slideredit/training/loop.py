@@ -38,10 +38,10 @@ from .checkpoints import (checkpoints, global_rng_state, load_training_state, pr
 from .config import ConfigError, TrainConfig
 from .data import DataError, DataOrder, UnreadableImage, center_crop, decode_image, derived_seed, open_dataset, to_pixels
 from .distributed import Distributed, cleanup_distributed, setup_distributed
-from .outputs import check_output_dir, clear_output_dir
 from .encoding import EncodingCache, FrozenEncoders, Source
 from .losses import (DistillationBatch, DistillationPrompts, distillation_prompts, draw_sigmas, draw_suppressed,
                      self_distillation_loss, stlora_token_scale)
+from .outputs import check_output_dir, clear_output_dir
 from .validation import validation_grid
 
 logger = logging.getLogger("slideredit.training")
