@@ -1,0 +1,143 @@
+"""Precision of the low-memory (fp8) mode, on the CPU.
+
+1. A real layer size (3072 x 3072, rank 16, |alpha B A| ~ 1e-3 |W| at alpha 1): the output error of a
+   slider merged into bf16 or fp8 weights and of the unfused slider on bf16 or fp8 weights, against the
+   float64 truth, for alpha from 0.05 to 1. Two measures: the whole output's relative error, and the
+   slider's own effect, (y(alpha) - y(0)) against the true alpha x (B A)^T. GEMMs run in float64 on the
+   stored operands, so the table shows what the weights' storage does (bf16 activations add their own
+   output rounding, 2^-9 per element, the same for every variant; printed as a last row).
+2. The tiny random FLUX (tests' presets): velocity relative error in fp8 vs fp32, with and without the
+   modulation linears and the embedders quantized: the measurement behind fp8_targets' choice.
+3. The autoencoder decoder's peak live activation memory, untiled and tiled, at FLUX's widths, measured
+   at 256^2 by tracking every tensor the decoder creates, then scaled to 1024^2 (activations scale with
+   the pixel count).
+
+    python benchmarks/fp8_precision.py
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from slideredit.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
+from slideredit.quantization import fp8_targets, quantize_model, quantize_rows  # noqa: E402
+from slideredit.transformer import Flux, FluxParams  # noqa: E402
+
+ALPHAS = (0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def layer_table(d: int = 3072, rank: int = 16, tokens: int = 256, ratio: float = 1e-3) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)  # std 0.018, as FLUX's linears
+    a = torch.randn(rank, d, generator=g, dtype=torch.float64)
+    b = torch.randn(d, rank, generator=g, dtype=torch.float64)
+    b *= ratio * w.norm() / (b @ a).norm()  # ||B A||_F = 1e-3 ||W||_F
+    x = torch.randn(tokens, d, generator=g).bfloat16().double()  # activations as a bf16 model holds them
+
+    bf16 = lambda m: m.bfloat16().double()
+    fp8 = lambda m: (lambda q, s: q.double() * s.double()[:, None])(*quantize_rows(m.float()))
+    a32, b32 = a.float().double(), b.float().double()  # the adapter is held in fp32
+    y0_true = x @ w.T
+    variants = {
+        "bf16-merged": lambda al: x @ bf16(w + al * b @ a).T,
+        "fp8-merged": lambda al: x @ fp8(w + al * b @ a).T,
+        "unfused on bf16 W": lambda al: x @ bf16(w).T + al * (x @ a32.T) @ b32.T,
+        "unfused on fp8 W": lambda al: x @ fp8(w).T + al * (x @ a32.T) @ b32.T,
+    }
+    print(f"\n## 1. Layer {d} x {d}, rank {rank}, ||alpha B A|| = {ratio:g} ||W|| at alpha 1, {tokens} tokens")
+    header = "| variant | measure | " + " | ".join(f"alpha {al:g}" for al in ALPHAS) + " |"
+    print(header + "\n|" + "---|" * (2 + len(ALPHAS)))
+    for name, run in variants.items():
+        base = run(0.0)
+        total, effect = [], []
+        for al in ALPHAS:
+            y_true, y = y0_true + al * (x @ (b @ a).T), run(al)
+            delta_true = al * (x @ (b @ a).T)
+            total.append((y - y_true).norm() / y_true.norm())
+            effect.append(((y - base) - delta_true).norm() / delta_true.norm())
+        print(f"| {name} | output error | " + " | ".join(f"{v:.2e}" for v in total) + " |")
+        print(f"| {name} | slider-effect error | " + " | ".join(f"{v:.2e}" for v in effect) + " |")
+    effect = []
+    for al in ALPHAS:  # bf16 activations: the layer's output itself is rounded to bf16
+        delta_true = al * (x @ (b @ a).T)
+        y = bf16(y0_true + delta_true) - bf16(y0_true)
+        effect.append((y - delta_true).norm() / delta_true.norm())
+    print("| bf16 output rounding alone | slider-effect error | " + " | ".join(f"{v:.2e}" for v in effect) + " |")
+
+
+def tiny_flux() -> None:
+    from tiny_kontext import randomize_
+    from test_transformer import kontext_inputs
+
+    print("\n## 2. Tiny random FLUX, velocity relative error in fp8 vs fp32")
+    print("| preset | attention + MLP linears | + modulation (default) | + embedders and final layer |\n|---|---|---|---|")
+    for preset in ("tiny", "small"):
+        params = getattr(FluxParams, preset)()
+        model = randomize_(Flux(params), 3).eval()
+        inputs = kontext_inputs(params)
+        embedders = ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+                     "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer", "final_layer.linear",
+                     "final_layer.adaLN_modulation.1"]
+        choices = [fp8_targets(model, modulation=False), fp8_targets(model), fp8_targets(model) + embedders]
+        errors = []
+        with torch.no_grad():
+            reference = model(**inputs)
+            for names in choices:
+                out = quantize_model(copy.deepcopy(model), names)(**inputs)
+                errors.append(((out - reference).norm() / reference.norm()).item())
+        print(f"| {preset} | " + " | ".join(f"{e:.4f}" for e in errors) + " |")
+    print("(e4m3's RMS error per element for evenly spread mantissas: 2^-3 / sqrt(12) * sqrt(1/2) = 0.0255)")
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensors alive at once among those created inside the mode (weights excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.seen and storage.nbytes():
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, key, storage.nbytes())
+        return out
+
+    def _free(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+
+def decoder_memory(size: int = 256) -> None:
+    model = AutoEncoder(AutoEncoderParams.flux()).eval()
+    z = torch.randn(1, 16, size // 8, size // 8)
+    scale = (1024 / size) ** 2 / 2  # to 1024^2, and fp32 -> bf16
+    print(f"\n## 3. FLUX decoder peak live activations (measured at {size}^2 fp32, scaled to 1024^2 bf16)")
+    for label, run in (("untiled", lambda: model.decode(z)),
+                       ("tiled, 64 x 64 latent tiles (512^2 px)", lambda: model.decode_tiled(z, tile=size // 16, overlap=size // 64))):
+        with torch.no_grad(), LiveBytes() as mode:
+            run()
+        print(f"| {label} | {mode.peak / 2**20:.0f} MB at {size}^2 fp32 | {mode.peak * scale / 2**30:.2f} GB at 1024^2 bf16 |")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    layer_table()
+    tiny_flux()
+    decoder_memory()
