@@ -326,9 +326,9 @@ def test_stacks_past_the_triton_limit_take_the_torch_path(tmp_path, monkeypatch)
     backends = {}
     original = sliders.masked_lora_linear
 
-    def spy(x, weight, bias, lora_a, lora_b, token_scale, backend=None):
+    def spy(x, weight, bias, lora_a, lora_b, token_scale, backend=None, **kw):
         backends[lora_a.shape[0]] = backend
-        return original(x, weight, bias, lora_a, lora_b, token_scale, backend=backend)
+        return original(x, weight, bias, lora_a, lora_b, token_scale, backend=backend, **kw)
 
     monkeypatch.setattr(sliders, "masked_lora_linear", spy)
     model = tiny_model()
