@@ -5,7 +5,7 @@ tokens) in fp32 and bf16. `--device cuda`: the full Kontext [dev] shape (8704 to
 hidden 3072) with random weights made on the GPU, bf16.
 
 Prints, per dtype: median forward time of each (repeats interleaved so both see the same machine
-state), the ratio ours / diffusers, the max error between them, and the achieved FLOP rate of our
+state), the ratio ours / diffusers (min / median / max over the repetitions), the max error between them, and the achieved FLOP rate of our
 forward as a fraction of a large GEMM's rate measured in the same run.
 """
 from __future__ import annotations
@@ -113,10 +113,12 @@ def bench(params: FluxParams, text: int, side: int, dtype: torch.dtype, device: 
     if device == "cuda":
         torch.cuda.empty_cache()
     mo, mr = statistics.median(t_ours), statistics.median(t_ref)
+    ratios = sorted(o / r for o, r in zip(t_ours, t_ref))  # repetition i: ours then diffusers, back to back
     flops = forward_flops(params, text, 2 * side * side)
     peak = gemm_rate(dtype, device, gemm)
     print(f"{str(dtype).removeprefix('torch.'):>8}  ours {mo * 1e3:9.1f} ms  diffusers {mr * 1e3:9.1f} ms  "
-          f"ratio {mo / mr:5.3f}  max rel err {err:.1e}  "
+          f"ratio {ratios[0]:5.3f} / {statistics.median(ratios):5.3f} / {ratios[-1]:5.3f} (min / median / max)  "
+          f"max rel err {err:.1e}  "
           f"ours {flops / mo / 1e12:6.2f} TFLOP/s = {flops / mo / peak:4.2f} of a {gemm}^3 GEMM "
           f"({peak / 1e12:.2f} TFLOP/s)")
 

@@ -1,7 +1,8 @@
 """One full Kontext edit, ours vs diffusers' FluxKontextPipeline, on the same mid-size random model folder.
 
 Each run is a fresh process (so peak RSS is that pipeline's own); runs alternate between the two.
-Prints the median edit time (after loading) and the peak RSS of each, and the ratios ours / diffusers.
+Prints the median edit time (after loading) and the peak RSS of each, and the ratios ours / diffusers
+(time: min / median / max over the alternating rounds).
 
     python benchmarks/bench_pipeline.py [--size 512] [--steps 4] [--repeats 3]
 """
@@ -78,7 +79,9 @@ def main() -> None:
     for which, runs in results.items():
         summary[which] = (statistics.median(r["seconds"] for r in runs), max(r["peak_rss_mb"] for r in runs))
         print(f"{which:>10}: edit {summary[which][0]:7.2f} s   peak RSS {summary[which][1]:7.0f} MB")
-    print(f"ratio ours/diffusers: time {summary['ours'][0] / summary['diffusers'][0]:.3f}, "
+    ratios = sorted(o["seconds"] / d["seconds"] for o, d in zip(results["ours"], results["diffusers"]))
+    print(f"ratio ours/diffusers: time {ratios[0]:.3f} / {statistics.median(ratios):.3f} / {ratios[-1]:.3f} "
+          f"(min / median / max over {len(ratios)} rounds, round i = the i-th process of each), "
           f"peak RSS {summary['ours'][1] / summary['diffusers'][1]:.3f}")
 
 

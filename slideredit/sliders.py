@@ -12,7 +12,8 @@ adapters, all applied in ONE call of the fused masked LoRA linear (kernels/), st
 
 An adapter on a fused projection may be several LoRAs (the release adapts q, k and v separately): each
 `LoRAPart` owns an output-row range of the fused weight, and the parts stack into one adapter whose B is
-block-structured. Removing the adapters puts back the original `nn.Linear` holding the same tensors.
+block-structured. Removing the adapters puts back the original `nn.Linear` (or `Fp8Linear`) holding the
+same tensors.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from kernels import MAX_STACKED_RANK, masked_lora_linear
+from kernels import MAX_STACKED_RANK, fp8_linear, masked_lora_linear
 
+from .quantization import Fp8Linear
 from .transformer import Flux
 
 GSTLORA, STLORA = "gstlora", "stlora"
@@ -100,25 +102,37 @@ class SliderLinear(nn.Module):
     they are made of changes (the set of switched-on adapters, a scale tensor, a LoRA parameter updated
     in place, e.g. by an optimizer step, or swapped, e.g. by `.to()`; x's device, dtype or token shape).
     An adapter whose scales are all zero is skipped, so with every adapter off or at zero the layer is
-    exactly its `nn.Linear`. When autograd records (grad enabled and a LoRA parameter requires grad) the
-    stack is built inside the graph on every call and nothing is skipped: every LoRA parameter gets its
-    gradient, zero included, as without a cache."""
+    exactly the module it replaced (`nn.Linear`, or `Fp8Linear` for fp8 weights). When autograd records
+    (grad enabled and a LoRA parameter requires grad) the stack is built inside the graph on every call
+    and nothing is skipped: every LoRA parameter gets its gradient, zero included, as without a cache."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear | Fp8Linear):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same tensors: no copy, exact restore
+        self.weight_scale = getattr(base, "weight_scale", None)  # fp8 weights: fp32 per output row
         self.adapters = nn.ModuleDict()
         # (key, sources, stack): `key` identifies what `stack` was built from; `sources` keeps those
         # objects alive so that their ids cannot be reused while the key holds them. stack is None
         # when every switched-on adapter has all-zero scales.
         self._cache: tuple[tuple, list, tuple[Tensor, Tensor, Tensor] | None] | None = None
 
-    def to_linear(self) -> nn.Linear:
+    def to_linear(self) -> nn.Linear | Fp8Linear:
+        """The layer this one replaced (nn.Linear, or Fp8Linear for fp8 weights), holding the same tensors."""
         with torch.device("meta"):
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            if self.weight_scale is None:
+                linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            else:
+                linear = Fp8Linear(self.in_features, self.out_features, bias=self.bias is not None)
+                linear.weight_scale = self.weight_scale
         linear.weight, linear.bias = self.weight, self.bias
         return linear
+
+    def _base(self, x: Tensor) -> Tensor:
+        """The frozen layer alone, as the replaced module computes it."""
+        if self.weight_scale is None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         on = [a for a in self.adapters.values() if a.scale is not None]
@@ -126,13 +140,14 @@ class SliderLinear(nn.Module):
             return self._lora(x, *self._stack(on, x))
         stack = self._cached_stack(on, x) if on else None
         if stack is None:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return self._base(x)
         return self._lora(x, *stack)
 
     def _lora(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, token_scale: Tensor) -> Tensor:
         # the Triton kernel holds up to 128 stacked ranks; larger stacks take the PyTorch path
         backend = "torch" if lora_a.shape[0] > MAX_STACKED_RANK else None
-        return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale, backend=backend)
+        fp8 = {} if self.weight_scale is None else {"weight_scale": self.weight_scale}
+        return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale, backend=backend, **fp8)
 
     def _stack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> A (K*r, d_in), B (d_out, K*r), token scales (..., K) fp32 of `adapters`, ranks padded to

@@ -19,7 +19,8 @@ def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
     for key, part in parts.items():
         assert f"## {key}. {part['title']}" in markdown
         assert part["rows"], f"part {key} produced no rows: {part['notes']}"
-        assert not any("time budget" in note or "out of memory" in note for note in part["notes"]), part["notes"]
+        assert not any(w in note for note in part["notes"] for w in ("time budget", "out of memory", "failed")), \
+            part["notes"]
 
     setup = gpu_report.smoke_setup()
     cases = len(setup.ranks) * len(setup.dtypes) * len(setup.kernel_tokens) * len(setup.layer_shapes()) * len(setup.ks)
@@ -44,3 +45,11 @@ def test_correctness_part_catches_a_wrong_kernel(monkeypatch):
     setup = replace(gpu_report.smoke_setup(), dtypes=(torch.bfloat16,), kernel_tokens=(8,), ks=(2,))
     part = gpu_report.part_correctness(setup, deadline=float("inf"))
     assert part.rows and all(row["ok"] is False for row in part.rows)
+
+
+def test_a_failing_part_becomes_a_note_and_the_report_goes_on():
+    def broken(deadline):
+        raise RuntimeError("no such kernel\nsecond line")
+
+    part = gpu_report.guarded(broken, float("inf"), "cpu")
+    assert part.rows == [] and part.notes[0].startswith("part failed: RuntimeError: no such kernel (")

@@ -213,3 +213,28 @@ def test_scales_set_under_inference_mode_are_cached_and_watched():
     layer.adapters[GSTLORA].scale.mul_(-1)  # set_slider_scale's tensor, changed in place outside
     with torch.no_grad():
         assert close(layer(x), reference(layer, x))
+
+
+def test_fp8_weights_keep_their_scale_and_the_zero_path_is_the_fp8_layer():
+    from kernels import masked_lora_linear
+    from slideredit.quantization import Fp8Linear
+
+    g = torch.Generator().manual_seed(4)
+    linear = nn.Linear(D, 3 * D).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(3 * D, D, generator=g))
+    fp8 = Fp8Linear.from_linear(linear)
+    layer = SliderLinear(fp8)
+    layer.adapters[GSTLORA] = qkv_layer().adapters[GSTLORA].float()
+    x = x_in().to(torch.bfloat16)
+    with torch.no_grad():
+        set_slider_scale(layer, GSTLORA, 0.0)
+        assert torch.equal(layer(x), fp8(x))
+        set_slider_scale(layer, GSTLORA, 0.7)
+        a, b = layer.adapters[GSTLORA].stacked(3 * D, 3 * R)
+        want = masked_lora_linear(x, fp8.weight, fp8.bias, a, b, torch.full((1, 1, 1), 0.7), backend="torch",
+                                  weight_scale=fp8.weight_scale)
+        assert torch.equal(layer(x), want)
+    restored = layer.to_linear()
+    assert isinstance(restored, Fp8Linear) and restored.weight_scale is fp8.weight_scale
+    assert restored.weight is fp8.weight and restored.bias is fp8.bias
