@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -268,7 +269,8 @@ def _stream(model: Flux, plan: Plan, index: dict[str, StoredTensor], scales: dic
             device: torch.device) -> None:
     """Allocate each tensor of the (meta-device) model once, on `device` in its final dtype, and fill it
     piece by piece in file order; each stored tensor is mapped, copied and dropped. A stored tensor that
-    already is a whole CPU model tensor (same dtype, unscaled) is kept as its mapping, not copied."""
+    already is a whole CPU model tensor (same dtype, unscaled) is kept as its mapping, not copied.
+    Plain copies run on a few threads (the kernel copies from the page cache on each, in parallel)."""
     wanted = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
     fp8_layers = {f"{name}.weight": name for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
     real: dict[str, Tensor] = {}
@@ -279,26 +281,30 @@ def _stream(model: Flux, plan: Plan, index: dict[str, StoredTensor], scales: dic
             real[name] = torch.empty(shape, dtype=dtype, device=device)
         return real[name]
 
-    for name, piece in file_order(plan, index):
-        stored = index[piece.source]
-        rows = piece.row_range(index)
-        scale = stored_scale_rows(scales, piece.source, rows)
-        plain = scale is None and stored.dtype == wanted[name][1] and device.type == "cpu"
-        if name in fp8_layers:
-            try:
-                write_fp8_rows(target(name), target(f"{fp8_layers[name]}.weight_scale"), piece.at,
-                               map_stored(stored, piece.rows), scale)
-            except ValueError as err:
-                raise CheckpointError(f"{stored.path}: tensor {piece.source!r} {err}") from None
-        elif plain and len(plan[name]) == 1 and piece.rows is None:
-            real[name] = map_stored(stored).view(wanted[name][0])  # the mapping itself: nothing copied
-        else:
-            out = target(name)
-            out = out[piece.at:piece.at + rows[1] - rows[0]] if out.ndim else out
-            if plain:
-                read_into(stored, piece.rows, out)
-            else:  # the mapped rows are converted on the way and dropped right after
-                out.copy_(stored_values(map_stored(stored, piece.rows), scale))
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        copies = []
+        for name, piece in file_order(plan, index):
+            stored = index[piece.source]
+            rows = piece.row_range(index)
+            scale = stored_scale_rows(scales, piece.source, rows)
+            plain = scale is None and stored.dtype == wanted[name][1] and device.type == "cpu"
+            if name in fp8_layers:
+                try:
+                    write_fp8_rows(target(name), target(f"{fp8_layers[name]}.weight_scale"), piece.at,
+                                   map_stored(stored, piece.rows), scale)
+                except ValueError as err:
+                    raise CheckpointError(f"{stored.path}: tensor {piece.source!r} {err}") from None
+            elif plain and len(plan[name]) == 1 and piece.rows is None:
+                real[name] = map_stored(stored).view(wanted[name][0])  # the mapping itself: nothing copied
+            else:
+                out = target(name)
+                out = out[piece.at:piece.at + rows[1] - rows[0]] if out.ndim else out
+                if plain:
+                    copies.append(pool.submit(read_into, stored, piece.rows, out))
+                else:  # the mapped rows are converted on the way and dropped right after
+                    out.copy_(stored_values(map_stored(stored, piece.rows), scale))
+        for copy in copies:
+            copy.result()  # re-raises a failed read
     assign_tensors(model, real)
 
 
