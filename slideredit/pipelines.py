@@ -29,7 +29,7 @@ from .token_selection import is_number, subprompt_spans
 from .sampling import denoise, get_schedule, initial_noise, latent_ids, pack_latents, text_ids, unpack_latents
 from .text_encoders import SUBFOLDERS, KontextTextEncoders, check_encoder_files
 from .transformer import Flux
-from .transformer_loading import load_flux
+from .transformer_loading import QUANTIZE_MODES, load_flux
 
 # What one edit needs from a diffusers-layout Kontext repository (BFL's single files are not fetched).
 HUB_PATTERNS = ["model_index.json", "scheduler/*", "transformer/*", "vae/*"] + [f"{name}/*" for name in SUBFOLDERS]
@@ -143,18 +143,31 @@ class SliderEditFluxKontextPipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, torch_dtype: torch.dtype = torch.bfloat16,
-                        device: str | torch.device | None = None, *, offload: bool = False
+                        device: str | torch.device | None = None, *, offload: bool | None = None,
+                        quantize: str | None = None, t5_quantize: str | None = None
                         ) -> "SliderEditFluxKontextPipeline":
-        """Load a diffusers-layout Kontext folder (transformer/, vae/, text encoders, tokenizers) or a hub repo id."""
+        """Load a diffusers-layout Kontext folder (transformer/, vae/, text encoders, tokenizers) or a hub repo id.
+
+        Low-memory mode, `quantize="fp8"`: the transformer's block linears hold float8_e4m3fn weights
+        with one fp32 scale per output row, quantized while streaming (load_flux); sliders stay exact
+        and unquantized on top of them. The text encoders then stay on the CPU except while they
+        encode (`offload` defaults to True in this mode, False otherwise), unless `t5_quantize="fp8"`
+        holds T5's linears in fp8 too, small enough to stay on `device` (offload then defaults to False)."""
+        for name, value in (("quantize", quantize), ("t5_quantize", t5_quantize)):
+            if value not in QUANTIZE_MODES:
+                raise ValueError(f"{name} must be one of {QUANTIZE_MODES}, got {value!r}")
+        if offload is None:
+            offload = quantize == "fp8" and t5_quantize is None
         device = check_device(device)  # before any download or load
         folder = download_from_hub(str(source), HUB_PATTERNS) if looks_like_repo_id(source) else Path(source).expanduser()
         if not folder.is_dir():
             raise CheckpointError(f"model folder not found: {folder} (and not a hub repo id of the form owner/name)")
         check_encoder_files(folder)  # a truncated T5 download fails now, not after the transformer loaded
         text_device = "cpu" if offload else device
-        return cls(load_flux(folder, dtype=torch_dtype, device=device),
+        return cls(load_flux(folder, dtype=torch_dtype, device=device, quantize=quantize),
                    load_autoencoder(folder, dtype=torch_dtype, device=device),
-                   KontextTextEncoders.from_pretrained(folder, dtype=torch_dtype, device=text_device),
+                   KontextTextEncoders.from_pretrained(folder, dtype=torch_dtype, device=text_device,
+                                                       t5_quantize=t5_quantize),
                    ScheduleConfig.from_folder(folder), EditDefaults.from_folder(folder), offload=offload)
 
     @property
