@@ -54,6 +54,7 @@ class TrainConfig:
     max_train_steps: int = 1000  # optimizer steps
     guidance_scale: float = 3.5  # the distilled-guidance input, in training and validation
     mixed_precision: str = "bf16"  # "bf16": frozen model in bf16, adapters fp32; "no": everything fp32
+    quantize: str | None = None  # "fp8": QLoRA-style, the frozen block linears in fp8 (mixed_precision the rest)
     gradient_checkpointing: bool = True
     offload: bool = False  # keep the text encoders and the VAE on the CPU except while they encode
     seed: int = 0
@@ -203,6 +204,8 @@ def check(c: TrainConfig) -> None:
         problems.append(f"seed must be in [0, 2**32), got {c.seed}")
     if c.mixed_precision not in ("no", "bf16"):
         problems.append(f"mixed_precision must be 'no' or 'bf16', got {c.mixed_precision!r}")
+    if c.quantize not in (None, "fp8"):
+        problems.append(f"quantize must be 'fp8' or null (no quantization), got {c.quantize!r}")
     if c.report_to not in ("none", "wandb"):
         problems.append(f"report_to must be 'none' or 'wandb', got {c.report_to!r}")
     if c.validation_prompts and not c.validation_lora_scales:

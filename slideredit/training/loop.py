@@ -84,7 +84,8 @@ class Trainer:
             self.dataset = open_dataset(c)
             check_validation_image(c)  # before the model loads, not at the first validation step
             self.pipe = SliderEditFluxKontextPipeline.from_pretrained(
-                c.pretrained_model_name_or_path, torch_dtype=dtype, device=self.device, offload=c.offload)
+                c.pretrained_model_name_or_path, torch_dtype=dtype, device=self.device, offload=c.offload,
+                quantize=c.quantize)
         self.model = self.pipe.transformer
         self.model.gradient_checkpointing = c.gradient_checkpointing
         cache = EncodingCache(c.cache_dir, model_key=model_key(c.pretrained_model_name_or_path)) if c.cache_dir else None
