@@ -338,3 +338,10 @@ def test_sweep_one_slider_of_three(tiny_kontext_dir, photo, tmp_path, st_ckpt):
     assert [c.alphas for c in sweep.cells] == [(0.5, 0.0, -1.0), (0.5, 1.0, -1.0)]  # slider 2 swept, others held
     grid = Image.open(out / "grid.png")
     assert grid.size == (2 * 48, 2 * LABEL_HEIGHT + 32)  # one row under a title and the column labels
+
+
+def test_auto_dtype_is_float32_on_the_cpu():
+    """bfloat16 is emulated on most CPUs (the toy demo: 75 s a cell instead of 4 s in float32)."""
+    assert infer.resolve_dtype("auto", "cpu") == torch.float32
+    assert infer.resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert infer.resolve_dtype("float16", "cpu") == torch.float16
