@@ -97,7 +97,8 @@ def test_help_documents_every_flag(capsys):
         infer.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--keep-size", "--image", "--prompt", "--out", "--steps", "--guidance", "--seed", "--height", "--width", "--model",
-                 "--gstlora", "--stlora", "--subprompts", "--alphas"):
+                 "--gstlora", "--stlora", "--subprompts", "--alphas", "--snap-size", "--slider-alphas", "--sweep-slider",
+                 "--device", "--dtype"):
         assert flag in text
 
 
