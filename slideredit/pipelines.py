@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .autoencoder import AutoEncoder, load_autoencoder
 from .checkpoint import CheckpointError, download_from_hub, looks_like_repo_id
+from .compile import compile_blocks
 from .image import ImageInput, default_output_size, prepare_context_image
 from .slider_checkpoints import load_adapter
 from .sliders import GSTLORA, STLORA, loaded_adapters, remove_adapters, set_slider_scale
@@ -144,7 +145,7 @@ class SliderEditFluxKontextPipeline:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, torch_dtype: torch.dtype = torch.bfloat16,
                         device: str | torch.device | None = None, *, offload: bool | None = None,
-                        quantize: str | None = None, t5_quantize: str | None = None
+                        quantize: str | None = None, t5_quantize: str | None = None, compile: bool = False
                         ) -> "SliderEditFluxKontextPipeline":
         """Load a diffusers-layout Kontext folder (transformer/, vae/, text encoders, tokenizers) or a hub repo id.
 
@@ -152,7 +153,8 @@ class SliderEditFluxKontextPipeline:
         with one fp32 scale per output row, quantized while streaming (load_flux); sliders stay exact
         and unquantized on top of them. The text encoders then stay on the CPU except while they
         encode (`offload` defaults to True in this mode, False otherwise), unless `t5_quantize="fp8"`
-        holds T5's linears in fp8 too, small enough to stay on `device` (offload then defaults to False)."""
+        holds T5's linears in fp8 too, small enough to stay on `device` (offload then defaults to False).
+        `compile=True` calls `pipe.compile()` once loaded."""
         for name, value in (("quantize", quantize), ("t5_quantize", t5_quantize)):
             if value not in QUANTIZE_MODES:
                 raise ValueError(f"{name} must be one of {QUANTIZE_MODES}, got {value!r}")
@@ -164,11 +166,12 @@ class SliderEditFluxKontextPipeline:
             raise CheckpointError(f"model folder not found: {folder} (and not a hub repo id of the form owner/name)")
         check_encoder_files(folder)  # a truncated T5 download fails now, not after the transformer loaded
         text_device = "cpu" if offload else device
-        return cls(load_flux(folder, dtype=torch_dtype, device=device, quantize=quantize),
+        pipe = cls(load_flux(folder, dtype=torch_dtype, device=device, quantize=quantize),
                    load_autoencoder(folder, dtype=torch_dtype, device=device),
                    KontextTextEncoders.from_pretrained(folder, dtype=torch_dtype, device=text_device,
                                                        t5_quantize=t5_quantize),
                    ScheduleConfig.from_folder(folder), EditDefaults.from_folder(folder), offload=offload)
+        return pipe.compile() if compile else pipe
 
     @property
     def device(self) -> torch.device:
@@ -178,12 +181,26 @@ class SliderEditFluxKontextPipeline:
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
+    def device_memory(self) -> dict[str, int]:
+        """Bytes of parameters and buffers each component holds on the pipeline's device (offloaded text
+        encoders hold 0 between encodes); fp8 weights count one byte per element."""
+        return {name: sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
+                          if t.device == self.device)
+                for name, module in (("transformer", self.transformer), ("autoencoder", self.autoencoder),
+                                     ("text_encoders", self.text_encoders))}
+
     def to(self, device: str | torch.device) -> "SliderEditFluxKontextPipeline":
         device = check_device(device)
         self.transformer.to(device)
         self.autoencoder.to(device)
         if not self.offload:
             self.text_encoders.to(device)
+        return self
+
+    def compile(self, **options) -> "SliderEditFluxKontextPipeline":
+        """torch.compile the transformer's double and single blocks (slideredit/compile.py); changing
+        alphas, sub-prompts or per-image alphas never recompiles them. `options` go to torch.compile."""
+        compile_blocks(self.transformer, **options)
         return self
 
     def set_progress_bar_config(self, disable: bool = False) -> None:

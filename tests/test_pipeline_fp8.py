@@ -74,6 +74,19 @@ def test_fp8_mode_offloads_the_text_encoders_unless_t5_is_fp8_too(pipes, tiny_ko
     assert isinstance(both.text_encoders.t5.encoder.block[0].layer[0].SelfAttention.q, Fp8Linear)
 
 
+def test_device_memory_counts_what_each_component_holds(pipes):
+    """fp8 weights are one byte per element instead of the float64 model's eight: by hand from the tensors."""
+    fp8, reference = pipes
+    got, plain = fp8.device_memory(), reference.device_memory()
+    assert got.keys() == {"transformer", "autoencoder", "text_encoders"} and got["autoencoder"] == plain["autoencoder"]
+    sd = fp8.transformer.state_dict()
+    quantized = sum(v.numel() for v in sd.values() if v.dtype == FP8)
+    scales = sum(v.numel() for k, v in sd.items() if k.endswith(".weight_scale"))
+    assert got["transformer"] == plain["transformer"] - 7 * quantized + 4 * scales
+    assert plain["transformer"] == 8 * sum(p.numel() for p in reference.transformer.parameters()) + \
+        sum(b.numel() * b.element_size() for b in reference.transformer.buffers())
+
+
 def test_t5_fp8_equals_float64_math_on_its_dequantized_linears(tiny_kontext_dir):
     """Every T5 linear but the feed-forward's wo holds fp8; the embeddings equal T5 with those weights
     dequantized. Against the unquantized T5 they differ (quantization happened) but far from O(1): each
