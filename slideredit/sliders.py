@@ -75,6 +75,10 @@ class Adapter(nn.Module):
         super().__init__()
         self.parts = nn.ModuleDict(sorted(parts.items(), key=lambda kv: kv[1].start))  # q, k, v order
         self.scale: Tensor | None = None  # broadcastable to x.shape[:-1]; None = off (0)
+        # The same scale for compiled blocks: a persistent fp32 tensor written in place (zeros when
+        # off), so that new alphas are new values of the same graph input, never a new graph.
+        # None until the adapter is first scaled.
+        self.scale_buffer: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -104,7 +108,12 @@ class SliderLinear(nn.Module):
     An adapter whose scales are all zero is skipped, so with every adapter off or at zero the layer is
     exactly the module it replaced (`nn.Linear`, or `Fp8Linear` for fp8 weights). When autograd records
     (grad enabled and a LoRA parameter requires grad) the stack is built inside the graph on every call
-    and nothing is skipped: every LoRA parameter gets its gradient, zero included, as without a cache."""
+    and nothing is skipped: every LoRA parameter gets its gradient, zero included, as without a cache.
+
+    Inside torch.compile (slideredit/compile.py) the layer takes a graph-safe path instead: every
+    adapter that was ever scaled is applied with its `scale_buffer` (zeros when off; the kernel's hard
+    mask makes a zero scale add exactly 0), its A and B stacked beforehand by `refresh_compiled_stack`
+    (outside the graph), so no branch depends on the values of the scales."""
 
     def __init__(self, base: nn.Linear | Fp8Linear):
         super().__init__()
@@ -116,6 +125,11 @@ class SliderLinear(nn.Module):
         # objects alive so that their ids cannot be reused while the key holds them. stack is None
         # when every switched-on adapter has all-zero scales.
         self._cache: tuple[tuple, list, tuple[Tensor, Tensor, Tensor] | None] | None = None
+        # Compiled blocks: A (K*r, d_in), B (d_out, K*r) of the adapters with a scale_buffer, in order,
+        # and what they were built from (read outside the graph only); None = build them in the graph.
+        self._compiled_ab: tuple[Tensor, Tensor] | None = None
+        self._compiled_key: tuple | None = None
+        self._compiled_sources: list = []
 
     def to_linear(self) -> nn.Linear | Fp8Linear:
         """The layer this one replaced (nn.Linear, or Fp8Linear for fp8 weights), holding the same tensors."""
@@ -135,6 +149,8 @@ class SliderLinear(nn.Module):
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x)
         on = [a for a in self.adapters.values() if a.scale is not None]
         if on and torch.is_grad_enabled() and any(p.requires_grad for a in on for p in a.parameters()):
             return self._lora(x, *self._stack(on, x))
@@ -143,19 +159,54 @@ class SliderLinear(nn.Module):
             return self._base(x)
         return self._lora(x, *stack)
 
-    def _lora(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, token_scale: Tensor) -> Tensor:
+    def _compiled_forward(self, x: Tensor) -> Tensor:
+        """The graph-safe path: the graph depends on which adapters were ever scaled (and the shapes of
+        their scale buffers), never on the scales' values."""
+        scaled = [a for a in self.adapters.values() if a.scale_buffer is not None]
+        if not scaled:
+            return self._base(x)
+        training = torch.is_grad_enabled() and any(p.requires_grad for a in scaled for p in a.parameters())
+        if training or self._compiled_ab is None:
+            lora_a, lora_b = self._stack_ab(scaled)
+        else:
+            lora_a, lora_b = self._compiled_ab
+        token_scale = torch.stack(torch.broadcast_tensors(*[a.scale_buffer for a in scaled]), dim=-1)
+        # the PyTorch formulation, which inductor fuses (the Triton kernel and the auto-dispatch's
+        # measurements are not traceable)
+        return self._lora(x, lora_a, lora_b, token_scale, backend="torch")
+
+    def refresh_compiled_stack(self) -> None:
+        """Stack A and B of the adapters with a scale buffer for the compiled path, once per change of
+        what they are made of (run outside the graph: set_slider_scale calls it)."""
+        scaled = [a for a in self.adapters.values() if a.scale_buffer is not None]
+        sources = [s for a in scaled for s in (a, *a.parameters())]
+        key = tuple((id(s), getattr(s, "_version", 0), s.data_ptr() if isinstance(s, Tensor) else 0) for s in sources)
+        if key == self._compiled_key:
+            return
+        if scaled and not any(isinstance(s, Tensor) and s.is_inference() for s in sources):
+            with torch.inference_mode(False), torch.no_grad():
+                self._compiled_ab = self._stack_ab(scaled)
+        else:
+            self._compiled_ab = None  # nothing to stack, or no version counter to watch: stack in the graph
+        self._compiled_key, self._compiled_sources = key, sources
+
+    def _lora(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, token_scale: Tensor,
+              backend: str | None = None) -> Tensor:
         # the Triton kernel holds up to 128 stacked ranks; larger stacks take the PyTorch path
-        backend = "torch" if lora_a.shape[0] > MAX_STACKED_RANK else None
+        backend = "torch" if lora_a.shape[0] > MAX_STACKED_RANK else backend
         fp8 = {} if self.weight_scale is None else {"weight_scale": self.weight_scale}
         return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale, backend=backend, **fp8)
 
-    def _stack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """-> A (K*r, d_in), B (d_out, K*r), token scales (..., K) fp32 of `adapters`, ranks padded to
-        the largest (the kernel stacks equal ranks)."""
+    def _stack_ab(self, adapters: list[Adapter]) -> tuple[Tensor, Tensor]:
+        """-> A (K*r, d_in), B (d_out, K*r) of `adapters`, ranks padded to the largest (the kernel
+        stacks equal ranks)."""
         rank = max(a.rank for a in adapters)
         stacks = [a.stacked(self.out_features, rank) for a in adapters]
-        lora_a = torch.cat([s[0] for s in stacks])
-        lora_b = torch.cat([s[1] for s in stacks], dim=1)
+        return torch.cat([s[0] for s in stacks]), torch.cat([s[1] for s in stacks], dim=1)
+
+    def _stack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> A (K*r, d_in), B (d_out, K*r), token scales (..., K) fp32 of `adapters`."""
+        lora_a, lora_b = self._stack_ab(adapters)
         scales = torch.broadcast_tensors(*[a.scale for a in adapters])
         token_scale = torch.stack(scales, dim=-1).to(device=x.device, dtype=torch.float32)
         return lora_a, lora_b, token_scale
@@ -257,8 +308,13 @@ def loaded_adapters(model: nn.Module) -> set[str]:
 def set_slider_scale(model: nn.Module, name: str, scale: float | Tensor | None) -> None:
     """Scale adapter `name` on every layer: a number applies to every token; a (B, T) tensor gives
     one scale per text token (STLoRA: text-stream layers only); None switches the adapter off.
-    Layers keep their stacked adapters until a scale (or an adapter's weights) changes."""
+    Layers keep their stacked adapters until a scale (or an adapter's weights) changes.
+
+    Each adapter's scale is also written, in place, into its persistent `scale_buffer` (zeros for
+    None), which compiled blocks read: a new value of the same shape never recompiles them."""
     on_device: dict[torch.device, Tensor] = {}  # one fp32 copy per device, shared by its layers
+    written: set[int] = set()  # scale buffers (shared by the layers of one device) already updated
+    fresh: dict[tuple, Tensor] = {}  # new buffers, one per device and shape, shared by the layers
     for _, layer in slider_layers(model):
         if name in layer.adapters:
             value = None
@@ -270,7 +326,28 @@ def set_slider_scale(model: nn.Module, name: str, scale: float | Tensor | None) 
                         t = t.clone() if t.is_inference() else t
                     on_device[device] = t.reshape(1, 1) if t.ndim == 0 else t
                 value = on_device[device]
-            layer.adapters[name].scale = value
+            adapter = layer.adapters[name]
+            adapter.scale = value
+            _write_scale_buffer(adapter, value, written, fresh)
+    if getattr(model, "compiled_sliders", False):  # set by slideredit.compile.compile_blocks
+        for _, layer in slider_layers(model):
+            layer.refresh_compiled_stack()
+
+
+def _write_scale_buffer(adapter: Adapter, value: Tensor | None, written: set[int], fresh: dict[tuple, Tensor]) -> None:
+    """adapter.scale_buffer <- value (zeros for None), in place when the shape and device still fit."""
+    buffer = adapter.scale_buffer
+    if buffer is not None and (value is None or (buffer.shape == value.shape and buffer.device == value.device)):
+        if id(buffer) not in written:
+            buffer.zero_() if value is None else buffer.copy_(value)
+            written.add(id(buffer))
+    elif value is not None:  # first scale, or a new shape (e.g. per-token after a number): a new buffer
+        key = (value.device, value.shape)
+        if key not in fresh:
+            with torch.inference_mode(False):  # writable in place later, inside or outside inference mode
+                fresh[key] = value.clone()
+            written.add(id(fresh[key]))
+        adapter.scale_buffer = fresh[key]
 
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
