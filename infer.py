@@ -46,7 +46,7 @@ TOY_MODEL = Path(__file__).resolve().parent / "assets" / "toy-kontext"
 DEFAULT_MODEL = str(TOY_MODEL)  # the embedded default; the real model: black-forest-labs/FLUX.1-Kontext-dev
 ALPHA_WARNING = 10.0  # |alpha| beyond this is far outside any trained range
 ASPECT_NOTICE = 0.10  # tell the user when resizing changes the aspect ratio by more than this (relative)
-SWEEP_ENTRIES = {"sweep.json", "source.png", "grid.png", "sweep.gif", "cells"}  # what a sweep folder holds
+SWEEP_ENTRIES = {"sweep.json", "source.png", "grid.png", "sweep.gif", "cells", "index.html"}  # what a sweep folder holds
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
@@ -94,7 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="weights and activations dtype; auto: bfloat16 on a GPU, float32 on the CPU "
                              "(CPUs without bfloat16 units run it many times slower) (default: %(default)s)")
-    parser.add_argument("--offload", action="store_true", help="keep the text encoders on the CPU except while encoding")
+    parser.add_argument("--offload", action="store_true", default=None,
+                        help="keep the text encoders on the CPU except while encoding (default with --quantize fp8)")
+    parser.add_argument("--quantize", choices=["fp8"], default=None,
+                        help="low-memory mode: the transformer's block linears in float8_e4m3fn with one scale per "
+                             "row (sliders stay exact, unquantized, on top); the text encoders are offloaded")
+    parser.add_argument("--slider-start", type=fraction, default=0.0, metavar="F",
+                        help="sliders act from this fraction of the denoising steps on (0 <= F < 1; default 0: "
+                             "the whole trajectory); the first steps stay the base edit, which keeps the layout")
+    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                        help="sweeps: cells rendered per pipeline call (same noise and prompt encoding per cell); "
+                             "default 1 on the CPU, on a GPU as many as a quarter of its free memory holds")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer's blocks (slider changes never recompile)")
     return parser
 
 
@@ -234,6 +246,44 @@ def check_device(name: str | None) -> str:
     return name
 
 
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def resolve_batch_size(pipe, args: argparse.Namespace) -> int:
+    """--batch-size, or a default from the device's free memory: 1 on the CPU; on a GPU, cells whose
+    activations (estimated as 64 bytes x hidden width per token of [noisy ; context ; text]) fill a
+    quarter of the free memory, at most the sweep's cell count."""
+    import torch
+
+    if args.batch_size is not None:
+        return args.batch_size
+    if pipe.device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(pipe.device)
+    p = pipe.transformer.params
+    tokens = 2 * (1024 // 16) ** 2 + pipe.defaults.max_sequence_length  # a one-megapixel edit
+    per_cell = 64 * p.hidden_size * tokens
+    return max(1, min(len(sweep_cells(args)), int(free // 4 // per_cell)))
+
+
+def device_memory_report(pipe) -> str:
+    """What each component holds on the pipeline's CUDA device, and the peak so far (GiB)."""
+    import torch
+
+    def held(module) -> float:
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
+                   if t.device == pipe.device) / 2**30
+
+    parts = {"transformer": pipe.transformer, "autoencoder": pipe.autoencoder,
+             "T5": pipe.text_encoders.t5, "CLIP": pipe.text_encoders.clip}
+    held_text = ", ".join(f"{name} {held(module):.2f}" for name, module in parts.items())
+    return f"device memory (GiB): {held_text}; peak {torch.cuda.max_memory_allocated(pipe.device) / 2**30:.2f}"
+
+
 def resolve_dtype(name: str, device: str):
     """--dtype as a torch dtype; "auto" is bfloat16 on an accelerator and float32 on the CPU (on 2 busy CPU
     cores here, one cell of the toy demo took 4 s in float32 and 75 s in bfloat16)."""
@@ -270,15 +320,20 @@ def sweep_cells(args: argparse.Namespace) -> list[tuple[float, ...]]:
     return list(itertools.product(args.alphas, repeat=n))  # n is 1 or 2 here (parse_args)
 
 
-def edit(pipe, args: argparse.Namespace, source, alphas: tuple[float, ...] | None = None, **embeds):
-    """One edit of `source`, with the loaded adapter at `alphas` (one per slider) when given."""
+def edit(pipe, args: argparse.Namespace, source, cells: list[tuple[float, ...]] | None = None, **embeds) -> list:
+    """Edits of `source` in one pipeline call: one image per cell, the loaded adapter at that cell's alphas
+    (one per slider), every image from the same seeded noise; one plain edit when `cells` is None."""
     import torch
 
-    sliders = ({} if alphas is None else dict(slider_alpha=alphas[0]) if args.gstlora
-               else dict(subprompts_list=args.subprompts, slider_alpha_list=list(alphas)))
+    sliders = {}
+    if cells is not None:
+        per_image = [list(column) for column in zip(*cells)]  # per slider: its alpha in each image
+        sliders = (dict(slider_alpha=per_image[0]) if args.gstlora
+                   else dict(subprompts_list=args.subprompts, slider_alpha_list=per_image))
+        sliders["slider_steps"] = (args.slider_start, 1.0)
     return pipe(image=source, prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                 height=args.height, width=args.width, auto_resize=args.auto_resize,
-                generator=torch.Generator("cpu").manual_seed(args.seed), **embeds, **sliders).images[0]
+                generator=torch.Generator("cpu").manual_seed(args.seed), **embeds, **sliders).images
 
 
 def sweep_grid(args: argparse.Namespace, images: dict):
@@ -304,6 +359,7 @@ def run_sweep(pipe, args: argparse.Namespace, source) -> Path:
 
     from slideredit.atomic import atomic_folder
     from slideredit.evaluation.sweep import Sweep, SweepCell, write_sweep
+    from slideredit.explorer import write_explorer
     from slideredit.grids import save_gif, save_png, with_caption
 
     method = "stlora" if args.stlora else "gstlora"
@@ -313,19 +369,26 @@ def run_sweep(pipe, args: argparse.Namespace, source) -> Path:
         (folder / "cells").mkdir()
         save_png(source, folder / "source.png")
         images, cells = {}, []
-        for alphas in tqdm(sweep_cells(args), desc="sweep", unit="cell"):
-            image = edit(pipe, args, source, alphas, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
-            name = "cells/" + "_".join(f"{a:+.2f}" for a in alphas) + ".png"
-            save_png(image, folder / name)
-            images[alphas] = image
-            cells.append(SweepCell(alphas=alphas, image=name))
+        todo, batch = sweep_cells(args), resolve_batch_size(pipe, args)
+        with tqdm(total=len(todo), desc="sweep", unit="cell") as bar:
+            for start in range(0, len(todo), batch):
+                chunk = todo[start:start + batch]
+                for alphas, image in zip(chunk, edit(pipe, args, source, chunk, prompt_embeds=embeds,
+                                                     pooled_prompt_embeds=pooled), strict=True):
+                    name = "cells/" + "_".join(f"{a:+.2f}" for a in alphas) + ".png"
+                    save_png(image, folder / name)
+                    images[alphas] = image
+                    cells.append(SweepCell(alphas=alphas, image=name))
+                bar.update(len(chunk))
         save_png(sweep_grid(args, images), folder / "grid.png")
         save_gif([with_caption(images[c.alphas], "alpha " + ", ".join(f"{a:+.2f}" for a in c.alphas)) for c in cells],
                  folder / "sweep.gif")
         write_sweep(folder, Sweep(source_image="source.png", prompt=args.prompt, subprompts=args.subprompts,
                                   seed=args.seed, method=method, model=str(args.model), steps=args.steps,
                                   guidance=args.guidance, cells=cells))
-    print(f"wrote {len(cells)} cells, {args.out / 'grid.png'}, {args.out / 'sweep.gif'} and {args.out / 'sweep.json'}")
+        write_explorer(folder)
+    print(f"wrote {len(cells)} cells, {args.out / 'grid.png'}, {args.out / 'sweep.gif'}, {args.out / 'sweep.json'} "
+          f"and {args.out / 'index.html'} (open it in a browser to drag the sliders)")
     return args.out
 
 
@@ -341,7 +404,9 @@ def main(argv: list[str] | None = None) -> Path:
     source = to_rgb(load_image(args.image))  # a bad image fails before the model loads
     dtype = resolve_dtype(args.dtype, args.device)
     pipe = SliderEditFluxKontextPipeline.from_pretrained(args.model, torch_dtype=dtype, device=args.device,
-                                                         offload=args.offload)
+                                                         offload=args.offload, quantize=args.quantize)
+    if pipe.device.type == "cuda":
+        print(device_memory_report(pipe), file=sys.stderr)
     auto_resize = pipe.defaults.auto_resize if args.auto_resize is None else args.auto_resize
     notice = resize_notice(source.width, source.height, auto_resize)
     if notice:
@@ -350,11 +415,16 @@ def main(argv: list[str] | None = None) -> Path:
         pipe.load_stlora(args.stlora)
     elif args.gstlora:
         pipe.load_gstlora(args.gstlora)
+    if args.compile:
+        pipe.compile()  # after the adapters are on: their stacks are part of the compiled blocks' inputs
     if args.sweep:
-        return run_sweep(pipe, args, source)
-    image = edit(pipe, args, source, None if args.slider_alphas is None else tuple(args.slider_alphas))
-    out = save_image(image, args.out)
-    print(f"wrote {out} ({image.width}x{image.height})")
+        out = run_sweep(pipe, args, source)
+    else:
+        image, = edit(pipe, args, source, None if args.slider_alphas is None else [tuple(args.slider_alphas)])
+        out = save_image(image, args.out)
+        print(f"wrote {out} ({image.width}x{image.height})")
+    if pipe.device.type == "cuda":
+        print(device_memory_report(pipe) + " (after the edit)", file=sys.stderr)
     return out
 
 

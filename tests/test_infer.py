@@ -286,16 +286,14 @@ def test_one_progress_bar_over_the_cells(tiny_kontext_dir, photo, tmp_path, gst_
 
 
 def test_lazy_imports_parse_without_torch(tmp_path):
-    """infer.py and the slideredit modules it parses with import no torch: --help and argument errors are
-    instant. (The package's __init__ is bypassed here; it imports the pipeline eagerly.)"""
+    """infer.py and the slideredit modules it parses with (the package's __init__ included: its exports
+    load on first use) import no torch: --help and argument errors are instant."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(infer.__file__).resolve().parent
-    code = ("import sys, types\n"
-            f"package = types.ModuleType('slideredit'); package.__path__ = [{str(root / 'slideredit')!r}]\n"
-            "sys.modules['slideredit'] = package\n"
+    code = ("import sys\n"
             "import infer\n"
             "for argv in (['--help'], ['--guidance', 'nan'], ['--subprompts', 'x']):\n"
             "    try:\n        infer.parse_args(argv)\n    except SystemExit:\n        pass\n"
@@ -346,3 +344,71 @@ def test_auto_dtype_is_float32_on_the_cpu():
     assert infer.resolve_dtype("auto", "cpu") == torch.float32
     assert infer.resolve_dtype("auto", "cuda:0") == torch.bfloat16
     assert infer.resolve_dtype("float16", "cpu") == torch.float16
+
+
+# --- batches, schedules, low-memory mode, the explorer page -------------------------------------------------------
+
+def spy_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every pipeline call, the calls themselves still running."""
+    from slideredit.pipelines import SliderEditFluxKontextPipeline
+
+    calls, original = [], SliderEditFluxKontextPipeline.__call__
+    monkeypatch.setattr(SliderEditFluxKontextPipeline, "__call__",
+                        lambda self, *a, **k: calls.append(k) or original(self, *a, **k))
+    return calls
+
+
+def test_a_batched_sweep_equals_the_cell_by_cell_sweep(tiny_kontext_dir, photo, tmp_path, st_ckpt, monkeypatch):
+    base = ["--image", str(photo), "--model", str(tiny_kontext_dir), "--stlora", str(st_ckpt),
+            "--subprompts", "make the hair red", "add a hat", "--alphas", "-1", "1", *FAST]
+    calls = spy_calls(monkeypatch)
+    single = read_sweep(infer.main([*base, "--out", str(tmp_path / "one")]))
+    assert len(calls) == 4
+    batched = infer.main([*base, "--batch-size", "3", "--out", str(tmp_path / "three")])
+    assert len(calls) == 6  # 4 cells in batches of 3 and 1
+    assert calls[4]["slider_alpha_list"] == [[-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]]  # per slider, per image
+    cells = read_sweep(batched).cells
+    assert [c.alphas for c in cells] == [c.alphas for c in single.cells]
+    # batched GEMMs round differently from single ones (a few ULPs): at most one 8-bit level apart,
+    # while the cells themselves differ by far more, so each image got its own alphas
+    for a, b in zip(single.cells, cells):
+        assert np.abs(pixels(tmp_path / "one" / a.image) - pixels(batched / b.image)).max() <= 1
+    assert np.abs(pixels(batched / cells[0].image) - pixels(batched / cells[3].image)).max() > 4
+
+
+def test_slider_start_reaches_the_pipeline(tiny_kontext_dir, photo, tmp_path, gst_ckpt, monkeypatch, capsys):
+    calls = spy_calls(monkeypatch)
+    base = ["--image", str(photo), "--prompt", "p", "--model", str(tiny_kontext_dir), "--gstlora", str(gst_ckpt), *FAST]
+    late = infer.main([*base, "--slider-alphas", "1", "--slider-start", "0.5", "--out", str(tmp_path / "late.png")])
+    assert calls[-1]["slider_steps"] == (0.5, 1.0) and calls[-1]["slider_alpha"] == [1.0]
+    full = infer.main([*base, "--slider-alphas", "1", "--out", str(tmp_path / "full.png")])
+    assert calls[-1]["slider_steps"] == (0.0, 1.0)
+    assert np.abs(pixels(late) - pixels(full)).max() > 8  # half of the steps without the slider
+    for bad in ("1", "-0.1", "nan"):
+        assert "--slider-start" in usage_error(capsys, [*base, "--slider-start", bad])
+
+
+def test_quantize_fp8_edits_with_fp8_block_linears(tiny_kontext_dir, photo, tmp_path, gst_ckpt, monkeypatch):
+    from slideredit.pipelines import SliderEditFluxKontextPipeline
+    from slideredit.quantization import Fp8Linear
+
+    loaded = []
+    original = SliderEditFluxKontextPipeline.from_pretrained.__func__
+    monkeypatch.setattr(SliderEditFluxKontextPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(original(cls, *a, **k)) or loaded[-1]))
+    base = ["--image", str(photo), "--prompt", "p", "--model", str(tiny_kontext_dir), *FAST]
+    fp8 = infer.main([*base, "--quantize", "fp8", "--out", str(tmp_path / "fp8.png")])
+    assert any(isinstance(m, Fp8Linear) for m in loaded[-1].transformer.modules())
+    assert loaded[-1].offload  # the text encoders stay on the CPU in this mode
+    plain = infer.main([*base, "--out", str(tmp_path / "plain.png")])
+    # e4m3 keeps 3 mantissa bits: the images differ, but not by much on average
+    assert 0 < np.abs(pixels(fp8) - pixels(plain)).mean() < 16
+
+
+def test_a_sweep_writes_its_explorer_page_and_can_be_redone(tiny_kontext_dir, photo, tmp_path, gst_ckpt):
+    argv = ["--image", str(photo), "--prompt", "p", "--model", str(tiny_kontext_dir), "--gstlora", str(gst_ckpt),
+            "--alphas", "0", "1", "--out", str(tmp_path / "sweep"), *FAST]
+    out = infer.main(argv)
+    page = (out / "index.html").read_text()
+    assert "cells/+1.00.png" in page and "cells/+0.00.png" in page
+    assert infer.main(argv) == out  # a folder holding a previous sweep and its page is replaced
