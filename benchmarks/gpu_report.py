@@ -13,8 +13,9 @@ allocated on the CPU), bf16. The parts, run in this order:
      and fp16, forward and backward) against fp32 math
   b  timing per layer shape: bare F.linear, fused Triton, the PyTorch path, an unfused PEFT-style layer,
      and backend=None ("auto"): what it chose, overhead over bare against the FLOP bound
-  c  a full transformer forward (2 x 4096 image + 512 text tokens): base, GSTLoRA, STLoRA, both; then
-     diffusers' FluxTransformer2DModel + peft beside it when importable
+  c  a full transformer forward (2 x 4096 image + 512 text tokens): base, GSTLoRA, STLoRA, both, and both
+     with torch.compile'd blocks (alphas moving every call, no recompilation allowed); then diffusers'
+     FluxTransformer2DModel + peft beside it when importable
   d  one GSTLoRA and one STLoRA training step (self-distillation loss, AdamW) at 512^2 and 1024^2,
      gradient checkpointing on and off
   f  report.json and report.md in --out (GPU, driver, torch, triton), the markdown also printed.
@@ -56,6 +57,7 @@ from bench_lora import SPAN_LEN, SPAN_START, interleaved_times_cpu, interleaved_
 
 from kernels import masked_lora_linear  # noqa: E402
 from slideredit.atomic import atomic_path  # noqa: E402
+from slideredit.compile import compile_blocks, uncompile_blocks  # noqa: E402
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from slideredit.sampling import latent_ids, text_ids  # noqa: E402
 from slideredit.sliders import GSTLORA, STLORA, TARGETS, add_adapter, is_fused_qkv, part_rows, \
@@ -88,6 +90,7 @@ class Setup:
     repeats: int
     rank: int = 16  # of the model-level adapters (c, d, e)
     kernel_layers: tuple[str, ...] | None = None  # the layer shapes of parts a and b; None: all of them
+    compile_backend: str = "inductor"  # part c's compiled rows (smoke: aot_eager, the same guards, no C++ build)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,7 +114,7 @@ def smoke_setup() -> Setup:
     return Setup("smoke (tiny shapes, CPU; numbers mean nothing)", "cpu", FluxParams.tiny(), AutoEncoderParams.tiny(),
                  text_tokens=8, edit_px=32, train_px=(32,), edit_steps=2, kernel_tokens=(24, 8), ks=(1, 2),
                  ranks=(4,), dtypes=(torch.bfloat16, torch.float16), repeats=1, rank=4,
-                 kernel_layers=("attn.proj",))  # interpreted Triton: ~0.3 ms per program instance
+                 kernel_layers=("attn.proj",), compile_backend="aot_eager")  # interpreted Triton: ~0.3 ms per program instance
 
 
 # Share of the time budget per part (e includes building the model); what a part leaves is not reused.
@@ -483,7 +486,12 @@ def part_forward(setup: Setup, model: Flux, deadline: float) -> Part:
                                  "peak GiB": fmt_gib(peak)})
                 except torch.OutOfMemoryError:
                     notes.append(f"ours {name}: out of memory")
+            if out_of_time(deadline):
+                notes.append("ours compiled: skipped, time budget")
+            else:
+                compiled_forward(setup, model, inputs, rows, notes)
     finally:
+        uncompile_blocks(model)
         remove_adapters(model)
         free_memory(dev)
     tokens = inputs["img"].shape[1] + setup.text_tokens
@@ -491,6 +499,34 @@ def part_forward(setup: Setup, model: Flux, deadline: float) -> Part:
                  f"{dtype_name(setup.dtype)}, rank {setup.rank}; GSTLoRA alpha {GST_ALPHA} everywhere, STLoRA "
                  f"{ST_ALPHA} on one span of text tokens; one warm-up call, then {setup.repeats} timed")
     return Part(rows, notes)
+
+
+def compiled_forward(setup: Setup, model: Flux, inputs: dict[str, Tensor], rows: list[dict], notes: list[str]) -> None:
+    """GSTLoRA + STLoRA through compile_blocks: warm-up (compilation) timed apart, then timed calls that
+    each move both sliders, under fail_on_recompile (a recompilation would fail the part)."""
+    dev = setup.device
+    compile_blocks(model, backend=setup.compile_backend)
+    alphas = iter([GST_ALPHA, -GST_ALPHA, 0.0, 0.5 * GST_ALPHA] * (setup.repeats + 1))
+
+    def forward():
+        alpha = next(alphas)
+        set_slider_scale(model, GSTLORA, alpha)
+        set_slider_scale(model, STLORA, text_span_scale(setup, -alpha))
+        return model(**inputs)
+
+    try:
+        start = time.perf_counter()
+        wall(forward, dev)
+        warm = time.perf_counter() - start
+        with torch.compiler.set_stance("fail_on_recompile"):
+            seconds, peak = time_calls(forward, dev, setup.repeats)
+        rows.append({"model": "ours compiled", "variant": "GSTLoRA + STLoRA, alphas moved every call",
+                     "ms per forward (min / median / max)": spread_ms(seconds), "peak GiB": fmt_gib(peak)})
+        notes.append(f"ours compiled: torch.compile backend {setup.compile_backend} on every block "
+                     f"(slideredit/compile.py); first call (compilation) {warm:.1f} s; no recompilation while "
+                     "the alphas moved (fail_on_recompile)")
+    except torch.OutOfMemoryError:
+        notes.append("ours compiled: out of memory")
 
 
 def part_forward_peer(setup: Setup, deadline: float) -> Part:

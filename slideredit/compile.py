@@ -26,3 +26,12 @@ def compile_blocks(model: Flux, **options) -> Flux:
     for block in [*model.double_blocks, *model.single_blocks]:
         block.compile(**options)
     return model
+
+
+def uncompile_blocks(model: Flux) -> Flux:
+    """Undo compile_blocks: every block runs eagerly again (nn.Module.compile keeps the compiled call in
+    `_compiled_call_impl`; None is its uncompiled state)."""
+    for block in [*model.double_blocks, *model.single_blocks]:
+        block._compiled_call_impl = None
+    model.compiled_sliders = False
+    return model

@@ -22,7 +22,7 @@ from tolerances import assert_close_ulps
 TOY = Path(__file__).resolve().parents[1] / "assets" / "toy-kontext"
 COLOR, SIZE = Edit("square", "red"), Edit("circle", "larger")
 PROMPT, SUBPROMPTS = f"{COLOR.instruction} and {SIZE.instruction}", [COLOR.instruction, SIZE.instruction]
-ALPHAS = [-1.0, -0.5, 0.0, 0.5, 1.0]
+ALPHAS = [-1.0, 0.0, 1.0]  # a 3 x 3 sweep keeps the test fast; benchmarks/bench_compile.py runs the 5 x 5
 
 
 @pytest.fixture
@@ -38,12 +38,12 @@ def pipe():
 
 
 def model_inputs(pipe, batch: int) -> dict:
-    """One denoising step's transformer inputs: the real prompt encoding, random latents (8 x 8 target
+    """One denoising step's transformer inputs: the real prompt encoding, random latents (4 x 4 target
     and context tokens)."""
     txt, vec = pipe.encode_prompt([PROMPT] * batch)
     g = torch.Generator().manual_seed(0)
-    img = torch.randn(batch, 128, 64, generator=g)
-    ids = torch.cat([latent_ids(batch, 8, 8, 0), latent_ids(batch, 8, 8, 1)], dim=1)
+    img = torch.randn(batch, 32, 64, generator=g)
+    ids = torch.cat([latent_ids(batch, 4, 4, 0), latent_ids(batch, 4, 4, 1)], dim=1)
     return dict(img=img, img_ids=ids, txt=txt, txt_ids=text_ids(batch, txt.shape[1]), y=vec,
                 timesteps=torch.full((batch,), 0.7), guidance=torch.full((batch,), 2.5))
 
@@ -64,7 +64,7 @@ def sweep(pipe, cells: list, set_cell) -> list[torch.Tensor]:
     return outs
 
 
-def test_a_5x5_stlora_sweep_never_recompiles_and_equals_eager(pipe):
+def test_an_stlora_sweep_never_recompiles_and_equals_eager(pipe):
     cells = [(a, b) for a in ALPHAS for b in ALPHAS]  # includes (0, 0): every scale zero
     set_cell = lambda ab: set_slider_scale(pipe.transformer, STLORA, stlora_scales(pipe, list(ab), 1))
     eager = sweep(pipe, cells, set_cell)
@@ -98,7 +98,7 @@ def test_per_image_alphas_and_gstlora_changes_never_recompile(pipe):
         return pipe.transformer(**inputs)
 
     cases = [([1.0, 0.0, -1.0], [[0.5, 0.0, -0.5], 1.0]), ([0.0, 0.0, 0.0], [[0.0] * 3, [0.0] * 3]),
-             (None, [[1.0, -1.0, 0.25], 0.0]), ([-0.5, 0.5, 0.75], [0.0, [1.0, 0.0, -1.0]])]
+             (None, [[1.0, -1.0, 0.25], 0.0])]
     eager = [run(*case) for case in cases]
     compile_blocks(pipe.transformer, backend="aot_eager")
     run([0.1, 0.2, 0.3], [[0.1, 0.2, 0.3], 0.4])  # warm-up
@@ -119,7 +119,7 @@ def test_pipe_compile_images_equal_eager_without_recompiling(pipe):
                     generator=torch.Generator().manual_seed(0), subprompts_list=SUBPROMPTS,
                     slider_alpha_list=alphas).images
 
-    calls = [[[-1.0, 0.0, 1.0], 0.5], [[0.0, 0.0, 0.0], [1.0, -1.0, 0.0]]]
+    calls = [[[-1.0, 0.0, 1.0], 0.5], [0.0, [1.0, -1.0, 0.0]]]
     eager = [edit(a) for a in calls]
     assert pipe.compile(backend="aot_eager") is pipe
     edit([[0.2, 0.4, 0.6], -0.3])  # warm-up
