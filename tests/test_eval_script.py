@@ -191,7 +191,7 @@ def test_model_mode_gstlora_calls_and_errors(tiny, tmp_path, monkeypatch):
     (tmp_path / "kontext").mkdir()
     flags = ["--model", str(tmp_path / "kontext"), "--gstlora", str(adapter), "--cases", str(cases), "--metrics", "dino",
              *model_flags(tiny, tmp_path / "out")]
-    monkeypatch.delattr(slideredit, "SliderEditFluxKontextPipeline", raising=False)
+    monkeypatch.delitem(slideredit._EXPORTS, "SliderEditFluxKontextPipeline")  # the package exports it lazily
     with pytest.raises(ImportError, match="SliderEditFluxKontextPipeline.*--sweep"):
         eval_script.main(flags)
 
@@ -354,7 +354,9 @@ def test_unreachable_hub_stops_eval_at_once_with_one_line(tmp_path):
                              "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120,
                             cwd=ROOT)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert float(result.stdout.strip()) < 2.0
+    # the hub client's retries take 24-30 s; one attempt with its 3 s timeout stays far below that,
+    # with room for a loaded CI machine
+    assert float(result.stdout.strip()) < 12.0
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("eval.py: error: cannot fetch the CLIPModel (clip) model 'openai/clip-vit-base-patch32'")
     assert "http://127.0.0.1:9 is unreachable" in line and "--clip-model" in line and "--scorer toy" in line

@@ -264,7 +264,7 @@ def test_an_interrupted_sweep_leaves_the_previous_one_intact(tiny_kontext_dir, p
             "--gstlora", str(gst_ckpt), "--alphas", "-1", "1", "--out", str(tmp_path / "sweep"), *FAST]
     out = infer.main([*argv, "--seed", "0"])
     before = folder_bytes(out)
-    assert read_sweep(out).seed == 0 and len(before) == 2 + 4  # cells, source, grid, GIF, sweep.json
+    assert read_sweep(out).seed == 0 and len(before) == 2 + 5  # cells, source, grid, GIF, sweep.json, index.html
 
     with monkeypatch.context() as patch:
         interrupt_on_call(patch, 2)  # after the first new cell is written
