@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", choices=["fp8"], default=None,
                         help="low-memory mode: the transformer's block linears in float8_e4m3fn with one scale per "
                              "row (sliders stay exact, unquantized, on top); the text encoders are offloaded")
+    parser.add_argument("--t5-quantize", choices=["fp8"], default=None,
+                        help="hold T5's linears (all but the feed-forward output) in fp8 on the device instead of "
+                             "offloading the text encoders (T5-XXL: 5.9 GB instead of 9.5 GB)")
     parser.add_argument("--slider-start", type=fraction, default=0.0, metavar="F",
                         help="sliders act from this fraction of the denoising steps on (0 <= F < 1; default 0: "
                              "the whole trajectory); the first steps stay the base edit, which keeps the layout")
@@ -404,7 +407,8 @@ def main(argv: list[str] | None = None) -> Path:
     source = to_rgb(load_image(args.image))  # a bad image fails before the model loads
     dtype = resolve_dtype(args.dtype, args.device)
     pipe = SliderEditFluxKontextPipeline.from_pretrained(args.model, torch_dtype=dtype, device=args.device,
-                                                         offload=args.offload, quantize=args.quantize)
+                                                         offload=args.offload, quantize=args.quantize,
+                                                         t5_quantize=args.t5_quantize)
     if pipe.device.type == "cuda":
         print(device_memory_report(pipe), file=sys.stderr)
     auto_resize = pipe.defaults.auto_resize if args.auto_resize is None else args.auto_resize

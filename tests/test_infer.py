@@ -412,3 +412,17 @@ def test_a_sweep_writes_its_explorer_page_and_can_be_redone(tiny_kontext_dir, ph
     page = (out / "index.html").read_text()
     assert "cells/+1.00.png" in page and "cells/+0.00.png" in page
     assert infer.main(argv) == out  # a folder holding a previous sweep and its page is replaced
+
+
+def test_t5_quantize_reaches_from_pretrained(photo, monkeypatch):
+    from slideredit.pipelines import SliderEditFluxKontextPipeline
+
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before anything loads
+    monkeypatch.setattr(SliderEditFluxKontextPipeline, "from_pretrained", capture)
+    with pytest.raises(KeyboardInterrupt):
+        infer.main(["--image", str(photo), "--prompt", "p", "--quantize", "fp8", "--t5-quantize", "fp8", *FAST])
+    assert seen["quantize"] == "fp8" and seen["t5_quantize"] == "fp8" and seen["offload"] is None
