@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import shutil
 from pathlib import Path
 
+from ..atomic import atomic_folder
 from .shapes import write_slider_training_folder
 
 DEFAULT_OUT = Path("data/toy-sliders")
@@ -35,19 +34,8 @@ def write_slider_data(out: str | os.PathLike = DEFAULT_OUT, scenes: int = SCENES
         raise ValueError(f"scenes must be at least 1, got {scenes}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and {p.name for p in out.iterdir()} != DATA_FILES)):
         raise FileExistsError(f"{out} exists and is not a toy slider data folder; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with atomic_folder(out) as tmp:
         write_slider_training_folder(tmp, scenes, seed=SLIDER_DATA_SEED)
-        if out.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
-            old = tmp.with_suffix(".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return out
 
 

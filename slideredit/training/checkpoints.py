@@ -17,12 +17,12 @@ import os
 import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_folder
 from ..checkpoint import CheckpointError
 from ..slider_checkpoints import save_adapter
 from ..transformer import Flux
@@ -62,22 +62,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: Flux, metho
     """Write checkpoint-{step} atomically; an existing checkpoint of that step (a resumed run passing the
     same step again) is replaced."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic_folder(final) as tmp:  # a hidden .checkpoint-N.*.tmp until complete
         save_adapter(model, method, tmp)
         torch.save(state, tmp / STATE_FILE)
-        if final.exists():  # move the old one aside first: os.replace cannot overwrite a non-empty folder
-            old = tmp.with_suffix(".old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return final
 
 
