@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the text encoders on the CPU except while encoding (default with --quantize fp8)")
     parser.add_argument("--quantize", choices=["fp8"], default=None,
                         help="low-memory mode: the transformer's block linears in float8_e4m3fn with one scale per "
-                             "row (sliders stay exact, unquantized, on top); the text encoders are offloaded")
+                             "row (sliders stay exact, unquantized, on top); the text encoders are offloaded and images decoded in exact strips")
     parser.add_argument("--t5-quantize", choices=["fp8"], default=None,
                         help="hold T5's linears (all but the feed-forward output) in fp8 on the device instead of "
                              "offloading the text encoders (T5-XXL: 5.9 GB instead of 9.5 GB)")
@@ -339,21 +339,30 @@ def edit(pipe, args: argparse.Namespace, source, cells: list[tuple[float, ...]] 
                 generator=torch.Generator("cpu").manual_seed(args.seed), **embeds, **sliders).images
 
 
-def sweep_grid(args: argparse.Namespace, images: dict):
-    """The labelled grid of a sweep: rows x columns over two sliders, else one row."""
-    from slideredit.grids import labelled_grid
+def sweep_picture(args: argparse.Namespace, source, images: dict):
+    """The sweep's grid picture (slideredit.grids.sweep_grid): two sliders as rows x columns, else one row
+    over the swept slider."""
+    from slideredit.grids import SliderAxis, sweep_grid
 
-    labels = [f"{a:+.2f}" for a in args.alphas]
     cells = list(images)
+    if args.gstlora:
+        return sweep_grid(source, images, SliderAxis(f"slider '{args.prompt}'", args.alphas))[0]
+    names = [f"slider {i + 1} '{text}'" for i, text in enumerate(args.subprompts)]
     if len(cells[0]) == 2 and args.sweep_slider is None:  # rows: first slider, columns: second
-        rows = [[images[(a, b)] for b in args.alphas] for a in args.alphas]
-        return labelled_grid(rows, labels, labels, title=f"rows: '{args.subprompts[0]}'   columns: '{args.subprompts[1]}'")
-    if args.sweep_slider is not None:
-        held = [f"'{text}' {alpha:+.2f}" for i, (text, alpha) in enumerate(zip(args.subprompts, cells[0]))
-                if i != args.sweep_slider - 1]
-        title = f"sweeping '{args.subprompts[args.sweep_slider - 1]}'; held: " + ", ".join(held)
-        return labelled_grid([list(images.values())], None, labels, title=title)
-    return labelled_grid([list(images.values())], None, labels)
+        return sweep_grid(source, images, SliderAxis(names[1], args.alphas), SliderAxis(names[0], args.alphas),
+                          title=f"prompt: '{args.prompt}'")[0]
+    swept = 0 if args.sweep_slider is None else args.sweep_slider - 1
+    held = [f"{names[i]} at {alpha:+.2f}" for i, alpha in enumerate(cells[0]) if i != swept]
+    title = f"prompt: '{args.prompt}'" + ("; held: " + ", ".join(held) if held else "")
+    return sweep_grid(source, {(alphas[swept],): image for alphas, image in images.items()},
+                      SliderAxis(names[swept], args.alphas), title=title)[0]
+
+
+def frame_caption(args: argparse.Namespace, alphas: tuple[float, ...]) -> str:
+    """A GIF frame's caption: each slider's alpha, one line per slider, the base edit named."""
+    names = [args.prompt] if args.gstlora else args.subprompts
+    lines = [f"{alpha:+.2f} {name}" for name, alpha in zip(names, alphas)]
+    return "\n".join(lines + (["base edit"] if not any(alphas) else []))
 
 
 def run_sweep(pipe, args: argparse.Namespace, source) -> Path:
@@ -363,7 +372,7 @@ def run_sweep(pipe, args: argparse.Namespace, source) -> Path:
     from slideredit.atomic import atomic_folder
     from slideredit.evaluation.sweep import Sweep, SweepCell, write_sweep
     from slideredit.explorer import write_explorer
-    from slideredit.grids import save_gif, save_png, with_caption
+    from slideredit.grids import cell_scale, enlarge, motion_order, save_gif, save_png, with_caption
 
     method = "stlora" if args.stlora else "gstlora"
     embeds, pooled = pipe.encode_prompt(args.prompt)  # once for the whole sweep
@@ -383,9 +392,10 @@ def run_sweep(pipe, args: argparse.Namespace, source) -> Path:
                     images[alphas] = image
                     cells.append(SweepCell(alphas=alphas, image=name))
                 bar.update(len(chunk))
-        save_png(sweep_grid(args, images), folder / "grid.png")
-        save_gif([with_caption(images[c.alphas], "alpha " + ", ".join(f"{a:+.2f}" for a in c.alphas)) for c in cells],
-                 folder / "sweep.gif")
+        save_png(sweep_picture(args, source, images), folder / "grid.png")
+        scale = cell_scale(next(iter(images.values())).size)
+        save_gif([with_caption(enlarge(images[alphas], scale), frame_caption(args, alphas))
+                  for alphas in motion_order(list(images))], folder / "sweep.gif")
         write_sweep(folder, Sweep(source_image="source.png", prompt=args.prompt, subprompts=args.subprompts,
                                   seed=args.seed, method=method, model=str(args.model), steps=args.steps,
                                   guidance=args.guidance, cells=cells))

@@ -8,9 +8,8 @@
    output rounding, 2^-9 per element, the same for every variant; printed as a last row).
 2. The tiny random FLUX (tests' presets): velocity relative error in fp8 vs fp32, with and without the
    modulation linears and the embedders quantized: the measurement behind fp8_targets' choice.
-3. The autoencoder decoder's peak live activation memory, untiled and tiled, at FLUX's widths, measured
-   at 256^2 by tracking every tensor the decoder creates, then scaled to 1024^2 (activations scale with
-   the pixel count).
+3. The autoencoder decoder's peak live activation memory at FLUX's widths, untiled and in strips
+   (decode_tiled), by tracking every tensor the decoder creates (decoder_memory says how).
 
     python benchmarks/fp8_precision.py
 """
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from slideredit import strip_decoding  # noqa: E402
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from slideredit.quantization import fp8_targets, quantize_model, quantize_rows  # noqa: E402
 from slideredit.transformer import Flux, FluxParams  # noqa: E402
@@ -124,16 +124,45 @@ class LiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
 
-def decoder_memory(size: int = 256) -> None:
+def decoder_memory(size: int = 256, rows: int = 8) -> None:
+    """Untiled: every tensor the decoder creates, at size^2 fp32, scaled to 1024^2 bf16 (activations scale
+    with the pixel count). Strips (decode_tiled): the device holds the mid block's tensors (whole, at the
+    latent resolution; measured at size^2 and scaled the same way) or one op's strips: its input strips
+    plus the tensors it creates, measured for every op of a 1024-pixel-wide image (a strip's working set
+    depends on the width, not the height) and halved for bf16. The host buffers between ops are not
+    device memory and are left out."""
     model = AutoEncoder(AutoEncoderParams.flux()).eval()
     z = torch.randn(1, 16, size // 8, size // 8)
     scale = (1024 / size) ** 2 / 2  # to 1024^2, and fp32 -> bf16
-    print(f"\n## 3. FLUX decoder peak live activations (measured at {size}^2 fp32, scaled to 1024^2 bf16)")
-    for label, run in (("untiled", lambda: model.decode(z)),
-                       ("tiled, 64 x 64 latent tiles (512^2 px)", lambda: model.decode_tiled(z, tile=size // 16, overlap=size // 64))):
-        with torch.no_grad(), LiveBytes() as mode:
-            run()
-        print(f"| {label} | {mode.peak / 2**20:.0f} MB at {size}^2 fp32 | {mode.peak * scale / 2**30:.2f} GB at 1024^2 bf16 |")
+    print(f"\n## 3. FLUX decoder peak live activations (1024^2 bf16)")
+    with torch.no_grad(), LiveBytes() as mode:
+        model.decode(z)
+    untiled = mode.peak * scale
+    with torch.no_grad(), LiveBytes() as mode:
+        model.decoder.mid(model.decoder.conv_in(z))
+    mid = mode.peak * scale
+
+    op_peaks = []
+    plain_map_strips = strip_decoding.map_strips
+
+    def measured_map_strips(op, inputs, *args, **kwargs):
+        def measured(*strips):
+            with LiveBytes() as mode:
+                out = op(*strips)
+            op_peaks.append(mode.peak + sum(s.nbytes for s in strips))
+            return out
+        return plain_map_strips(measured, inputs, *args, **kwargs)
+
+    strip_decoding.map_strips = measured_map_strips
+    try:
+        with torch.no_grad():
+            model.decode_tiled(torch.randn(1, 16, 4 * rows, 1024 // 8), rows=rows)
+    finally:
+        strip_decoding.map_strips = plain_map_strips
+    strips = max(op_peaks) / 2
+    print(f"| untiled | {untiled / 2**30:.2f} GB |")
+    print(f"| decode_tiled, strips of {rows} latent rows: mid block (whole) | {mid / 2**30:.3f} GB |")
+    print(f"| decode_tiled, strips of {rows} latent rows: largest op over a strip | {strips / 2**30:.3f} GB |")
 
 
 if __name__ == "__main__":

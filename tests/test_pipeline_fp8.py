@@ -1,7 +1,7 @@
 """Low-memory mode through the pipeline: from_pretrained(quantize="fp8") edits as float64 math on the
 dequantized transformer (with and without a slider), the text encoders' placement in this mode, T5's
-linears in fp8 (t5_quantize="fp8") against float64 math on the dequantized T5, and bad values refused
-before anything loads."""
+linears in fp8 (t5_quantize="fp8") against float64 math on the dequantized T5, the decode in strips one
+image at a time, and bad values refused before anything loads."""
 import numpy as np
 import pytest
 import torch
@@ -72,6 +72,20 @@ def test_fp8_mode_offloads_the_text_encoders_unless_t5_is_fp8_too(pipes, tiny_ko
     both = load(tiny_kontext_dir, quantize="fp8", t5_quantize="fp8")
     assert not both.offload
     assert isinstance(both.text_encoders.t5.encoder.block[0].layer[0].SelfAttention.q, Fp8Linear)
+
+
+def test_fp8_mode_decodes_in_strips_one_image_at_a_time(pipes, tiny_kontext_dir, monkeypatch):
+    fp8, reference = pipes
+    assert fp8.tiled_decode and not reference.tiled_decode
+    assert not load(tiny_kontext_dir, quantize="fp8", tiled_decode=False).tiled_decode
+    calls = []
+    plain = type(fp8.autoencoder).decode_tiled
+    monkeypatch.setattr(type(fp8.autoencoder), "decode_tiled",
+                        lambda self, z, *a, **k: calls.append(z.shape[0]) or plain(self, z, *a, **k))
+    adapter_free = fp8(image=Image.new("RGB", (48, 32)), prompt=[PROMPT, PROMPT], num_inference_steps=1, height=32, width=48,
+                       latents=torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                       output_type="pt", auto_resize=False, max_sequence_length=24).images
+    assert calls == [1, 1] and adapter_free.shape == (2, 3, 32, 48)
 
 
 def test_device_memory_counts_what_each_component_holds(pipes):
