@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import infer
 from slideredit.evaluation import read_sweep
-from slideredit.grids import LABEL_HEIGHT
+from slideredit.grids import cell_scale
 from slideredit.transformer import FluxParams
 from test_sliders import release_checkpoint
 from tiny_kontext import TRANSFORMER_CONFIG
@@ -54,9 +54,11 @@ def test_gstlora_sweep(tiny_kontext_dir, photo, tmp_path, monkeypatch):
     assert len(encodes) == 1  # the text encoders ran once for the whole sweep
     sweep = read_sweep(out)
     assert sweep.method == "gstlora" and [c.alphas for c in sweep.cells] == [(-1.0,), (0.0,), (1.0,)]
-    assert Image.open(out / "grid.png").width == 3 * 48
+    grid, scale = Image.open(out / "grid.png"), cell_scale((48, 32))
+    assert grid.width > 4 * 48 * scale and 32 * scale < grid.height < 2 * 32 * scale  # source + 3 cells, one row
     gif = Image.open(out / "sweep.gif")
     assert gif.n_frames == 4  # forward and back: -1, 0, 1, 0
+    assert gif.width == 48 * scale  # enlarged as in the grid
 
     # alpha 0 is the plain edit with the same seed. With the adapter loaded the linear layers take other
     # GEMM routines (2-D vs 3-D inputs), whose float rounding differs by CPU: a few ULPs, at most one
@@ -77,8 +79,9 @@ def test_stlora_grid_over_two_sliders(tiny_kontext_dir, photo, tmp_path):
     record = json.loads((out / "sweep.json").read_text())
     assert record["prompt"] == "make the hair red and add a hat"
     assert [c["alphas"] for c in record["cells"]] == [[0, 0], [0, 1], [1, 0], [1, 1]]
-    grid = Image.open(out / "grid.png")
-    assert grid.height > 2 * 32 and grid.width > 2 * 48
+    grid, scale = Image.open(out / "grid.png"), cell_scale((48, 32))
+    assert grid.height > 2 * 32 * scale and grid.width > 3 * 48 * scale  # 2 x 2 cells beside the source
+    assert Image.open(out / "sweep.gif").n_frames == 6  # the serpentine 00 01 11 10, then back: 11 01
     images = [np.asarray(Image.open(out / c["image"])) for c in record["cells"]]
     assert not np.array_equal(images[0], images[3])
 
@@ -335,8 +338,8 @@ def test_sweep_one_slider_of_three(tiny_kontext_dir, photo, tmp_path, st_ckpt):
     sweep = read_sweep(out)
     assert sweep.subprompts == subprompts and sweep.prompt == " and ".join(subprompts)
     assert [c.alphas for c in sweep.cells] == [(0.5, 0.0, -1.0), (0.5, 1.0, -1.0)]  # slider 2 swept, others held
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (2 * 48, 2 * LABEL_HEIGHT + 32)  # one row under a title and the column labels
+    grid, scale = Image.open(out / "grid.png"), cell_scale((48, 32))
+    assert grid.width > 3 * 48 * scale and 32 * scale < grid.height < 2 * 32 * scale  # source + 2 cells, one row
 
 
 def test_auto_dtype_is_float32_on_the_cpu():
