@@ -8,11 +8,21 @@ torch.empty on the GPU and filled with small random values: nothing is downloade
 allocated on the CPU), bf16. The parts, run in this order:
   e  a complete 28-step 1024^2 edit through SliderEditFluxKontextPipeline with a GSTLoRA slider
      (prompt_embeds: no text encoder; the autoencoder at full size). It runs first so that its first
-     call pays what a fresh process pays: kernel compilation, autotuning, the dispatch measurement
+     call pays what a fresh process pays: kernel compilation, autotuning, the dispatch measurement.
+     Then the fp8 rows, "fp8 (low-memory mode)": the same edit with the transformer's block linears
+     quantized in place (quantize_model(model, fp8_targets(model)): one transformer resident at a
+     time), GSTLoRA + STLoRA, tiled decode, text encoders offloaded (none on the device): wall time
+     and peak device memory of a first and a second call, the peak compared with the 16 GB goal;
+     then bf16 layers are put back with the same random values for c and d
   a  kernel correctness at every adapted layer shape (M = 8704 and 512, K = 1, 2, 4, r = 16, 32, bf16
-     and fp16, forward and backward) against fp32 math
+     and fp16, forward and backward) against fp32 math; then fp8 weights (float8_e4m3fn + row scales,
+     weight_scale=) at every layer shape, both M, K = 2, r = 16, bf16 and fp16 x, forward and backward
+     (dX, dA, dB) against fp32 math on the dequantized weight
   b  timing per layer shape: bare F.linear, fused Triton, the PyTorch path, an unfused PEFT-style layer,
-     and backend=None ("auto"): what it chose, overhead over bare against the FLOP bound
+     and backend=None ("auto"): what it chose, overhead over bare against the FLOP bound; then fp8
+     rows at every layer shape, both M, K = 2 (the last 30 % of b's slot is kept for them): fused
+     Triton reading fp8 with the adapters and without (fp8_linear), and the PyTorch path (dequantize
+     + GEMM), as % over bare bf16 F.linear
   c  a full transformer forward (2 x 4096 image + 512 text tokens): base, GSTLoRA, STLoRA, both, and both
      with torch.compile'd blocks (alphas moving every call, no recompilation allowed); then diffusers'
      FluxTransformer2DModel + peft beside it when importable
@@ -20,7 +30,8 @@ allocated on the CPU), bf16. The parts, run in this order:
      gradient checkpointing on and off
   f  report.json and report.md in --out (GPU, driver, torch, triton), the markdown also printed.
 Each part has a time budget (printed first; 400 s in all, plus at most 34 s for the peer and the
-model build: about 7.6 minutes, with headroom for a case that compiles past its slot). A part
+model build: about 7.6 minutes, with headroom for a case that compiles past its slot): e 108 s (22 %
+before the fp8 rows, 27 % now: the 5 % came from d, now 80 s), a 88 s, b 56 s, c 68 s, d 80 s. A part
 stops at the end of its slot in that schedule (so one that overran shortens the next ones), and a case
 that runs out of memory is recorded as such, both with a note in the report; a part that fails becomes
 a note too, and the report is rewritten after every part. Timings are min / median / max of a few
@@ -55,13 +66,14 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import SPAN_LEN, SPAN_START, interleaved_times_cpu, interleaved_times_cuda, make_set, peft_style  # noqa: E402
 
-from kernels import masked_lora_linear  # noqa: E402
+from kernels import fp8_linear, masked_lora_linear  # noqa: E402
 from slideredit.atomic import atomic_path  # noqa: E402
 from slideredit.compile import compile_blocks, uncompile_blocks  # noqa: E402
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
+from slideredit.quantization import Fp8Linear, dequantize, fp8_targets, quantize_model, quantize_rows  # noqa: E402
 from slideredit.sampling import latent_ids, text_ids  # noqa: E402
 from slideredit.sliders import GSTLORA, STLORA, TARGETS, add_adapter, is_fused_qkv, part_rows, \
-    remove_adapters, set_slider_scale  # noqa: E402
+    remove_adapters, set_slider_scale, slider_layers  # noqa: E402
 from slideredit.transformer import Flux, FluxParams  # noqa: E402
 
 # Agreement with fp32 math, relative to the output's scale: 4 units of the dtype's precision (both sides
@@ -69,6 +81,7 @@ from slideredit.transformer import Flux, FluxParams  # noqa: E402
 TOLERANCE = {torch.bfloat16: 4 * 2.0**-7, torch.float16: 4 * 2.0**-10}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 GST_ALPHA, ST_ALPHA = 0.7, 0.8
+SLIDER_LABELS = {GSTLORA: "GSTLoRA", STLORA: "STLoRA"}
 
 
 @dataclass(frozen=True)
@@ -118,8 +131,9 @@ def smoke_setup() -> Setup:
 
 
 # Share of the time budget per part (e includes building the model); what a part leaves is not reused.
-BUDGET_SHARES = {"e": 0.22, "a": 0.22, "b": 0.14, "c": 0.17, "d": 0.25}
-TITLES = {"e": "28-step edit through the pipeline", "a": "kernel correctness against fp32 math",
+# e grew by the fp8 edit (2 more 28-step edits) and took it from d, whose 8 training steps had the most slack.
+BUDGET_SHARES = {"e": 0.27, "a": 0.22, "b": 0.14, "c": 0.17, "d": 0.20}
+TITLES = {"e": "28-step edit through the pipeline, bf16 and fp8", "a": "kernel correctness against fp32 math",
           "b": "kernel timing per layer shape", "c": "full transformer forward", "d": "training step"}
 
 
@@ -147,6 +161,16 @@ def reset_peak(device: str) -> None:
 
 def peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def peak_reserved_gib(device: str) -> float | None:
+    """What the caching allocator held at most: closer to what the device must have free than peak_gib."""
+    return torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (fp8 weights: one per element)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def free_memory(device: str) -> None:
@@ -244,72 +268,160 @@ def transformer_inputs(setup: Setup, px: int, seed: int = 0) -> dict[str, Tensor
 # ---------------------------------------------------------------------------------------------------
 
 def part_edit(setup: Setup, model: Flux, deadline: float) -> Part:
+    """The bf16 edit (GSTLoRA), then the low-memory mode's (fp8 transformer, GSTLoRA + STLoRA, tiled decode).
+
+    The fp8 row quantizes `model` in place (one layer at a time, so only one transformer is ever resident:
+    a copy beside the bf16 one would add its 24 GB to the peak we want to compare with 16 GB), then puts
+    bf16 layers back with the same random values (parts c and d time the bf16 model)."""
     from PIL import Image
 
-    from slideredit.pipelines import SliderEditFluxKontextPipeline
-
-    dev, notes = setup.device, []
+    dev, rows, notes = setup.device, [], []
     autoencoder = materialise(lambda: AutoEncoder(setup.autoencoder), dev, setup.dtype, seed=3)
-    pipe = SliderEditFluxKontextPipeline(model, autoencoder, text_encoders=None)
-    pipe.set_progress_bar_config(disable=True)
-    random_adapter(model, GSTLORA, setup.rank, dev)
     g = torch.Generator(dev).manual_seed(0)
     embeds = torch.randn(1, setup.text_tokens, setup.flux.context_in_dim, generator=g, device=dev).to(setup.dtype)
     pooled = torch.randn(1, setup.flux.vec_in_dim, generator=g, device=dev).to(setup.dtype)
     pixels = torch.randint(0, 256, (setup.edit_px, setup.edit_px, 3), generator=torch.Generator().manual_seed(0))
-    image = Image.fromarray(pixels.to(torch.uint8).numpy())
+    edit = EditInputs(Image.fromarray(pixels.to(torch.uint8).numpy()), embeds, pooled)
+    try:
+        bf16 = edit_calls(setup, model, autoencoder, edit, "bf16", (GSTLORA,), tiled_decode=False,
+                          deadline=deadline, reserve_s=FP8_EDIT_RESERVE, notes=notes)
+        rows += bf16
+        if out_of_time(deadline - wall_estimate(bf16[:1])):  # bf16's first call: about what the fp8 one takes
+            notes.append(f"{FP8_MODE}: edit skipped: it would overrun this part's time budget")
+        else:  # also after a bf16 out of memory: the low-memory mode is what a small device runs
+            start = time.perf_counter()
+            quantize_model(model, fp8_targets(model))
+            sync(dev)
+            notes.append(f"{FP8_MODE}: {len(fp8_targets(model))} block linears quantized on the device in "
+                         f"{time.perf_counter() - start:.1f} s (quantize_model, per-row scales)")
+            try:
+                rows += edit_calls(setup, model, autoencoder, edit, FP8_MODE, (GSTLORA, STLORA), tiled_decode=True,
+                                   deadline=deadline, reserve_s=0.0, notes=notes)
+            finally:
+                unquantize_(model, setup.dtype, seed=2)  # run() built it with seed 2
+            notes += fp8_goal_notes(rows, dev)
+    finally:
+        del autoencoder
+        free_memory(dev)
+    notes.append(f"{setup.edit_px}x{setup.edit_px} edit, {setup.edit_steps} steps, rank {setup.rank} adapters, "
+                 f"random weights, prompt_embeds (no text encoder: the text encoders hold 0 bytes on the device, "
+                 f"as offloaded); bf16: GSTLoRA at slider_alpha 0.5, untiled decode; {FP8_MODE}: the transformer's "
+                 f"block linears fp8 (fp8_targets), GSTLoRA at 0.5 + STLoRA at {ST_ALPHA} on one span of text "
+                 "tokens (set at step 0 by a hook: without a tokenizer there are no sub-prompts), tiled decode")
+    return Part(rows, notes)
 
+
+FP8_MODE = "fp8 (low-memory mode)"
+FP8_EDIT_RESERVE = 2.0  # the bf16 second call leaves this many of its first call's walls for the fp8 edit
+GOAL_BYTES = 16e9  # the issue's goal: the low-memory edit under 16 GB of device memory
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    image: object  # PIL image
+    embeds: Tensor
+    pooled: Tensor
+
+
+def edit_calls(setup: Setup, model: Flux, autoencoder: AutoEncoder, edit: EditInputs, mode: str,
+               sliders: tuple[str, ...], tiled_decode: bool, deadline: float, reserve_s: float,
+               notes: list[str]) -> list[dict]:
+    """A first and a second edit through the pipeline with random `sliders` on `model`: one row each
+    (wall time, per-step times, peak memory). The second is skipped if it would not end `reserve_s`
+    first-call walls before the deadline; the adapters are removed again."""
+    from slideredit.pipelines import SliderEditFluxKontextPipeline
+
+    dev = setup.device
+    pipe = SliderEditFluxKontextPipeline(model, autoencoder, text_encoders=None, tiled_decode=tiled_decode)
+    pipe.set_progress_bar_config(disable=True)
+    for seed, name in enumerate(sliders, start=1):
+        random_adapter(model, name, setup.rank, dev, seed=seed)
+    span = text_span_scale(setup, ST_ALPHA) if STLORA in sliders else None
     step_times: list[float] = []  # seconds of each transformer call (one per sampling step)
     started = [0.0]
 
     def before_step(module, args) -> None:  # hooks return None: anything else would replace args / output
+        if span is not None and not step_times:  # step 0, after the pipeline switched STLoRA off (it has no
+            set_slider_scale(model, STLORA, span)  # sub-prompts); it changes nothing later, so the span stays
         sync(dev)
         started[0] = time.perf_counter()
 
     def after_step(module, args, output) -> None:
         sync(dev)
         step_times.append(time.perf_counter() - started[0])
+        on = {n for _, layer in slider_layers(model) for n, a in layer.adapters.items() if a.scale is not None}
+        always_on.intersection_update(on)  # outside the step's time: which sliders really ran, every step
 
     pre, post = model.register_forward_pre_hook(before_step), model.register_forward_hook(after_step)
-
-    def edit():
-        return pipe(image=image, prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=setup.edit_steps,
-                    guidance_scale=2.5, height=setup.edit_px, width=setup.edit_px, auto_resize=setup.edit_px >= 512,
-                    generator=torch.Generator().manual_seed(0), output_type="pt", slider_alpha=0.5).images
-
-    rows = []
+    rows: list[dict] = []
+    always_on: set[str] = set()
     try:
         for call in ("first call", "second call"):
-            if call == "second call" and out_of_time(deadline - wall_estimate(rows)):
-                notes.append("second edit skipped: it would overrun this part's time budget")
+            if call == "second call" and out_of_time(deadline - (1 + reserve_s) * wall_estimate(rows)):
+                notes.append(f"{mode}: second edit skipped: it would overrun this part's time budget")
                 break
             step_times.clear()
+            always_on.update(sliders)
+            free_memory(dev)
             reset_peak(dev)
             start = time.perf_counter()
-            images = edit()
+            images = pipe(image=edit.image, prompt_embeds=edit.embeds, pooled_prompt_embeds=edit.pooled,
+                          num_inference_steps=setup.edit_steps, guidance_scale=2.5, height=setup.edit_px,
+                          width=setup.edit_px, auto_resize=setup.edit_px >= 512,
+                          generator=torch.Generator().manual_seed(0), output_type="pt", slider_alpha=0.5).images
             sync(dev)
             seconds = time.perf_counter() - start
             steps = sorted(step_times)
-            rows.append({"call": call, "wall s": f"{seconds:.2f}", "steps": len(step_times),
-                         "step ms (min / median / max)": spread_ms(step_times),
+            rows.append({"mode": mode, "sliders": " + ".join(SLIDER_LABELS[n] for n in sliders),
+                         "on every step": " + ".join(SLIDER_LABELS[n] for n in sliders if n in always_on) or "none",
+                         "call": call, "wall s": f"{seconds:.2f}",
+                         "steps": len(step_times), "step ms (min / median / max)": spread_ms(step_times),
                          "first step - median step ms": f"{(step_times[0] - statistics.median(steps)) * 1e3:.1f}",
                          "rest of the edit s (VAE, sampling)": f"{seconds - sum(step_times):.2f}",
-                         "peak GiB": fmt_gib(peak_gib(dev)), "output finite": bool(torch.isfinite(images).all())})
+                         "peak GiB": fmt_gib(peak_gib(dev)), "peak reserved GiB": fmt_gib(peak_reserved_gib(dev)),
+                         "transformer GiB": f"{resident_bytes(model) / 2**30:.3g}",
+                         "output finite": bool(torch.isfinite(images).all())})
+            images = None
     except torch.OutOfMemoryError:
-        notes.append("out of memory during the edit")
+        notes.append(f"{mode}: out of memory during the edit")
     finally:
         pre.remove()
         post.remove()
         remove_adapters(model)
-        del pipe, autoencoder
+        del pipe
         free_memory(dev)
     if len(rows) == 2:
         overhead = float(rows[0]["wall s"]) - float(rows[1]["wall s"])
-        notes.append(f"first-call overhead (compilation, autotuning, dispatch measurement, allocator warm-up): "
-                     f"{overhead:.2f} s = first call - second call")
-    notes.append(f"{setup.edit_px}x{setup.edit_px} edit, {setup.edit_steps} steps, GSTLoRA rank {setup.rank} at "
-                 f"slider_alpha 0.5, random weights, prompt_embeds (no text encoder), {dtype_name(setup.dtype)}")
-    return Part(rows, notes)
+        notes.append(f"{mode}: first-call overhead (compilation, autotuning, dispatch measurement, allocator "
+                     f"warm-up): {overhead:.2f} s = first call - second call")
+    return rows
+
+
+@torch.no_grad()
+def unquantize_(model: Flux, dtype: torch.dtype, seed: int) -> None:
+    """Put bf16 nn.Linear layers back where quantize_model left Fp8Linear ones, then refill the whole model
+    with `seed`'s random values: bit for bit what materialise built (the same parameters in the same order)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Fp8Linear):
+            parent_name, _, child = name.rpartition(".")
+            with torch.device("meta"):
+                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
+            setattr(model.get_submodule(parent_name), child, linear.to_empty(device=module.weight.device))
+    fill_random_(model, seed).requires_grad_(False)
+
+
+def fp8_goal_notes(rows: list[dict], device: str) -> list[str]:
+    """The low-memory edit's peak against the 16 GB goal (allocated tensors; the CUDA context and the
+    allocator's cache come on top: the reserved peak is in the row too)."""
+    fp8 = [row for row in rows if row["mode"] == FP8_MODE]
+    if not fp8:
+        return [f"{FP8_MODE}: no edit completed, nothing to compare with the 16 GB goal"]
+    if device != "cuda":
+        return [f"{FP8_MODE}: peak vs the 16 GB goal: n/a (CPU run)"]
+    peak = max(float(row["peak GiB"]) for row in fp8)
+    verdict = "under" if peak * 2**30 < GOAL_BYTES else "OVER"
+    return [f"{FP8_MODE}: peak {peak:.2f} GiB = {peak * 2**30 / 1e9:.2f} GB allocated: {verdict} the 16 GB goal "
+            f"({GOAL_BYTES / 2**30:.2f} GiB), text encoders offloaded (0 bytes on the device)"]
 
 
 def wall_estimate(rows: list[dict]) -> float:
@@ -347,39 +459,62 @@ def relative_error(got: Tensor, want: Tensor) -> float:
 
 
 def part_correctness(setup: Setup, deadline: float) -> Part:
+    """bf16 / fp16 weights at every case, then fp8 weights (float8_e4m3fn + row scales) at every layer shape
+    with the two sliders' K: the fp8 cases are few and cheap, so they share the slot without a reserve."""
     rows, notes, skipped = [], [], 0
     text_m = min(setup.kernel_tokens)
-    cases = [(r, dtype, M, name, shape, K) for r in setup.ranks for dtype in setup.dtypes for M in setup.kernel_tokens
-             for name, shape in setup.layer_shapes().items() for K in setup.ks]
-    for r, dtype, M, name, (d_in, d_out), K in cases:
+    cases = [(r, dtype, M, name, shape, K, False) for r in setup.ranks for dtype in setup.dtypes
+             for M in setup.kernel_tokens for name, shape in setup.layer_shapes().items() for K in setup.ks]
+    cases += [(setup.ranks[0], dtype, M, name, shape, fp8_k(setup), True) for dtype in setup.dtypes
+              for M in setup.kernel_tokens for name, shape in setup.layer_shapes().items()]
+    for r, dtype, M, name, (d_in, d_out), K, fp8 in cases:
         if out_of_time(deadline):
             skipped += 1
             continue
-        row = {"layer": name, "d_in->d_out": f"{d_in}->{d_out}", "M": M, "K": K, "r": r, "dtype": dtype_name(dtype)}
+        row = {"layer": name, "d_in->d_out": f"{d_in}->{d_out}", "M": M, "K": K, "r": r, "dtype": dtype_name(dtype),
+               "weights": "fp8" if fp8 else dtype_name(dtype)}
         gen = torch.Generator(setup.device).manual_seed(M + d_in + d_out + K + r)
         try:
-            s = make_set(M, d_in, d_out, K, r, live_rows(M, M == text_m), dtype, setup.device, gen)
-            dy = torch.randn(M, d_out, generator=gen, device=setup.device).to(dtype)
-            want = fp32_reference(s, dy, K, r)
-            x, a, b = (s[n].detach().clone().requires_grad_() for n in ("x", "lora_a", "lora_b"))
-            y = masked_lora_linear(x, s["weight"], s["bias"], a, b, s["scale"], backend="triton")
-            got = (y, *torch.autograd.grad(y, (x, a, b), dy))
-            errors = [relative_error(g, w) for g, w in zip(got, want)]
-            row.update({f"err {n}": f"{e:.1e}" for n, e in zip(("y", "dx", "dA", "dB"), errors)})
-            row.update(tol=f"{TOLERANCE[dtype]:.1e}", ok=max(errors) <= TOLERANCE[dtype])
+            row.update(check_case(make_set(M, d_in, d_out, K, r, live_rows(M, M == text_m), dtype, setup.device, gen),
+                                  gen, K, r, fp8))
         except torch.OutOfMemoryError:
             row.update(ok="out of memory")
         except Exception as e:  # a compile or launch failure is a finding: record it, go on
             row.update(ok=f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
         rows.append(row)
-        s = dy = want = got = x = a = b = y = None
         free_memory(setup.device)
     if skipped:
         notes.append(f"{skipped} of {len(cases)} cases not run: this part's time budget ran out")
     notes.append("backend='triton' forced; M = joint tokens (all scaled) and text tokens (one span of "
                  f"{SPAN_LEN} scaled); errors = max |ours - fp32| / max |fp32|; adapters in x's dtype, as the "
                  "layers hold them")
+    notes.append("weights fp8: the weight quantized per row (quantize_rows: float8_e4m3fn, fp32 scales) and passed "
+                 "as weight_scale=; the fp32 reference uses the dequantized weight, so the errors measure the kernel "
+                 "(fp8 tiles converted to x's dtype, the scale on the accumulator; for dX the dequantized tile is "
+                 "rounded to x's dtype), not the quantization")
     return Part(rows, notes)
+
+
+def fp8_k(setup: Setup) -> int:
+    """K of the fp8 rows: 2, GSTLoRA + STLoRA as the low-memory edit runs them (else the largest K there is)."""
+    return 2 if 2 in setup.ks else max(setup.ks)
+
+
+def check_case(s: dict, gen: torch.Generator, K: int, r: int, fp8: bool) -> dict:
+    """Forward and backward (dX, dA, dB) of the Triton path against fp32 math: errors, tolerance, ok."""
+    dtype, extra = s["x"].dtype, {}
+    if fp8:
+        q, scale = quantize_rows(s["weight"])
+        s = {**s, "weight": dequantize(q, scale)}  # the reference's fp32 weight: exactly what q and scale stand for
+        extra = {"weight_scale": scale}
+    dy = torch.randn(s["x"].shape[0], s["weight"].shape[0], generator=gen, device=s["x"].device).to(dtype)
+    want = fp32_reference(s, dy, K, r)
+    x, a, b = (s[n].detach().clone().requires_grad_() for n in ("x", "lora_a", "lora_b"))
+    y = masked_lora_linear(x, q if fp8 else s["weight"], s["bias"], a, b, s["scale"], backend="triton", **extra)
+    got = (y, *torch.autograd.grad(y, (x, a, b), dy))
+    errors = [relative_error(g, w) for g, w in zip(got, want)]
+    return {**{f"err {n}": f"{e:.1e}" for n, e in zip(("y", "dx", "dA", "dB"), errors)},
+            "tol": f"{TOLERANCE[dtype]:.1e}", "ok": max(errors) <= TOLERANCE[dtype]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,6 +533,68 @@ def auto_choice(M: int, d_in: int, d_out: int, stacked_rank: int) -> str:
     return f"{found[-1]['backend']} ({found[-1].get('reason', '')})" if found else "n/a (not recorded)"
 
 
+FP8_TIMING_SHARE = 0.3  # of part b's slot, kept for the fp8 rows (they run after the bf16 ones)
+
+
+def fp8_timing(setup: Setup, deadline: float, cache_bytes: int, repeats: int, warmup: int) -> tuple[list[dict], int]:
+    """fp8 weights at every layer shape, K of the two sliders: bare bf16 F.linear (the cost to beat), the
+    fused Triton GEMM reading fp8 with the adapters and without (fp8_linear), and the PyTorch path
+    (dequantize per call, then the bf16 GEMMs), as % over bare bf16. -> (rows, shapes skipped)."""
+    dev, dtype, r, K = setup.device, setup.dtype, setup.ranks[0], fp8_k(setup)
+    timer = interleaved_times_cuda if dev == "cuda" else interleaved_times_cpu
+    rows, skipped, text_m = [], 0, min(setup.kernel_tokens)
+    for M in setup.kernel_tokens:
+        for name, (d_in, d_out) in setup.layer_shapes().items():
+            if out_of_time(deadline):
+                skipped += 1
+                continue
+            live = live_rows(M, M == text_m)
+            gen = torch.Generator(dev).manual_seed(M + d_in + d_out + K)
+            row = {"weights": "fp8", "layer": name, "d_in->d_out": f"{d_in}->{d_out}", "M": M,
+                   "live": live.stop - live.start, "K": K}
+            try:
+                sets = [fp8_set(make_set(M, d_in, d_out, K, r, live, dtype, dev, gen))]
+                set_bytes = sum(sets[0][n].numel() * sets[0][n].element_size()  # what the fp8 variants read
+                                for n in ("x", "fp8", "weight_scale", "bias", "lora_a", "lora_b", "scale"))
+                sets += [fp8_set(make_set(M, d_in, d_out, K, r, live, dtype, dev, gen))
+                         for _ in range(max(2, math.ceil(2 * cache_bytes / set_bytes)) - 1)]
+                fns = {"bare": [], "triton": [], "triton no adapter": [], "torch": []}
+                for s in sets:
+                    args = (s["x"], s["fp8"], s["bias"], s["lora_a"], s["lora_b"], s["scale"])
+                    fns["bare"].append(lambda s=s: F.linear(s["x"], s["weight"], s["bias"]))
+                    for backend in ("triton", "torch"):
+                        fns[backend].append(lambda args=args, s=s, backend=backend: masked_lora_linear(
+                            *args, backend=backend, weight_scale=s["weight_scale"]))
+                    fns["triton no adapter"].append(
+                        lambda s=s: fp8_linear(s["x"], s["fp8"], s["weight_scale"], s["bias"], backend="triton"))
+                with torch.inference_mode():
+                    times = timer(fns, repeats, warmup)
+                row["bare ms"] = f"{statistics.median(times['bare']) * 1e3:.3f}"
+                for key in ("triton", "triton no adapter", "torch"):
+                    row[f"{key} % over bare (min/med/max)"] = ratio_spread(times[key], times["bare"])
+                row["auto chose"] = "not run (fp8 rows: backends forced)"
+            except torch.OutOfMemoryError:
+                row["auto chose"] = "out of memory"
+            except Exception as e:
+                row["auto chose"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            rows.append(row)
+            sets = fns = None
+            free_memory(dev)
+    return rows, skipped
+
+
+def fp8_set(s: dict) -> dict:
+    """A make_set input set plus its weight quantized per row; the bf16 weight stays for bare F.linear."""
+    q, scale = quantize_rows(s["weight"])
+    return {**s, "fp8": q, "weight_scale": scale}
+
+
+def ratio_spread(times: list[float], bare: list[float]) -> str:
+    """% over bare per repetition (the same round), min / median / max."""
+    ratios = sorted(t / b - 1 for t, b in zip(times, bare))
+    return f"{100 * ratios[0]:+.1f} / {100 * statistics.median(ratios):+.1f} / {100 * ratios[-1]:+.1f}"
+
+
 def part_timing(setup: Setup, deadline: float) -> Part:
     dev, dtype, r = setup.device, setup.dtype, setup.ranks[0]
     timer = interleaved_times_cuda if dev == "cuda" else interleaved_times_cpu
@@ -407,13 +604,15 @@ def part_timing(setup: Setup, deadline: float) -> Part:
     text_m = min(setup.kernel_tokens)
     cases = [(M, name, shape, K) for M in setup.kernel_tokens for name, shape in setup.layer_shapes().items()
              for K in setup.ks]
+    bf16_deadline = deadline - FP8_TIMING_SHARE * max(0.0, deadline - time.perf_counter())
     for M, name, (d_in, d_out), K in cases:
-        if out_of_time(deadline):
+        if out_of_time(bf16_deadline):
             skipped += 1
             continue
         live = live_rows(M, M == text_m)
         gen = torch.Generator(dev).manual_seed(M + d_in + d_out + K)
-        row = {"layer": name, "d_in->d_out": f"{d_in}->{d_out}", "M": M, "live": live.stop - live.start, "K": K}
+        row = {"weights": dtype_name(dtype), "layer": name, "d_in->d_out": f"{d_in}->{d_out}", "M": M,
+               "live": live.stop - live.start, "K": K}
         try:
             sets = [make_set(M, d_in, d_out, K, r, live, dtype, dev, gen)]
             set_bytes = sum(t.numel() * t.element_size() for t in sets[0].values() if isinstance(t, Tensor))
@@ -433,9 +632,7 @@ def part_timing(setup: Setup, deadline: float) -> Part:
             lora_flops = 2 * (live.stop - live.start) * K * r * (d_in + d_out)
             row["bare ms"] = f"{base * 1e3:.3f}"
             for key in ("triton", "torch", "peft", "auto"):
-                ratios = sorted(t / b - 1 for t, b in zip(times[key], times["bare"]))
-                row[f"{key} % over bare (min/med/max)"] = \
-                    f"{100 * ratios[0]:+.1f} / {100 * statistics.median(ratios):+.1f} / {100 * ratios[-1]:+.1f}"
+                row[f"{key} % over bare (min/med/max)"] = ratio_spread(times[key], times["bare"])
             row["FLOP bound %"] = f"+{100 * lora_flops / (2 * M * d_in * d_out):.2f}"
             row["auto chose"] = auto_choice(M, d_in, d_out, K * r)
         except torch.OutOfMemoryError:
@@ -445,11 +642,19 @@ def part_timing(setup: Setup, deadline: float) -> Part:
         rows.append(row)
         sets = fns = None
         free_memory(dev)
-    if skipped:
-        notes.append(f"{skipped} of {len(cases)} shapes not timed: this part's time budget ran out")
+    fp8_rows, fp8_skipped = fp8_timing(setup, deadline, cache_bytes, repeats, warmup)
+    rows += fp8_rows
+    if skipped or fp8_skipped:
+        notes.append(f"{skipped} of {len(cases)} {dtype_name(dtype)} and {fp8_skipped} of "
+                     f"{len(setup.kernel_tokens) * len(setup.layer_shapes())} fp8 shapes not timed: this part's time "
+                     f"budget ran out (the fp8 rows keep the last {FP8_TIMING_SHARE:.0%} of it)")
     notes.append(f"{dtype_name(dtype)}, r = {r}; {repeats} interleaved repetitions over rotating input sets "
                  f"larger than twice the L2 cache; % over bare per repetition (same round), min / median / max; "
                  "FLOP bound = the low-rank FLOPs over the base GEMM's (KERNEL.md); auto = backend=None")
+    notes.append(f"weights fp8: float8_e4m3fn + fp32 row scales (quantize_rows), K = {fp8_k(setup)} (GSTLoRA + "
+                 f"STLoRA), x {dtype_name(dtype)}; bare = bf16 F.linear on the unquantized weight; triton = "
+                 "masked_lora_linear(weight_scale=) forced to Triton, triton no adapter = fp8_linear, torch = the "
+                 "PyTorch path (dequantizes the weight every call, then bf16 GEMMs)")
     return Part(rows, notes)
 
 

@@ -23,27 +23,47 @@ def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
             part["notes"]
 
     setup = gpu_report.smoke_setup()
-    cases = len(setup.ranks) * len(setup.dtypes) * len(setup.kernel_tokens) * len(setup.layer_shapes()) * len(setup.ks)
-    assert len(parts["a"]["rows"]) == cases and all(row["ok"] is True for row in parts["a"]["rows"])
-    assert len(parts["b"]["rows"]) == cases // (len(setup.ranks) * len(setup.dtypes))
+    shapes = len(setup.kernel_tokens) * len(setup.layer_shapes())
+    cases = len(setup.ranks) * len(setup.dtypes) * shapes * len(setup.ks)
+    fp8_cases = len(setup.dtypes) * shapes  # one rank, K = 2: the low-memory edit's two sliders
+    assert len(parts["a"]["rows"]) == cases + fp8_cases and all(row["ok"] is True for row in parts["a"]["rows"])
+    fp8_a = [row for row in parts["a"]["rows"] if row["weights"] == "fp8"]
+    assert len(fp8_a) == fp8_cases and all(row["K"] == 2 and "err dx" in row for row in fp8_a)
+    assert len(parts["b"]["rows"]) == cases // (len(setup.ranks) * len(setup.dtypes)) + shapes
     assert all("bare ms" in row for row in parts["b"]["rows"])
+    fp8_b = [row for row in parts["b"]["rows"] if row["weights"] == "fp8"]
+    assert len(fp8_b) == shapes
+    for row in fp8_b:  # each variant timed: "min / median / max" percentages over bare bf16
+        for key in ("triton", "triton no adapter", "torch"):
+            assert row[f"{key} % over bare (min/med/max)"].count("/") == 2, row
     ours = [row["variant"] for row in parts["c"]["rows"] if row["model"] == "ours"]
     assert ours == ["base", "GSTLoRA", "STLoRA", "GSTLoRA + STLoRA"]
     assert len(parts["d"]["rows"]) == 4 and all("/" in row["step ms (min / median / max)"] for row in parts["d"]["rows"])
-    first, second = parts["e"]["rows"]
-    assert first["steps"] == second["steps"] == setup.edit_steps and first["output finite"] is True
+    edits = parts["e"]["rows"]
+    assert [(row["mode"], row["call"]) for row in edits] == [
+        (mode, call) for mode in ("bf16", "fp8 (low-memory mode)") for call in ("first call", "second call")]
+    assert all(row["steps"] == setup.edit_steps and row["output finite"] is True for row in edits)
+    bf16_edit, fp8_edit = edits[0], edits[2]
+    assert bf16_edit["sliders"] == "GSTLoRA" and fp8_edit["sliders"] == "GSTLoRA + STLoRA"
+    assert all(row["on every step"] == row["sliders"] for row in edits)  # STLoRA really ran (no tokenizer)
+    assert float(fp8_edit["transformer GiB"]) < 0.75 * float(bf16_edit["transformer GiB"])  # fp8 weights resident
+    assert "peak GiB" in fp8_edit and any("16 GB goal" in note for note in parts["e"]["notes"])
+    assert "fp8 (low-memory mode)" in markdown and "triton no adapter % over bare" in markdown
+    assert report["parts"]["e"]["rows"] == edits  # report.json holds the same rows
 
 
 def test_correctness_part_catches_a_wrong_kernel(monkeypatch):
     """Part a is a check, not a formality: a kernel that drops the low-rank term fails it."""
     import kernels
 
-    def no_lora(x, weight, bias, lora_a, lora_b, token_scale, backend=None):
-        return kernels.masked_lora_linear(x, weight, bias, lora_a, 0 * lora_b, token_scale, backend="torch")
+    def no_lora(x, weight, bias, lora_a, lora_b, token_scale, backend=None, weight_scale=None):
+        return kernels.masked_lora_linear(x, weight, bias, lora_a, 0 * lora_b, token_scale, backend="torch",
+                                          weight_scale=weight_scale)
 
     monkeypatch.setattr(gpu_report, "masked_lora_linear", no_lora)
     setup = replace(gpu_report.smoke_setup(), dtypes=(torch.bfloat16,), kernel_tokens=(8,), ks=(2,))
     part = gpu_report.part_correctness(setup, deadline=float("inf"))
+    assert {row["weights"] for row in part.rows} == {"bf16", "fp8"}  # the fp8 cases are checks too
     assert part.rows and all(row["ok"] is False for row in part.rows)
 
 
