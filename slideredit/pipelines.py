@@ -192,9 +192,11 @@ class SliderEditFluxKontextPipeline:
 
     def device_memory(self) -> dict[str, int]:
         """Bytes of parameters and buffers each component holds on the pipeline's device (offloaded text
-        encoders hold 0 between encodes); fp8 weights count one byte per element."""
-        return {name: sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
-                          if t.device == self.device)
+        encoders hold 0 between encodes, as do absent ones: a pipeline built with text_encoders=None for
+        prompt_embeds only); fp8 weights count one byte per element."""
+        return {name: 0 if module is None else
+                sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
+                    if t.device == self.device)
                 for name, module in (("transformer", self.transformer), ("autoencoder", self.autoencoder),
                                      ("text_encoders", self.text_encoders))}
 

@@ -99,6 +99,8 @@ def test_device_memory_counts_what_each_component_holds(pipes):
     assert got["transformer"] == plain["transformer"] - 7 * quantized + 4 * scales
     assert plain["transformer"] == 8 * sum(p.numel() for p in reference.transformer.parameters()) + \
         sum(b.numel() * b.element_size() for b in reference.transformer.buffers())
+    bare = SliderEditFluxKontextPipeline(fp8.transformer, fp8.autoencoder, None)  # prompt_embeds only
+    assert bare.device_memory() == {**got, "text_encoders": 0}
 
 
 def test_t5_fp8_equals_float64_math_on_its_dequantized_linears(tiny_kontext_dir):
