@@ -52,7 +52,7 @@ def test_edits_are_on_distinct_attributes_and_change_the_colour():
     for _ in range(50):
         scene = random_scene(rng)
         edits = random_edits(rng, scene, 4)
-        assert len({(e.shape, e.attribute) for e in edits}) == 4
+        assert len({(e.shape, e.slot) for e in edits}) == 4
         for e in edits:
             if e.attribute == "color":
                 assert e.value != nearest_color(scene.shape(e.shape).color)
@@ -85,11 +85,11 @@ def test_target_differs_from_source_only_where_the_instruction_says():
             # Only pixels that one of the two shapes covers may change.
             covered = (coverage(example.source.shape(kind)) > 0) | (coverage(example.target.shape(kind)) > 0)
             assert not (changed & ~covered)[:, lo:hi].any()
-            # A colour-only edit keeps the outline: unchanged area; a size-only edit keeps the colour.
+            # A colour or brightness edit keeps the outline: unchanged area; a size-only edit keeps the colour.
             before, after = example.source.shape(kind), example.target.shape(kind)
-            attributes = {e.attribute for e in edits}
-            assert (before.size != after.size) == ("size" in attributes)
-            assert (before.color != after.color) == ("color" in attributes)
+            slots = {e.slot for e in edits}
+            assert (before.size != after.size) == ("size" in slots)
+            assert (before.color != after.color) == ("color" in slots)
 
 
 def test_square_coverage_is_exact():
@@ -202,8 +202,31 @@ def test_redness_orders_the_palette():
 
 
 def test_independent_edits_never_conflict():
-    assert len({(e.shape, e.attribute) for e in INDEPENDENT_EDITS}) == len(INDEPENDENT_EDITS)
-    assert {"make the square red", "make the circle larger"} <= {e.instruction for e in INDEPENDENT_EDITS}
+    assert len({(e.shape, e.slot) for e in INDEPENDENT_EDITS}) == len(INDEPENDENT_EDITS)
+    # The demo's two edits lead the list, both continuous; one colour edit stays, suppression-only.
+    assert [e.instruction for e in INDEPENDENT_EDITS[:2]] == ["make the square darker", "make the circle larger"]
+    assert all(e.continuous for e in INDEPENDENT_EDITS[:2])
+    assert [e.attribute for e in INDEPENDENT_EDITS if not e.continuous] == ["color"]
+
+
+def test_brightness_edits_scale_towards_black_and_white_by_hand():
+    scene = EXAMPLES[0].source.with_shape("square", color=(200, 41, 40))
+    assert Edit("square", "darker").apply(scene).square.color == (100, 20, 20)  # x 0.5, 20.5 rounds to even
+    assert Edit("square", "lighter").apply(scene).square.color == (228, 148, 148)  # halfway to 255
+    assert Edit("square", "darker").apply(scene).square.size == scene.square.size
+    with pytest.raises(ValueError, match="same attribute twice"):
+        apply_edits(scene, [Edit("square", "darker"), Edit("square", "red")])
+    apply_edits(scene, [Edit("square", "darker"), Edit("square", "larger"), Edit("circle", "lighter")])
+
+
+def test_brightness_strength_reads_exaggeration_and_reversal():
+    """"darker" is continuous both ways: shades past the target read above 1, lighter ones below 0."""
+    scene = EXAMPLES[0].source.with_shape("square", color=(200, 160, 80))
+    darker = Edit("square", "darker")
+    for fraction in (-0.3, 0.5, 1.0, 1.4):
+        shade = tuple(int(round(c * (1 - 0.5 * fraction))) for c in scene.square.color)
+        assert edit_strength(render(scene.with_shape("square", color=shade)), scene, darker) == \
+            pytest.approx(fraction, abs=0.02)
 
 
 def test_slider_training_folder(tmp_path):
@@ -222,7 +245,7 @@ def test_slider_training_folder(tmp_path):
     every = write_slider_training_folder(tmp_path / "every", 20, seed=5, edits=SINGLE_EDITS)
     for line in (every / "metadata.jsonl").read_text().splitlines():
         edits = parse_instruction(json.loads(line)["instruction"])
-        assert len({(e.shape, e.attribute) for e in edits}) == len(edits)
+        assert len({(e.shape, e.slot) for e in edits}) == len(edits)
     with pytest.raises(ValueError, match="not a toy scene"):
         scene_from_dict({"square": {}})
 

@@ -2,8 +2,12 @@
 
 A 128x128 scene holds a square in the left half and a circle in the right half. Each has a colour and a
 size (side or radius, in pixels) and sits near a fixed centre. Single edits change one attribute of one
-shape ("make the square red", "make the circle larger"); an instruction joins single edits on distinct
-attributes with " and ". The target image is rendered exactly from the edited scene.
+shape: its colour to a palette colour ("make the square red"), its size by a fixed step ("make the circle
+larger") or its brightness by a fixed factor ("make the square darker"). Size and brightness are
+continuous in both directions, so a slider can exaggerate them past the edit's target; a palette colour
+is categorical (past "red" there is nothing redder), so a colour slider can only suppress. An
+instruction joins single edits on distinct slots (a shape's colour, which brightness also changes, and
+its size) with " and ". The target image is rendered exactly from the edited scene.
 
 The readers measure the attributes back from any image (a render or a model's output) given where the
 shapes are: the colour at a shape's centre, its area from how far each pixel moved from the background
@@ -32,6 +36,9 @@ SOURCE_SIZES = {"square": (22.0, 34.0), "circle": (11.0, 17.0)}  # side / radius
 SIZE_STEP = {"square": 10.0, "circle": 6.0}  # what "larger" adds and "smaller" takes away
 COLOR_JITTER = 16  # a source colour is a palette colour moved by up to this much per channel
 SIZE_WORDS = ("larger", "smaller")
+BRIGHTNESS_WORDS = ("darker", "lighter")
+DARKER = 0.5  # "darker" scales each channel by this: halfway to black
+LIGHTER = 0.5  # "lighter" moves each channel this fraction of the way to white
 NEUTRAL_PROMPT = "keep the image the same"  # GSTLoRA's teacher prompt; the base model leaves the image as is
 JOINER = " and "
 CORE_RADIUS = 3.0  # the colour of a shape is read within this distance of its centre
@@ -82,20 +89,36 @@ class Scene:
         return replace(self, **{kind: replace(self.shape(kind), **changes)})
 
 
+EDIT_VALUES = (*COLORS, *SIZE_WORDS, *BRIGHTNESS_WORDS)
+
+
 @dataclass(frozen=True)
 class Edit:
-    """One attribute of one shape: a colour (a name in COLORS) or a size step ("larger", "smaller")."""
+    """One attribute of one shape: a colour (a name in COLORS), a size step ("larger", "smaller") or a
+    brightness step ("darker", "lighter")."""
     shape: str
     value: str
 
     def __post_init__(self):
-        if self.shape not in SHAPES or self.value not in (*COLORS, *SIZE_WORDS):
+        if self.shape not in SHAPES or self.value not in EDIT_VALUES:
             raise ValueError(f"no such edit: the {self.shape!r} made {self.value!r}; shapes are {SHAPES}, "
-                             f"values {(*COLORS, *SIZE_WORDS)}")
+                             f"values {EDIT_VALUES}")
 
     @property
     def attribute(self) -> str:
-        return "size" if self.value in SIZE_WORDS else "color"
+        """"color", "size" or "brightness"."""
+        return "size" if self.value in SIZE_WORDS else "brightness" if self.value in BRIGHTNESS_WORDS else "color"
+
+    @property
+    def slot(self) -> str:
+        """What of the shape the edit writes: "size", or "color" (a brightness edit rewrites the colour too,
+        so one instruction never holds both a colour and a brightness edit of one shape)."""
+        return "size" if self.attribute == "size" else "color"
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the attribute goes on past the target (size, brightness) or stops there (a palette colour)."""
+        return self.attribute != "color"
 
     @property
     def instruction(self) -> str:
@@ -104,14 +127,19 @@ class Edit:
     def apply(self, scene: Scene) -> Scene:
         if self.attribute == "color":
             return scene.with_shape(self.shape, color=COLORS[self.value])
+        if self.attribute == "brightness":
+            rgb = np.asarray(scene.shape(self.shape).color, np.float64)
+            rgb = rgb * DARKER if self.value == "darker" else rgb + LIGHTER * (255 - rgb)
+            return scene.with_shape(self.shape, color=tuple(int(c) for c in np.round(rgb)))
         step = SIZE_STEP[self.shape] if self.value == "larger" else -SIZE_STEP[self.shape]
         return scene.with_shape(self.shape, size=scene.shape(self.shape).size + step)
 
 
-SINGLE_EDITS: tuple[Edit, ...] = tuple(Edit(s, v) for s in SHAPES for v in (*COLORS, *SIZE_WORDS))
-# One edit per (shape, attribute): any ordered subset of these is a consistent instruction, and every
-# source scene can take every one of them. The sliders are trained on these.
-INDEPENDENT_EDITS: tuple[Edit, ...] = (Edit("square", "red"), Edit("circle", "larger"),
+SINGLE_EDITS: tuple[Edit, ...] = tuple(Edit(s, v) for s in SHAPES for v in EDIT_VALUES)
+# One edit per (shape, slot): any ordered subset of these is a consistent instruction, and every source
+# scene can take every one of them. The sliders are trained on these; the demo's prompt joins the first
+# two, both continuous. "make the circle blue" is the colour edit: its slider suppresses, nothing more.
+INDEPENDENT_EDITS: tuple[Edit, ...] = (Edit("square", "darker"), Edit("circle", "larger"),
                                        Edit("circle", "blue"), Edit("square", "smaller"))
 
 
@@ -134,9 +162,10 @@ def parse_instruction(prompt: str) -> tuple[Edit, ...]:
 
 
 def apply_edits(scene: Scene, edits: Sequence[Edit]) -> Scene:
-    touched = [(e.shape, e.attribute) for e in edits]
+    touched = [(e.shape, e.slot) for e in edits]
     if len(set(touched)) != len(touched):
-        raise ValueError(f"edits {[e.instruction for e in edits]} change the same attribute twice")
+        raise ValueError(f"edits {[e.instruction for e in edits]} change the same attribute twice "
+                         "(a shape's colour, which brightness edits change too, or its size)")
     for edit in edits:
         scene = edit.apply(scene)
     return scene
@@ -228,8 +257,8 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 
 def random_edits(rng: np.random.Generator, scene: Scene, count: int) -> tuple[Edit, ...]:
-    """`count` edits (0..4) on distinct (shape, attribute) pairs, in random order. A colour edit always
-    names a colour other than the shape's current one."""
+    """`count` edits (0..4) on distinct (shape, slot) pairs, in random order. A shape's colour slot takes
+    a palette colour other than the shape's current one or (one time in two) a brightness step."""
     slots = [(s, a) for s in SHAPES for a in ("color", "size")]
     if not 0 <= count <= len(slots):
         raise ValueError(f"an instruction holds 0..{len(slots)} edits, got {count}")
@@ -238,6 +267,8 @@ def random_edits(rng: np.random.Generator, scene: Scene, count: int) -> tuple[Ed
         kind, attribute = slots[i]
         if attribute == "size":
             value = SIZE_WORDS[rng.integers(2)]
+        elif rng.random() < 0.5:
+            value = BRIGHTNESS_WORDS[rng.integers(2)]
         else:
             others = [c for c in COLORS if c != nearest_color(scene.shape(kind).color)]
             value = others[rng.integers(len(others))]
@@ -266,7 +297,7 @@ def instruction_corpus() -> list[str]:
     joiner: the text the tokenizers are trained on (longer joins only repeat these words)."""
     singles = [e.instruction for e in SINGLE_EDITS]
     pairs = [join_instructions([a.instruction, b.instruction]) for a in SINGLE_EDITS for b in SINGLE_EDITS
-             if (a.shape, a.attribute) != (b.shape, b.attribute)]
+             if (a.shape, a.slot) != (b.shape, b.slot)]
     return [NEUTRAL_PROMPT, *singles, *pairs]
 
 
@@ -290,7 +321,7 @@ def write_slider_training_folder(out: str | Path, n: int, seed: int = 1,
         scene = random_scene(rng)
         count, chosen = 1 + int(rng.integers(2)), []
         for i in rng.permutation(len(edits)):
-            if len(chosen) < count and all((e.shape, e.attribute) != (edits[i].shape, edits[i].attribute) for e in chosen):
+            if len(chosen) < count and all((e.shape, e.slot) != (edits[i].shape, edits[i].slot) for e in chosen):
                 chosen.append(edits[i])
         name = f"images/{index:05d}.png"
         render_image(scene).save(out / name)
@@ -397,8 +428,9 @@ def read_scene(image: Image.Image | np.ndarray, layout: Scene) -> dict[str, Shap
 def edit_strength(image: Image.Image | np.ndarray, source: Scene, edit: Edit) -> float:
     """How far `image` carries `edit` out on `source`: 0 = the source's attribute, 1 = the target's.
 
-    Colour: the read colour projected on the segment source colour -> target colour. Size: the read
-    size on the segment source size -> target size. Continuous; above 1 means exaggerated."""
+    Colour and brightness: the read colour projected on the segment source colour -> target colour.
+    Size: the read size on the segment source size -> target size. Continuous; above 1 means
+    exaggerated (for a colour edit, off the palette towards and past the target colour)."""
     reading = read_shape(image, edit.shape, source.shape(edit.shape).center)
     before, after = source.shape(edit.shape), edit.apply(source).shape(edit.shape)
     if edit.attribute == "size":
