@@ -24,6 +24,18 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert abs(recipe.lr_at(100, 100, 1.0, 10) - 0.1) < 1e-12
 
 
+def test_token_weights_count_edited_tokens_more_by_hand():
+    """Per-token mean square change of the latent: 0 -> weight 1, at or over EDITED_TOKEN_MSE -> the edit
+    weight, linear between."""
+    cond = torch.zeros(1, 4, 2)
+    x0 = cond.clone()
+    x0[0, 1] = (recipe.EDITED_TOKEN_MSE / 2) ** 0.5  # half the threshold
+    x0[0, 2] = 1.0  # far over it
+    weights = recipe.token_weights(x0, cond, edit_weight=4.0)
+    assert torch.allclose(weights, torch.tensor([[1.0, 2.5, 4.0, 1.0]]))
+    assert torch.equal(recipe.token_weights(x0, cond, edit_weight=1.0), torch.ones(1, 4))
+
+
 def test_autoencoder_batches_switch_to_whole_images_for_the_last_third():
     cfg = recipe.RecipeConfig(ae_steps=30, ae_batch=8, ae_crop=64)
     assert recipe.autoencoder_batch(cfg, 0).shape == (8, 3, 64, 64)
@@ -41,6 +53,8 @@ def test_recipe_runs_resumes_and_writes_a_loadable_folder(tmp_path):
     out = tmp_path / "model"
     card = (out / "README.md").read_text()
     assert "python -m slideredit.toy.recipe --out" in card and "--flux-steps 3" in card
+    assert "4. Sliders" in card and "2 steps" in card  # the card is rewritten once the sliders are trained
+    assert "brightness, in two-edit prompts" in card
     example = json.loads((out / "example.json").read_text())
     assert example["prompt"] == " and ".join(example["subprompts"]) and example["steps"] == 2
     pipe = SliderEditFluxKontextPipeline.from_pretrained(out, torch_dtype=torch.float32)

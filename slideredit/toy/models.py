@@ -6,7 +6,7 @@ sliders):
 
     image 128x128 -> autoencoder (widths 64/32/64/64, 8x down) -> 16x16x16 latent -> 8x8 = 64 packed tokens
     Flux: hidden 128, 4 heads of 32 (RoPE axes 4/14/14, FLUX's split), 2 double + 2 single blocks
-    T5 encoder: d_model 64, 2 layers; CLIP text model: hidden 32, 1 layer (pooled output only)
+    T5 encoder: d_model 64, 3 layers; CLIP text model: hidden 32, 1 layer (pooled output only)
     tokenizers: a word-level unigram model fitted to the instruction corpus (T5), byte-level BPE with
     merges that spell the same words (CLIP)
     edits see 64 noisy + 64 context + 32 text tokens
@@ -46,7 +46,7 @@ GUIDANCE = 2.5  # what the pipeline passes by default; the toy model is trained 
 # z = 0.3611 * (mean - 0.1159) zero-mean and unit-variance per channel instead.
 AE_PARAMS = AutoEncoderParams(resolution=IMAGE_SIZE, ch=32, ch_mult=(2, 1, 2, 2), num_res_blocks=1, z_channels=16)
 T5_CONFIG = dict(
-    d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+    d_model=64, d_kv=16, d_ff=128, num_layers=3, num_heads=4, relative_attention_num_buckets=32,
     relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0,
     layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False,
 )

@@ -16,7 +16,8 @@ run picks up where it stopped, and a finished stage is skipped:
    CLIP encode every instruction once.
 3. transformer: Kontext's rectified-flow objective. x0 = target latents (packed), z = (1 - t) x0 + t e,
    the model sees [z ; source latents] with position ids (0, r, c) and (1, r, c) and the T5 tokens of
-   the instruction, and regresses v = e - x0 on the noisy tokens. t = sigmoid(N(mu, 1)), mu the shift
+   the instruction, and regresses v = e - x0 on the noisy tokens, the tokens the edit changes weighted
+   up (`token_weights`). t = sigmoid(N(mu, 1)), mu the shift
    the pipeline's schedule uses for 64 tokens (so training spends its time where sampling does).
    Identity pairs ("keep the image the same", and "") are mixed in: GSTLoRA's teacher prompt and
    STLoRA's fully suppressed prompt must leave the image as it is. The guidance input is drawn from
@@ -56,12 +57,15 @@ from ..text_encoders import KontextTextEncoders
 from ..transformer import Flux
 from . import models
 from .slider_recipe import train_sliders
-from .shapes import (BACKGROUND, CENTER, CENTER_JITTER, COLORS, IMAGE_SIZE, NEUTRAL_PROMPT, SHAPES, SOURCE_SIZES, Edit, Scene,
+from .shapes import (BACKGROUND, CENTER, CENTER_JITTER, COLORS, IMAGE_SIZE, INDEPENDENT_EDITS, NEUTRAL_PROMPT, SHAPES,
+                     SOURCE_SIZES, Edit, Scene,
                      Shape, ToyExample, edit_strength, join_instructions, make_example, nearest_color, random_edits,
                      random_scene, read_shape, render, render_image, scene_to_dict)
 
+EDIT_ATTRIBUTES = ("color", "size", "brightness")
 EVAL_SEED = 10_000  # evaluation scenes come from their own stream, never from the training streams
-EXAMPLE_PROMPTS = ["make the square red", "make the circle larger", "make the square red and make the circle larger"]
+# The demo: two continuous edits (brightness and size), so each slider can exaggerate as well as suppress.
+EXAMPLE_PROMPTS = ["make the square darker", "make the circle larger", "make the square darker and make the circle larger"]
 
 
 @dataclass
@@ -80,22 +84,23 @@ class RecipeConfig:
     ae_shape_weight: float = 10.0
     # training pool
     pool_sources: int = 1200
-    edits_per_source: int = 3
+    edits_per_source: int = 4
     # transformer
-    flux_steps: int = 6000
+    flux_steps: int = 9000
     flux_batch: int = 16
     flux_lr: float = 5e-4
     flux_warmup: int = 200
+    edit_loss_weight: float = 4.0  # tokens the edit changes count this many times in the loss
     identity_fraction: float = 0.1
     ema_decay: float = 0.999
     # sliders (train.py's trainer)
     slider_scenes: int = 512
-    slider_steps: int = 400
+    slider_steps: int = 800
     # bookkeeping
     checkpoint_every: int = 250
     sample_every: int = 1000
     log_every: int = 50
-    eval_examples: int = 20
+    eval_examples: int = 40
     eval_steps: int = 12
     save_dtype: str = "float32"  # bfloat16 halves the folder; the measured edits were the same
 
@@ -278,7 +283,7 @@ def build_pool(cfg: RecipeConfig, ae: AutoEncoder, encoders: KontextTextEncoders
         scene = random_scene(rng)
         sources.append(scene)
         for _ in range(cfg.edits_per_source):
-            edits = random_edits(rng, scene, 1 + int(rng.choice(3, p=(0.45, 0.4, 0.15))))
+            edits = random_edits(rng, scene, 1 + int(rng.choice(3, p=(0.35, 0.45, 0.2))))
             example = ToyExample(scene, edits)
             targets.append(example.target)
             pair_source.append(i)
@@ -324,7 +329,21 @@ def flux_batch(cfg: RecipeConfig, pool: dict, step: int) -> dict:
             "guidance": 1 + 4 * torch.rand(b, generator=g)}
 
 
-def flux_loss(model: Flux, t5: torch.nn.Module, batch: dict) -> torch.Tensor:
+# A token whose target latent differs from its source latent by this mean square (the latents have unit
+# variance) or more is an edited token; below it, its weight ramps linearly from 1.
+EDITED_TOKEN_MSE = 0.05
+
+
+def token_weights(x0: torch.Tensor, cond: torch.Tensor, edit_weight: float) -> torch.Tensor:
+    """(B, N) loss weight per target token: 1 where the edit leaves the source as it is, `edit_weight`
+    where it changes it. An edit touches a few of the 64 tokens (a shape's colour, a ring of size); with
+    uniform weights the loss is mostly about copying the rest, and the edits of two-edit prompts came
+    out weak."""
+    changed = ((x0 - cond).pow(2).mean(dim=-1) / EDITED_TOKEN_MSE).clamp(max=1.0)
+    return 1 + (edit_weight - 1) * changed
+
+
+def flux_loss(model: Flux, t5: torch.nn.Module, batch: dict, edit_weight: float = 1.0) -> torch.Tensor:
     x0, cond, noise, t = batch["x0"], batch["cond"], batch["noise"], batch["t"]
     b, n = x0.shape[:2]
     side = int(math.isqrt(n))
@@ -333,7 +352,8 @@ def flux_loss(model: Flux, t5: torch.nn.Module, batch: dict) -> torch.Tensor:
     txt = t5(batch["t5_ids"]).last_hidden_state  # no attention mask, as KontextTextEncoders.encode
     pred = model(img=torch.cat([z, cond], dim=1), img_ids=ids, txt=txt, txt_ids=text_ids(b, txt.shape[1]),
                  timesteps=t, y=batch["pooled"], guidance=batch["guidance"])
-    return F.mse_loss(pred[:, :n], noise - x0)
+    weights = token_weights(x0, cond, edit_weight)
+    return ((pred[:, :n] - (noise - x0)).pow(2).mean(dim=-1) * weights).sum() / weights.sum()
 
 
 @torch.no_grad()
@@ -394,7 +414,7 @@ def train_flux(cfg: RecipeConfig, pool: dict, ae: AutoEncoder, encoders: Kontext
     for step in range(start, cfg.flux_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.flux_steps, cfg.flux_lr, cfg.flux_warmup)
-        loss = flux_loss(student["flux"], student["t5"], flux_batch(cfg, pool, step))
+        loss = flux_loss(student["flux"], student["t5"], flux_batch(cfg, pool, step), cfg.edit_loss_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -437,9 +457,9 @@ def evaluate_edits(folder: str | Path, n: int = 20, steps: int = 12, seed: int =
     measure every edit with the attribute readers.
 
     An edit is correct when the read attribute lands nearer the target than the source: a colour
-    edit's read colour is nearest the target colour in the palette, a size edit's edit strength is over
-    1/2. Untouched attributes are measured too: their read colour's distance to the source colour and
-    the change of their read size."""
+    edit's read colour is nearest the target colour in the palette, a size or brightness edit's edit
+    strength is over 1/2. Untouched attributes are measured too: their read colour's distance to the
+    source colour and the change of their read size."""
     from ..pipelines import SliderEditFluxKontextPipeline
 
     pipe = SliderEditFluxKontextPipeline.from_pretrained(folder, torch_dtype=torch.float32)
@@ -453,21 +473,17 @@ def evaluate_edits(folder: str | Path, n: int = 20, steps: int = 12, seed: int =
             target = example.target
             for kind in SHAPES:
                 reading = read_shape(image, kind, example.source.shape(kind).center)
-                for attribute in ("color", "size"):
-                    edit = next((e for e in example.edits if (e.shape, e.attribute) == (kind, attribute)), None)
+                for slot in ("color", "size"):
+                    edit = next((e for e in example.edits if (e.shape, e.slot) == (kind, slot)), None)
                     want = target.shape(kind)
-                    row = {"num_edits": num_edits, "index": i, "shape": kind, "attribute": attribute,
-                           "edited": edit is not None}
-                    if attribute == "color":
-                        row["error"] = float(np.linalg.norm(np.subtract(reading.color, want.color)))
-                        if edit is not None:
-                            row["correct"] = nearest_color(reading.color) == edit.value
-                    else:
-                        row["error"] = abs(reading.size - want.size)
-                        if edit is not None:
-                            row["correct"] = edit_strength(image, example.source, edit) > 0.5
+                    row = {"num_edits": num_edits, "index": i, "shape": kind,
+                           "attribute": slot if edit is None else edit.attribute, "edited": edit is not None}
+                    row["error"] = (float(np.linalg.norm(np.subtract(reading.color, want.color))) if slot == "color"
+                                    else abs(reading.size - want.size))
                     if edit is not None:
                         row["strength"] = edit_strength(image, example.source, edit)
+                        row["correct"] = (nearest_color(reading.color) == edit.value if edit.attribute == "color"
+                                          else row["strength"] > 0.5)
                     rows.append(row)
 
     def summary(selected: list[dict]) -> dict:
@@ -475,31 +491,32 @@ def evaluate_edits(folder: str | Path, n: int = 20, steps: int = 12, seed: int =
         if selected and "correct" in selected[0]:
             out["accuracy"] = float(np.mean([r["correct"] for r in selected]))
             out["mean_strength"] = float(np.mean([r["strength"] for r in selected]))
-        for attribute, unit in (("color", "rgb_error"), ("size", "size_error_px")):
-            errors = [r["error"] for r in selected if r["attribute"] == attribute]
+        for attributes, unit in ((("color", "brightness"), "rgb_error"), (("size",), "size_error_px")):
+            errors = [r["error"] for r in selected if r["attribute"] in attributes]
             if errors:
                 out[f"mean_{unit}"] = float(np.mean(errors))
         return out
 
     edited = [r for r in rows if r["edited"]]
-    return {
-        "scenes": 2 * n, "steps": steps, "guidance": models.GUIDANCE,
-        "edited": summary(edited),
-        "edited_color": summary([r for r in edited if r["attribute"] == "color"]),
-        "edited_size": summary([r for r in edited if r["attribute"] == "size"]),
-        "edited_one_edit_prompts": summary([r for r in edited if r["num_edits"] == 1]),
-        "edited_two_edit_prompts": summary([r for r in edited if r["num_edits"] == 2]),
-        "untouched": summary([r for r in rows if not r["edited"]]),
-    }
+    metrics = {"scenes": 2 * n, "steps": steps, "guidance": models.GUIDANCE, "edited": summary(edited)}
+    for attribute in EDIT_ATTRIBUTES:
+        metrics[f"edited_{attribute}"] = summary([r for r in edited if r["attribute"] == attribute])
+    metrics["edited_one_edit_prompts"] = summary([r for r in edited if r["num_edits"] == 1])
+    metrics["edited_two_edit_prompts"] = summary([r for r in edited if r["num_edits"] == 2])
+    for attribute in EDIT_ATTRIBUTES:
+        metrics[f"two_edit_{attribute}"] = summary([r for r in edited if r["num_edits"] == 2 and r["attribute"] == attribute])
+    metrics["untouched"] = summary([r for r in rows if not r["edited"]])
+    return metrics
 
 
 def write_example(out: Path, seed: int, steps: int) -> None:
-    """example.png: a source scene whose square and circle are not red; example.json: its default prompts
-    and the number of sampling steps the model card's measurements used."""
+    """example.png: a source scene whose square is not blue (the darkest colour, where "darker" shows
+    least) and whose circle is small (room to exaggerate "larger"); example.json: its default prompts and
+    the number of sampling steps the model card's measurements used."""
     index = 0
     while True:
         scene = make_example(seed, index, num_edits=0).source
-        if nearest_color(scene.square.color) != "red" and nearest_color(scene.circle.color) != "red":
+        if nearest_color(scene.square.color) != "blue" and scene.circle.size < sum(SOURCE_SIZES["circle"]) / 2:
             break
         index += 1
     render_image(scene).save(out / "example.png")
@@ -525,8 +542,36 @@ def _count(module: torch.nn.Module) -> str:
     return f"{sum(p.numel() for p in module.parameters()):,}"
 
 
-def write_model_card(cfg: RecipeConfig, metrics: dict) -> None:
-    """README.md of the model folder, from the recorded run: sizes, command, times, losses, accuracy."""
+def sliders_section(cfg: RecipeConfig, sliders: dict[str, dict] | None) -> str:
+    """Step 4 of the model card: the sliders trained on the base model (once they are)."""
+    if not sliders:
+        return ""
+    edits = ", ".join(f'"{e.instruction}"' for e in INDEPENDENT_EDITS)
+    gst, st = sliders["gstlora"], sliders["stlora"]
+
+    def run(r: dict) -> str:
+        return "loss not recorded" if r["loss"] is None else f"Final loss {r['loss']:.4f}, {r['minutes']:.1f} min"
+
+    return f"""
+4. Sliders (`sliders/`), with train.py's trainer (`slideredit/toy/slider_recipe.py`; each folder holds
+   its `train_config.yaml`): {cfg.slider_scenes} held-apart source scenes; rank 16, AdamW lr 1e-3, batch 8,
+   {gst['steps']} steps, fp32.
+   - `sliders/gstlora/pytorch_lora_weights.safetensors`: GSTLoRA, student = the edit prompt (one or two of
+     {edits}), teacher = "keep the image the same". {run(gst)}.
+   - `sliders/stlora/selective_lora.safetensors`: STLoRA with PPS over those four single edits (1-2 per
+     prompt). {run(st)}.
+   The demo's edits (the first two) are continuous: their sliders exaggerate (alpha < 0) as well as
+   suppress (alpha > 0). "make the circle blue" is a colour edit: a palette colour has nothing past it,
+   so its slider only suppresses. Measured slider behaviour: `benchmarks/RESULTS.md` (toy sliders) and
+   `python benchmarks/toy_sliders.py`. Retrain a slider from the repository root:
+   `python -m slideredit.toy.slider_data` (writes `data/toy-sliders`), then
+   `python train.py --config {cfg.out}/sliders/<gstlora|stlora>/train_config.yaml`.
+"""
+
+
+def write_model_card(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | None = None) -> None:
+    """README.md of the model folder, from the recorded run: sizes, command, times, losses, accuracy,
+    and the sliders once they are trained."""
     ae_run, flux_run = load_checkpoint(cfg.workdir / "ae.pt"), load_checkpoint(cfg.workdir / "flux.pt")
     ae_stats = json.loads((cfg.workdir / "autoencoder.json").read_text())
     pool = load_checkpoint(cfg.workdir / "pool.pt")
@@ -540,6 +585,8 @@ def write_model_card(cfg: RecipeConfig, metrics: dict) -> None:
 
     def row(name: str, m: dict) -> str:
         rgb, px = m.get("mean_rgb_error"), m.get("mean_size_error_px")
+        if not m["count"]:
+            return f"| {name} | 0 | | | | |"
         return (f"| {name} | {m['count']} | {m['accuracy']:.0%} | {m['mean_strength']:.2f} | "
                 f"{'' if rgb is None else f'{rgb:.1f}'} | {'' if px is None else f'{px:.2f}'} |")
 
@@ -549,8 +596,9 @@ def write_model_card(cfg: RecipeConfig, metrics: dict) -> None:
 A complete model folder for `SliderEditFluxKontextPipeline.from_pretrained` (the same classes and file
 layout as FLUX.1 Kontext [dev], about 1/5000 of its size), trained from scratch on a CPU on synthetic
 edits of a {IMAGE_SIZE}x{IMAGE_SIZE} scene: a square in the left half and a circle in the right half, each with a
-colour (red, green, blue, yellow) and a size. It understands only the toy world's instructions:
-`make the square|circle red|green|blue|yellow|larger|smaller`, joined with " and ", and
+colour (red, green, blue, yellow, and darker or lighter shades) and a size. It understands only the toy
+world's instructions: `make the square|circle red|green|blue|yellow|larger|smaller|darker|lighter`,
+joined with " and ", and
 `keep the image the same`. Its purpose is to show and test SliderEdit on a CPU; it edits nothing else.
 
 ## Files
@@ -559,7 +607,7 @@ colour (red, green, blue, yellow) and a size. It understands only the toy world'
 | `{models.TRANSFORMER_FILE}` | Flux (BFL names): hidden {p.hidden_size}, {p.num_heads} heads, {p.depth} double + {p.depth_single_blocks} single blocks, RoPE axes {p.axes_dim}, T5 width {p.context_in_dim}, CLIP width {p.vec_in_dim} | {_count(flux_like())} |
 | `{models.AE_FILE}` | autoencoder (BFL names): ch {models.AE_PARAMS.ch}, ch_mult {models.AE_PARAMS.ch_mult}, {models.AE_PARAMS.num_res_blocks} res block per level, 16 latent channels, 8x down; FLUX's scale/shift | {_count(models.build_autoencoder())} |
 | `text_encoder/`, `tokenizer/` | CLIP text model (hidden 32, 1 layer), byte-level BPE spelling the corpus words; random init, frozen | {_count(encoders.clip)} |
-| `text_encoder_2/`, `tokenizer_2/` | T5 encoder (d_model 64, 2 layers), trained with the transformer; word-level unigram tokenizer of the corpus | {_count(encoders.t5)} |
+| `text_encoder_2/`, `tokenizer_2/` | T5 encoder (d_model {models.T5_CONFIG["d_model"]}, {models.T5_CONFIG["num_layers"]} layers), trained with the transformer; word-level unigram tokenizer of the corpus | {_count(encoders.t5)} |
 | `scheduler/`, `slideredit.json` | FLUX's schedule shift; edit defaults: {models.MAX_SEQUENCE_LENGTH} T5 tokens, no resize to Kontext resolutions | |
 | `example.png`, `example.json` | a source scene and its default prompts | |
 
@@ -583,25 +631,29 @@ shared 2-core CPU with 1 or 2 threads (`--threads`):
    ({len(pool['pair_source'])} pairs, {len(pool['texts'])} distinct prompts), rendered exactly and encoded once.
 3. Transformer: {cfg.flux_steps} steps of batch {cfg.flux_batch} with Kontext's rectified-flow objective (target latents
    noised, source latents as context tokens, velocity regression on the noisy tokens), t = sigmoid(N(mu, 1))
-   with the pipeline's shift mu, guidance input drawn from [1, 5], CLIP's pooled vector taken from a random
+   with the pipeline's shift mu, tokens the edit changes weighted {cfg.edit_loss_weight:g}x, guidance input drawn from [1, 5], CLIP's pooled vector taken from a random
    other prompt (edits are read from the T5 tokens only), {cfg.identity_fraction:.0%} identity pairs with
    "keep the image the same" or "". T5 trains with the transformer (from its random initialisation: the
    transformer's text tokens have no positions, so T5 must say which shape each word belongs to).
    AdamW lr {cfg.flux_lr} (warm-up {cfg.flux_warmup}, cosine to a tenth), EMA {cfg.ema_decay}; the EMA weights ship. {flux_run['seconds'] / 60:.1f} min. Loss: {losses}.
-
+{sliders_section(cfg, sliders)}
 ## Measured edits
 Through `SliderEditFluxKontextPipeline` with {metrics['steps']} steps, guidance {metrics['guidance']}, on {metrics['scenes']}
 held-out scenes ({metrics['scenes'] // 2} one-edit and {metrics['scenes'] // 2} two-edit prompts), read back with the attribute
 readers of `slideredit/toy/shapes.py`. Correct: the read colour's nearest palette colour is the target, or
-the read size is nearer the target size than the source size. Edit strength: 0 = unchanged, 1 = exact.
+the read size or brightness is nearer the target than the source. Edit strength: 0 = unchanged, 1 = exact.
 
 | edits | count | correct | mean strength | colour error (RGB distance) | size error (px) |
 |---|---|---|---|---|---|
 {row("all edited attributes", metrics["edited"])}
 {row("colour edits", metrics["edited_color"])}
 {row("size edits", metrics["edited_size"])}
+{row("brightness edits", metrics["edited_brightness"])}
 {row("in one-edit prompts", metrics["edited_one_edit_prompts"])}
 {row("in two-edit prompts", metrics["edited_two_edit_prompts"])}
+{row("colour, in two-edit prompts", metrics["two_edit_color"])}
+{row("size, in two-edit prompts", metrics["two_edit_size"])}
+{row("brightness, in two-edit prompts", metrics["two_edit_brightness"])}
 
 Attributes the prompt does not touch ({untouched['count']}): mean colour error {untouched['mean_rgb_error']:.1f}, mean size error
 {untouched['mean_size_error_px']:.2f} px.
@@ -611,7 +663,7 @@ Attributes the prompt does not touch ({untouched['count']}): mean colour error {
 import torch
 from slideredit.pipelines import SliderEditFluxKontextPipeline
 pipe = SliderEditFluxKontextPipeline.from_pretrained("{cfg.out}", torch_dtype=torch.float32)
-image = pipe(image="{cfg.out}/example.png", prompt="make the square red", num_inference_steps={metrics['steps']}).images[0]
+image = pipe(image="{cfg.out}/example.png", prompt="make the square darker", num_inference_steps={metrics['steps']}).images[0]
 ```
 """
     (cfg.out / "README.md").write_text(card)
@@ -649,8 +701,10 @@ def main(argv: list[str] | None = None) -> dict:
     timings["transformer_s"] = time.time() - t0
     metrics = write_folder(cfg, trained["flux"], ae, with_t5(encoders, trained["t5"]))
     t0 = time.time()
-    train_sliders(cfg.out, cfg.workdir / "sliders", cfg.slider_scenes, cfg.slider_steps)  # GSTLoRA and STLoRA
+    sliders = train_sliders(cfg.out, cfg.workdir / "sliders", cfg.slider_scenes, cfg.slider_steps)  # GSTLoRA and STLoRA
     timings["sliders_s"] = time.time() - t0
+    (cfg.workdir / "sliders.json").write_text(json.dumps(sliders, indent=2))
+    write_model_card(cfg, metrics, sliders)
     log(cfg, f"done: {cfg.out} ({json.dumps(timings)})")
     return metrics
 

@@ -11,7 +11,9 @@ data where that config reads it (data/toy-sliders, relative to the repository ro
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -22,7 +24,7 @@ from .slider_data import DEFAULT_OUT, SCENES, write_slider_data
 
 SHIPPED_OUTPUT_DIR = Path("outputs/toy-sliders-work")  # where the shipped configs train
 ADAPTER_FILE = {"gstlora": "pytorch_lora_weights.safetensors", "stlora": "selective_lora.safetensors"}
-COMMON = dict(resolution=128, lora_rank=16, learning_rate=1e-3, train_batch_size=8, max_train_steps=400,
+COMMON = dict(resolution=128, lora_rank=16, learning_rate=1e-3, train_batch_size=8, max_train_steps=800,
               checkpointing_steps=100, checkpoints_total_limit=1, validation_steps=200,
               validation_lora_scales=[-1.0, 0.0, 1.0], validation_num_inference_steps=12,
               mixed_precision="no", gradient_checkpointing=False, guidance_scale=2.5, seed=0, logging_steps=20)
@@ -59,8 +61,10 @@ def shipped_config(model: Path, method: str, scenes: int = SCENES, steps: int | 
 
 
 def train_sliders(model: Path, work: Path, scenes: int = SCENES, steps: int | None = None,
-                  methods: tuple[str, ...] = ("gstlora", "stlora")) -> None:
+                  methods: tuple[str, ...] = ("gstlora", "stlora")) -> dict[str, dict]:
+    """Train each method; returns {method: {"steps", "loss", "minutes"}} (the model card quotes them)."""
     data = write_slider_data(work / "data", scenes)
+    results = {}
     for method, fields in slider_configs(model, data, work).items():
         if method not in methods:
             continue
@@ -68,12 +72,23 @@ def train_sliders(model: Path, work: Path, scenes: int = SCENES, steps: int | No
             fields["max_train_steps"] = steps
         config = TrainConfig(**fields, resume_from_checkpoint="latest")  # a stopped recipe continues
         (work / f"{method}.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        t0 = time.time()
         result = train(config)
+        # A run resumed after its last step trains nothing and has no loss: its record says what it was.
+        record = work / method / "result.json"
+        if result.loss is not None:
+            results[method] = {"steps": result.step, "loss": result.loss, "minutes": (time.time() - t0) / 60}
+            record.write_text(json.dumps(results[method]) + "\n")
+        else:
+            results[method] = (json.loads(record.read_text()) if record.is_file()
+                               else {"steps": result.step, "loss": None, "minutes": None})
         target = model / "sliders" / method
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(result.output_dir) / ADAPTER_FILE[method], target / ADAPTER_FILE[method])
         (target / "train_config.yaml").write_text(shipped_config(model, method, scenes, steps))
-        print(f"{method}: {result.step} steps, final loss {result.loss:.4g} -> {target / ADAPTER_FILE[method]}")
+        loss = "n/a" if results[method]["loss"] is None else f"{results[method]['loss']:.4g}"
+        print(f"{method}: {result.step} steps, final loss {loss} -> {target / ADAPTER_FILE[method]}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
