@@ -6,10 +6,11 @@ quantize="fp8" (block linears in float8_e4m3fn with per-row scales, float32 acti
 bfloat16 too (`--variants float32 bfloat16 fp8`: slow on CPUs without bf16 convolutions).
 - Edit accuracy: 20 one-edit and 20 two-edit held-out examples (the model card's stream and rule,
   slideredit/toy/recipe.py `evaluate_edits`): a colour edit is correct when the read colour's nearest
-  palette colour is the target, a size edit when its edit strength is over 1/2. Also: how many edits
+  palette colour is the target, a size or brightness edit when its edit strength is over 1/2. Also: how many edits
   change verdict against float32, and the mean |strength difference| per edit.
-- Slider curves: benchmarks/toy_sliders.py's three sweeps (GSTLoRA colour, STLoRA colour, STLoRA size)
-  on its held-out scenes; per alpha, the mean edit strength; the largest difference to float32.
+- Slider curves: benchmarks/toy_sliders.py's sweeps on the demo prompt "make the square darker and make
+  the circle larger" (GSTLoRA: both edits; STLoRA: each slider's own edit) on its held-out scenes; per
+  alpha, the mean edit strength; the largest difference to float32.
 Goals: accuracy within 1 point, every curve within 0.05 at every alpha.
 
     python benchmarks/toy_fp8.py [--model assets/toy-kontext] [--examples 20] [--scenes 8] [--steps 12]
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from slideredit.pipelines import SliderEditFluxKontextPipeline  # noqa: E402
 from slideredit.toy.recipe import EVAL_SEED  # noqa: E402
 from slideredit.toy.shapes import edit_strength, make_example, nearest_color, read_shape, render_image  # noqa: E402
-from toy_sliders import ALPHAS, COLOR, SIZE, scenes, sweep  # noqa: E402
+from toy_sliders import ALPHAS, DARKER, LARGER, scenes, sweep  # noqa: E402
 
 VARIANTS = {"float32": {"torch_dtype": torch.float32}, "bfloat16": {"torch_dtype": torch.bfloat16},
             "fp8": {"torch_dtype": torch.float32, "quantize": "fp8"}}
@@ -58,18 +59,21 @@ def edit_verdicts(pipe, n: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def slider_curves(pipe, model: Path, n: int, steps: int) -> dict[str, np.ndarray]:
-    """The mean edit strength per alpha of toy_sliders.py's three sweeps."""
-    sources = scenes(n)
+    """The mean edit strength per alpha of toy_sliders.py's sweeps on the demo prompt."""
+    sources, edits = scenes(n), [DARKER, LARGER]
+    prompt, subprompts = f"{DARKER.instruction} and {LARGER.instruction}", [DARKER.instruction, LARGER.instruction]
+    zeros = [0.0] * len(ALPHAS)
     pipe.load_gstlora(model / "sliders" / "gstlora")
-    gst = sweep(pipe, sources, steps, COLOR.instruction, lambda a: {"slider_alpha": a})
+    gst = sweep(pipe, sources, steps, prompt, edits, lambda a: {"slider_alpha": a})
     pipe.unload_sliders()
     pipe.load_stlora(model / "sliders" / "stlora")
-    prompt, subprompts = f"{COLOR.instruction} and {SIZE.instruction}", [COLOR.instruction, SIZE.instruction]
-    first = sweep(pipe, sources, steps, prompt, lambda a: {"subprompts_list": subprompts, "slider_alpha_list": [a, 0.0]})
-    second = sweep(pipe, sources, steps, prompt, lambda a: {"subprompts_list": subprompts, "slider_alpha_list": [0.0, a]})
+    first = sweep(pipe, sources, steps, prompt, edits,
+                  lambda a: {"subprompts_list": subprompts, "slider_alpha_list": [a, zeros]})
+    second = sweep(pipe, sources, steps, prompt, edits,
+                   lambda a: {"subprompts_list": subprompts, "slider_alpha_list": [zeros, a]})
     pipe.unload_sliders()
-    return {"GSTLoRA colour": gst[:, :, 0].mean(0), "STLoRA colour (slider 1)": first[:, :, 0].mean(0),
-            "STLoRA size (slider 2)": second[:, :, 1].mean(0)}
+    return {"GSTLoRA darker": gst[:, :, 0].mean(0), "GSTLoRA larger": gst[:, :, 1].mean(0),
+            "STLoRA darker (slider 1)": first[:, :, 0].mean(0), "STLoRA larger (slider 2)": second[:, :, 1].mean(0)}
 
 
 def main() -> None:
