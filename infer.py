@@ -359,10 +359,11 @@ def sweep_picture(args: argparse.Namespace, source, images: dict):
 
 
 def frame_caption(args: argparse.Namespace, alphas: tuple[float, ...]) -> str:
-    """A GIF frame's caption: each slider's alpha, one line per slider, the base edit named."""
+    """A GIF frame's caption: each slider's alpha, one line per slider, then a line naming the base edit
+    (blank on the other frames: every frame has the same height, so the picture never jumps)."""
     names = [args.prompt] if args.gstlora else args.subprompts
     lines = [f"{alpha:+.2f} {name}" for name, alpha in zip(names, alphas)]
-    return "\n".join(lines + (["base edit"] if not any(alphas) else []))
+    return "\n".join(lines + ["base edit" if not any(alphas) else ""])
 
 
 def run_sweep(pipe, args: argparse.Namespace, source) -> Path:

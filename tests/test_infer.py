@@ -1,4 +1,5 @@
 """infer.py: one edit and slider sweeps on the tiny model folder."""
+import argparse
 import json
 
 import numpy as np
@@ -84,6 +85,14 @@ def test_stlora_grid_over_two_sliders(tiny_kontext_dir, photo, tmp_path):
     assert Image.open(out / "sweep.gif").n_frames == 6  # the serpentine 00 01 11 10, then back: 11 01
     images = [np.asarray(Image.open(out / c["image"])) for c in record["cells"]]
     assert not np.array_equal(images[0], images[3])
+
+
+def test_gif_captions_have_the_same_height_on_every_frame():
+    """A caption one line taller on the base edit's frame shifted that frame's picture down (seen in the demo)."""
+    args = argparse.Namespace(gstlora=None, prompt="a and b", subprompts=["a", "b"])
+    base, other = infer.frame_caption(args, (0.0, 0.0)), infer.frame_caption(args, (0.5, 0.0))
+    assert base.splitlines() == ["+0.00 a", "+0.00 b", "base edit"]
+    assert other.split("\n") == ["+0.50 a", "+0.00 b", ""]
 
 
 def test_bad_arguments(photo, tmp_path, capsys):
