@@ -480,7 +480,7 @@ def part_correctness(setup: Setup, deadline: float) -> Part:
         except torch.OutOfMemoryError:
             row.update(ok="out of memory")
         except Exception as e:  # a compile or launch failure is a finding: record it, go on
-            row.update(ok=f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+            row.update(ok=error_text(e))
         rows.append(row)
         free_memory(setup.device)
     if skipped:
@@ -553,11 +553,11 @@ def fp8_timing(setup: Setup, deadline: float, cache_bytes: int, repeats: int, wa
             row = {"weights": "fp8", "layer": name, "d_in->d_out": f"{d_in}->{d_out}", "M": M,
                    "live": live.stop - live.start, "K": K}
             try:
-                sets = [fp8_set(make_set(M, d_in, d_out, K, r, live, dtype, dev, gen))]
-                set_bytes = sum(sets[0][n].numel() * sets[0][n].element_size()  # what the fp8 variants read
-                                for n in ("x", "fp8", "weight_scale", "bias", "lora_a", "lora_b", "scale"))
-                sets += [fp8_set(make_set(M, d_in, d_out, K, r, live, dtype, dev, gen))
-                         for _ in range(max(2, math.ceil(2 * cache_bytes / set_bytes)) - 1)]
+                sets = cache_busting_sets(lambda: fp8_set(make_set(M, d_in, d_out, K, r, live, dtype, dev, gen)),
+                                          lambda s: sum(s[n].numel() * s[n].element_size()  # what the fp8 variants read
+                                                        for n in ("x", "fp8", "weight_scale", "bias", "lora_a",
+                                                                  "lora_b", "scale")),
+                                          cache_bytes)
                 fns = {"bare": [], "triton": [], "triton no adapter": [], "torch": []}
                 for s in sets:
                     args = (s["x"], s["fp8"], s["bias"], s["lora_a"], s["lora_b"], s["scale"])
@@ -576,11 +576,23 @@ def fp8_timing(setup: Setup, deadline: float, cache_bytes: int, repeats: int, wa
             except torch.OutOfMemoryError:
                 row["auto chose"] = "out of memory"
             except Exception as e:
-                row["auto chose"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                row["auto chose"] = error_text(e)
             rows.append(row)
             sets = fns = None
             free_memory(dev)
     return rows, skipped
+
+
+def error_text(e: Exception) -> str:
+    """A failed case's cell: the exception's type and first line (a compile or launch failure is a finding)."""
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def cache_busting_sets(make: Callable[[], dict], nbytes: Callable[[dict], int], cache_bytes: int) -> list[dict]:
+    """At least two input sets, and enough that cycling through them reads twice the L2 cache: every
+    timed call starts from cold operands, as inside a real forward."""
+    first = make()
+    return [first] + [make() for _ in range(max(2, math.ceil(2 * cache_bytes / nbytes(first))) - 1)]
 
 
 def fp8_set(s: dict) -> dict:
@@ -614,10 +626,10 @@ def part_timing(setup: Setup, deadline: float) -> Part:
         row = {"weights": dtype_name(dtype), "layer": name, "d_in->d_out": f"{d_in}->{d_out}", "M": M,
                "live": live.stop - live.start, "K": K}
         try:
-            sets = [make_set(M, d_in, d_out, K, r, live, dtype, dev, gen)]
-            set_bytes = sum(t.numel() * t.element_size() for t in sets[0].values() if isinstance(t, Tensor))
-            sets += [make_set(M, d_in, d_out, K, r, live, dtype, dev, gen)
-                     for _ in range(max(2, math.ceil(2 * cache_bytes / set_bytes)) - 1)]
+            sets = cache_busting_sets(lambda: make_set(M, d_in, d_out, K, r, live, dtype, dev, gen),
+                                      lambda s: sum(t.numel() * t.element_size() for t in s.values()
+                                                    if isinstance(t, Tensor)),
+                                      cache_bytes)
             fns = {"bare": [], "triton": [], "torch": [], "peft": [], "auto": []}
             for s in sets:
                 args = (s["x"], s["weight"], s["bias"], s["lora_a"], s["lora_b"], s["scale"])
@@ -638,7 +650,7 @@ def part_timing(setup: Setup, deadline: float) -> Part:
         except torch.OutOfMemoryError:
             row["auto chose"] = "out of memory"
         except Exception as e:
-            row["auto chose"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            row["auto chose"] = error_text(e)
         rows.append(row)
         sets = fns = None
         free_memory(dev)

@@ -7,6 +7,7 @@ consecutive GIF frames differ by one step of one slider.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,8 +57,9 @@ class SliderAxis:
     alphas: Sequence[float]
 
 
+@functools.lru_cache(maxsize=None)
 def font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+    return ImageFont.load_default(size=size)  # parsed once per size: every GIF frame's caption uses it
 
 
 def cell_scale(size: tuple[int, int]) -> int:
