@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import masked_lora_linear
+from slideredit.kernels.masked_lora import masked_lora_linear
 
 FLUX_SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (3072, 21504)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import SPAN_LEN, SPAN_START, interleaved_times_cpu, interleaved_times_cuda, make_set, peft_style  # noqa: E402
 
-from kernels import fp8_linear, masked_lora_linear  # noqa: E402
+from slideredit.kernels.masked_lora import fp8_linear, masked_lora_linear  # noqa: E402
 from slideredit.atomic import atomic_path  # noqa: E402
 from slideredit.compile import compile_blocks, uncompile_blocks  # noqa: E402
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
@@ -522,11 +522,11 @@ def check_case(s: dict, gen: torch.Generator, K: int, r: int, fp8: bool) -> dict
 # ---------------------------------------------------------------------------------------------------
 
 def auto_choice(M: int, d_in: int, d_out: int, stacked_rank: int) -> str:
-    """What backend=None chose for this forward shape, from kernels.dispatch's record when it exists."""
+    """What backend=None chose for this forward shape, from slideredit.kernels.dispatch's record when it exists."""
     try:
-        from kernels import dispatch
+        from slideredit.kernels import dispatch
     except ImportError:
-        return "n/a (no kernels.dispatch)"
+        return "n/a (no slideredit.kernels.dispatch)"
     found = [d for d in dispatch.decisions() if d.get("op") == "forward" and d.get("n") == d_out
              and d.get("d") == d_in and d.get("stacked_rank") == stacked_rank
              and d.get("m_bucket") == dispatch.m_bucket(M)]
@@ -883,7 +883,7 @@ def machine(setup: Setup) -> dict:
     else:
         info["gpu"] = "none (CPU run)"
     with contextlib.suppress(ImportError):
-        from kernels import dispatch
+        from slideredit.kernels import dispatch
 
         path = dispatch.default_cache_path()
         info["dispatch cache file"] = f"{path} ({'present' if path.exists() else 'absent'} at start)"

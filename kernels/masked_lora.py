@@ -40,7 +40,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch
+if __package__ != "slideredit.kernels":  # imported as top-level `kernels`: that name is Hugging Face's package
+    raise ImportError(
+        f"the SliderEdit kernels import as slideredit.kernels (this file was imported as {__name__!r}): "
+        "from slideredit.kernels.masked_lora import masked_lora_linear, fp8_linear"
+    )
+
+from . import dispatch
 
 MAX_STACKED_RANK = 128  # Triton: K*r, one program keeps the whole stacked rank in registers
 FP8 = torch.float8_e4m3fn
@@ -75,7 +81,7 @@ def _torch_fused_linear(
 
 def _ops(backend: str):
     if backend == "triton":
-        from kernels import masked_lora_triton  # imported on first use: torch-only installs never need triton
+        from . import masked_lora_triton  # imported on first use: torch-only installs never need triton
 
         return masked_lora_triton.scaled_shrink, masked_lora_triton.fused_linear
     return _torch_scaled_shrink, _torch_fused_linear
@@ -241,14 +247,14 @@ def _check_inputs(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, ba
     if lora_a is not None:
         K, rank = _check_adapters(x, d_out, lora_a, lora_b, token_scale, fn)
     if backend == "triton":
-        from kernels.masked_lora_triton import INTERPRET
+        from .masked_lora_triton import INTERPRET
 
         if K * rank > MAX_STACKED_RANK:
             raise ValueError(f"{fn}: the triton backend takes K*r <= {MAX_STACKED_RANK}, got {K * rank}")
         if not x.is_cuda and not INTERPRET:
             raise ValueError(
                 f"{fn}: the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                "kernels is imported; use backend='torch' on the CPU"
+                "slideredit.kernels is imported; use backend='torch' on the CPU"
             )
         M = x.numel() // d_in if d_in else 0
         if max(x.numel(), weight.numel(), M * d_out) >= 2**31:

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import m_bucket  # the autotune key's token count: one tuning per power of two
+from .dispatch import m_bucket  # the autotune key's token count: one tuning per power of two
 
 # Read once, like triton.jit does when it decides to build interpreted kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -28,7 +28,7 @@ import json
 import torch
 from torch import Tensor, nn
 
-from kernels import fp8_linear
+from .kernels.masked_lora import fp8_linear
 
 from .checkpoint import CheckpointError, StoredTensor, map_stored
 

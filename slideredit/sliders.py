@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from kernels import MAX_STACKED_RANK, fp8_linear, masked_lora_linear
+from .kernels.masked_lora import MAX_STACKED_RANK, fp8_linear, masked_lora_linear
 
 from .quantization import Fp8Linear
 from .transformer import Flux

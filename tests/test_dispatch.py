@@ -12,8 +12,9 @@ import warnings
 import pytest
 import torch
 
-from kernels import dispatch, fp8_linear, masked_lora_linear, masked_lora_triton
-from kernels.dispatch import Dispatcher, Key
+from slideredit.kernels import dispatch, masked_lora_triton
+from slideredit.kernels.masked_lora import fp8_linear, masked_lora_linear
+from slideredit.kernels.dispatch import Dispatcher, Key
 
 KEY = Key("Fake GPU", "forward", "bfloat16", "bfloat16", "float32", 45, 51, 12, 128, "x:row w:row", "bias")
 OTHER_KEY = KEY._replace(m_bucket=256)

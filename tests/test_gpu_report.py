@@ -54,11 +54,11 @@ def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
 
 def test_correctness_part_catches_a_wrong_kernel(monkeypatch):
     """Part a is a check, not a formality: a kernel that drops the low-rank term fails it."""
-    import kernels
+    from slideredit.kernels.masked_lora import masked_lora_linear
 
     def no_lora(x, weight, bias, lora_a, lora_b, token_scale, backend=None, weight_scale=None):
-        return kernels.masked_lora_linear(x, weight, bias, lora_a, 0 * lora_b, token_scale, backend="torch",
-                                          weight_scale=weight_scale)
+        return masked_lora_linear(x, weight, bias, lora_a, 0 * lora_b, token_scale, backend="torch",
+                                  weight_scale=weight_scale)
 
     monkeypatch.setattr(gpu_report, "masked_lora_linear", no_lora)
     setup = replace(gpu_report.smoke_setup(), dtypes=(torch.bfloat16,), kernel_tokens=(8,), ks=(2,))

@@ -7,8 +7,8 @@ Every Triton output buffer is filled with NaN before the kernel runs (see `poiso
 import pytest
 import torch
 
-from kernels import fp8_linear, masked_lora_linear
-from kernels import masked_lora_triton
+from slideredit.kernels.masked_lora import fp8_linear, masked_lora_linear
+from slideredit.kernels import masked_lora_triton
 
 BATCH, TOKENS, D_IN, D_OUT = 2, 35, 51, 45
 EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import triton
 
-from kernels import masked_lora_triton as T
+from slideredit.kernels import masked_lora_triton as T
 
 H100 = T.DEFAULT_SMEM_LIMIT
 

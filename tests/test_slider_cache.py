@@ -146,7 +146,7 @@ def test_a_stack_cached_under_inference_mode_serves_autograd_later():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cast_adapters_in_the_cache_give_the_kernels_result(dtype):
     """fp32 adapters beside a lower-precision model: the cache holds them in x's dtype, as the kernel casts."""
-    from kernels import masked_lora_linear
+    from slideredit.kernels.masked_lora import masked_lora_linear
 
     layer, x = qkv_layer(), x_in().to(dtype)
     layer.weight.data, layer.bias.data = layer.weight.data.to(dtype), layer.bias.data.to(dtype)
@@ -216,7 +216,7 @@ def test_scales_set_under_inference_mode_are_cached_and_watched():
 
 
 def test_fp8_weights_keep_their_scale_and_the_zero_path_is_the_fp8_layer():
-    from kernels import masked_lora_linear
+    from slideredit.kernels.masked_lora import masked_lora_linear
     from slideredit.quantization import Fp8Linear
 
     g = torch.Generator().manual_seed(4)
