@@ -34,12 +34,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import signal
 import sys
 from pathlib import Path
 
-from slideredit.cli import finite_float, join_alphas, parse_alphas, positive_int
+from slideredit.cli import finite_float, join_alphas, parse_alphas, positive_int, writable_problem
 from slideredit.grids import IMAGE_FORMATS
 
 TOY_MODEL = Path(__file__).resolve().parent / "assets" / "toy-kontext"
@@ -172,24 +171,6 @@ def check_sliders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"{sliders} sub-prompts would sweep {len(args.alphas)}^{sliders} = "
                      f"{len(args.alphas) ** sliders} cells: sweep one slider with --sweep-slider N (the others "
                      f"at 0, or at --slider-alphas), or make one edit with --slider-alphas")
-
-
-def nearest_existing(path: Path) -> Path:
-    """`path` itself or its closest ancestor that exists (the folder a new file or folder would go into)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def writable_problem(path: Path) -> str | None:
-    """Why `path` could not be created (a file where a folder must be, no permission), or None."""
-    base = nearest_existing(path.parent)
-    if not base.is_dir():
-        return f"{base} is a file, not a folder"
-    if not os.access(base, os.W_OK | os.X_OK):
-        return f"cannot write into {base} (permission denied)"
-    return None
 
 
 def edit_out_problem(out: Path) -> str | None:

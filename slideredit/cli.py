@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+from pathlib import Path
 
 ALPHA_FLAGS = ("--alphas", "--slider-alphas")
 _SEPARATOR = re.compile(r"\s*,\s*|\s+")  # a comma (spaces around it allowed) or plain spaces
@@ -81,3 +83,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself or its closest ancestor that exists (the folder a new file or folder would go into)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why `path` could not be created (a file where a folder must be, no permission), or None."""
+    base = nearest_existing(path.parent)
+    if not base.is_dir():
+        return f"{base} is a file, not a folder"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"cannot write into {base} (permission denied)"
+    return None
