@@ -177,7 +177,8 @@ class SliderLinear(nn.Module):
 
     def refresh_compiled_stack(self) -> None:
         """Stack A and B of the adapters with a scale buffer for the compiled path, once per change of
-        what they are made of (run outside the graph: set_slider_scale calls it)."""
+        what they are made of (run outside the graph: slideredit.compile calls it before each call of the
+        model)."""
         scaled = [a for a in self.adapters.values() if a.scale_buffer is not None]
         sources = [s for a in scaled for s in (a, *a.parameters())]
         key = tuple((id(s), getattr(s, "_version", 0), s.data_ptr() if isinstance(s, Tensor) else 0) for s in sources)
@@ -329,9 +330,6 @@ def set_slider_scale(model: nn.Module, name: str, scale: float | Tensor | None) 
             adapter = layer.adapters[name]
             adapter.scale = value
             _write_scale_buffer(adapter, value, written, fresh)
-    if getattr(model, "compiled_sliders", False):  # set by slideredit.compile.compile_blocks
-        for _, layer in slider_layers(model):
-            layer.refresh_compiled_stack()
 
 
 def _write_scale_buffer(adapter: Adapter, value: Tensor | None, written: set[int], fresh: dict[tuple, Tensor]) -> None:

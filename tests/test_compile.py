@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from slideredit.compile import compile_blocks
+from slideredit.compile import compile_blocks, uncompile_blocks
 from slideredit.pipelines import SliderEditFluxKontextPipeline
 from slideredit.sampling import latent_ids, text_ids
-from slideredit.sliders import GSTLORA, STLORA, set_slider_scale
+from slideredit.sliders import GSTLORA, STLORA, set_slider_scale, slider_layers
 from slideredit.toy.shapes import Edit, make_example, render_image
 from tolerances import assert_close_ulps
 
@@ -127,6 +127,56 @@ def test_pipe_compile_images_equal_eager_without_recompiling(pipe):
         compiled = [edit(a) for a in calls]
     for c, e in zip(compiled, eager):
         assert_close_ulps(c, e, ulps=16)
+
+
+def eager(model, inputs: dict) -> torch.Tensor:
+    """The reference for a compiled result: the same model, weights and scales, run uncompiled."""
+    uncompile_blocks(model)
+    return model(**inputs)
+
+
+def test_an_adapter_first_scaled_after_compiling_equals_eager(pipe):
+    """STLoRA gets its first scales after compile_blocks, beside a GSTLoRA that was on before: the
+    compiled blocks must apply both, not only the adapters scaled when they were compiled."""
+    model, inputs = pipe.transformer, model_inputs(pipe, 1)
+    set_slider_scale(model, GSTLORA, 0.5)
+    compile_blocks(model, backend="aot_eager")
+    gstlora_only = model(**inputs)
+    set_slider_scale(model, STLORA, stlora_scales(pipe, [1.0, -1.0], 1))
+    compiled = model(**inputs)
+    assert_close_ulps(compiled, eager(model, inputs), ulps=16)  # as in the sweeps above
+    assert (compiled - gstlora_only).abs().max() > 1e-3  # the STLoRA moved the output
+
+
+def lora_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for _, layer in slider_layers(model) for a in layer.adapters.values() for p in a.parameters()]
+
+
+@pytest.mark.parametrize("change", ["copy_", "optimizer step"])
+def test_compiled_blocks_follow_an_in_place_change_of_the_adapters(pipe, change):
+    """New LoRA values written into the same tensors (load_state_dict's copy_, an optimizer step between
+    validation runs) reach the compiled blocks at the next call, without setting the scales again."""
+    model, inputs = pipe.transformer, model_inputs(pipe, 1)
+    set_slider_scale(model, GSTLORA, 0.5)
+    set_slider_scale(model, STLORA, stlora_scales(pipe, [1.0, -1.0], 1))
+    compile_blocks(model, backend="aot_eager")
+    before = model(**inputs)
+    params = lora_parameters(model)
+    if change == "copy_":
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=g) * p.std())
+    else:
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=1e-2)
+        model(**inputs).square().mean().backward()  # through the compiled blocks
+        optimizer.step()
+    with torch.no_grad():  # a validation run: the stack built outside the graph
+        compiled = model(**inputs)
+        assert_close_ulps(compiled, eager(model, inputs), ulps=16)
+    assert (compiled - before).abs().max() > 1e-3  # the change moved the output
 
 
 def test_from_pretrained_compile_compiles_every_block():
