@@ -109,6 +109,24 @@ def test_agreement_bound_is_relative_to_the_output_scale(tmp_path, factor, agree
     assert len(caught) == (0 if agrees else 1)
 
 
+@pytest.mark.parametrize("factor,agrees", [(0.5, True), (2.0, False)])
+def test_agreement_counts_every_chunk(tmp_path, monkeypatch, factor, agrees):
+    """Outputs are compared a chunk at a time: the first chunk's error and scale count as the last's.
+    Here both sit in chunk 0 of Y (its largest value and the error); chunks of 16 give Y 17 of them."""
+    monkeypatch.setattr(dispatch, "_CHUNK", 16)
+    d, clock = make(tmp_path)
+    cands = Candidates(clock)
+    h, y = cands.reference
+    y = y.float().clone()
+    y.view(-1)[3] = 100 * y.abs().max()  # the output's scale, far above every later chunk's
+    cands.reference = (h, y.bfloat16())
+    cands.triton = wrong_by(cands.reference, factor)  # the error is at element 7
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d.run(KEY, cands, TOL)
+    assert (d.decisions()[0].backend, len(caught)) == (("triton", 0) if agrees else ("torch", 1))
+
+
 def test_the_check_covers_every_output(tmp_path):
     d, clock = make(tmp_path)
     ref = Candidates(None).reference
@@ -332,10 +350,15 @@ def test_env_override_does_not_apply_to_cpu_tensors(fresh_dispatcher, monkeypatc
     assert dispatch.decisions() == []
 
 
+def fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight as float8_e4m3fn with one fp32 scale per output row."""
+    w_scale = weight.float().abs().amax(1) / 448
+    return (weight.float() / w_scale[:, None]).to(torch.float8_e4m3fn), w_scale
+
+
 def test_auto_guards_the_fp8_paths(fresh_dispatcher):
     x, weight, bias, lora_a, lora_b, scale = slider_inputs()
-    w_scale = weight.float().abs().amax(1) / 448
-    w8 = (weight.float() / w_scale[:, None]).to(torch.float8_e4m3fn)
+    w8, w_scale = fp8_weight(weight)
     x.requires_grad_(True)
     masked_lora_linear(x, w8, bias, lora_a, lora_b, scale, backend="auto", weight_scale=w_scale).sum().backward()
     fp8_linear(x, w8, w_scale, None, backend="auto").sum().backward()
@@ -343,3 +366,20 @@ def test_auto_guards_the_fp8_paths(fresh_dispatcher):
     assert set(records) == {("forward", 8, "bias,scale"), ("backward_dx", 8, "scale"),
                             ("forward", 0, "scale"), ("backward_dx", 0, "scale")}
     assert all(r["weight_dtype"] == "float8_e4m3fn" and r["backend"] == "triton" for r in records.values())
+
+
+def test_bf16_and_fp16_activations_get_separate_decisions(fresh_dispatcher, monkeypatch):
+    """Against one fp8 weight, bf16 and fp16 x build different kernels: a Triton path chosen for bf16
+    must not be reused, unchecked, for fp16 (here it is right for bf16 and wrong for fp16)."""
+    x, weight, *_ = slider_inputs()
+    w8, w_scale = fp8_weight(weight)
+    real = masked_lora_triton.fused_linear
+    monkeypatch.setattr(masked_lora_triton, "fused_linear",
+                        lambda x, *a: real(x, *a) * (1.25 if x.dtype == torch.float16 else 1.0))
+    fp8_linear(x, w8, w_scale, None, backend="auto")
+    x16 = x.half()
+    with pytest.warns(RuntimeWarning, match="\\|float16\\|.*max \\|triton - torch\\|"):
+        y16 = fp8_linear(x16, w8, w_scale, None, backend="auto")
+    assert torch.equal(y16, fp8_linear(x16, w8, w_scale, None, backend="torch"))
+    assert sorted((r["x_dtype"], r["backend"]) for r in dispatch.decisions()) == [("bfloat16", "triton"),
+                                                                                  ("float16", "torch")]
