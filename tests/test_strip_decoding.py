@@ -102,3 +102,22 @@ def test_bad_arguments(model):
         model.decode_tiled(latents(1, 4, 4), rows=0)
     with pytest.raises(ValueError, match=r"decode_tiled expects latents \(B, 16, h, w\)"):
         model.decode_tiled(torch.zeros(1, 4, 6, 8))
+
+
+def test_a_group_of_zero_variance_decodes_as_untiled(model):
+    """A group whose channels are constant (here dead: conv1 weights and bias zero, as pruned channels are)
+    has variance 0; GroupNorm's eps keeps it finite (0 * rsqrt(eps) = 0, the output is the norm's bias).
+    Without eps the strips would divide 0 by 0 and return NaN. Same bound as the strips test above."""
+    dead = AutoEncoder(SMALL).eval()
+    dead.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for level in dead.decoder.up:
+            for block in level.block:
+                group = block.conv1.out_channels // block.norm2.num_groups
+                block.conv1.weight[:group] = 0
+                block.conv1.bias[:group] = 0
+    z = latents(1, 10, 7)
+    with torch.no_grad():
+        full, strips = dead.decode(z), dead.decode_tiled(z, rows=3)
+    assert torch.isfinite(full).all() and torch.isfinite(strips).all()
+    assert (strips - full).abs().max() <= 1e-5 * full.abs().max()
