@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from slideredit import CheckpointError, Flux, FluxParams, load_flux
 from slideredit.quantization import FP8, FP8_MAX, Fp8Linear, dequantize, fp8_targets, quantize_model, quantize_rows
+from slideredit.transformer import Modulation
 from test_transformer import diffusers_flux, kontext_inputs
 
 PARAMS = FluxParams.tiny()
@@ -123,6 +124,18 @@ def test_fp8_linear_is_the_dequantized_linear(dtype):
     assert out.dtype == dtype and out.shape == (5, 7, 48)
     eps = torch.finfo(dtype).eps
     assert (out.double() - reference).abs().max() <= 8 * eps * reference.abs().max()
+
+
+def test_fp8_targets_without_modulation_leave_every_modulation_linear_out():
+    """modulation=False: the targets are the block linears minus exactly the adaLN linears of every
+    Modulation (double blocks' img_mod/txt_mod and single blocks' modulation), found by module type."""
+    model = Flux(PARAMS).to("meta")
+    modulation = {f"{name}.lin" for name, module in model.named_modules() if isinstance(module, Modulation)
+                  and name.startswith(("double_blocks.", "single_blocks."))}
+    assert len(modulation) == 2 * PARAMS.depth + PARAMS.depth_single_blocks
+    every = fp8_targets(model)
+    assert modulation <= set(every)
+    assert sorted(fp8_targets(model, modulation=False)) == sorted(set(every) - modulation)
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -278,3 +291,67 @@ def test_quantize_model_in_place_matches_loading(checkpoints):
     assert loaded.keys() == converted.keys()
     assert all(torch.equal(loaded[k].view(torch.uint8) if loaded[k].dtype == FP8 else loaded[k],
                            converted[k].view(torch.uint8) if converted[k].dtype == FP8 else converted[k]) for k in loaded)
+
+
+@pytest.mark.parametrize("suffix", ["scale_weight", "weight_scale"])
+@pytest.mark.parametrize("bad", [[0.0], [0.5, 0.0], [-0.5], [float("nan")], [float("inf")]])
+def test_zero_negative_or_non_finite_stored_scale_is_refused(checkpoints, tmp_path, suffix, bad):
+    """A scale of 0 would silently zero the layer's weight; refused like a negative or non-finite one,
+    naming the file and the scale tensor (a per-tensor scalar, or one bad entry of a per-row scale)."""
+    root, bfl = checkpoints
+    sd, _ = comfy_file(bfl, "weight_scale")
+    layer = "double_blocks.0.img_attn.proj"
+    sd.pop(f"{layer}.weight_scale")
+    rows = sd[f"{layer}.weight"].shape[0]
+    scale = torch.full((rows,), 0.25)
+    scale[:len(bad)] = torch.tensor(bad)
+    sd[f"{layer}.{suffix}"] = scale[0].clone() if len(bad) == 1 else scale
+    path = tmp_path / "bad-scale.safetensors"
+    save_file(sd, path)
+    for quantize in (None, "fp8"):
+        with pytest.raises(CheckpointError, match=rf"bad-scale\.safetensors: scale tensor '{layer}\.{suffix}' "
+                                                  "holds a non-positive or non-finite value"):
+            load_flux(path, quantize=quantize)
+
+
+def per_row_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 rows with one scale per row, each row's maximum at 448 (a stored per-row layout, made here)."""
+    scale = w.abs().amax(dim=1) / 448
+    return (w / scale[:, None]).clamp(-448, 448).to(FP8), scale
+
+
+def test_per_row_scales_follow_their_rows_through_the_diffusers_conversion(checkpoints, tmp_path):
+    """A diffusers-layout fp8 file with a per-row `weight_scale` on every linear. The pieces the loader
+    cuts must take their own rows' scales: `norm_out.linear` is read as two swapped halves (BFL's
+    [shift; scale] from diffusers' [scale; shift]), and q, k, v are stacked into one fused projection."""
+    root, _ = checkpoints
+    diffusers = {k: v for shard in sorted((root / "transformer").glob("*.safetensors")) for k, v in load_file(shard).items()}
+    sd, real = {}, {}
+    for name, w in diffusers.items():
+        if name.endswith(".weight") and w.ndim == 2:
+            q, scale = per_row_fp8(w)
+            sd[name], sd[name.removesuffix("weight") + "weight_scale"] = q, scale
+            real[name] = (q, scale)
+        else:
+            sd[name] = w
+    folder = tmp_path / "fp8-diffusers"
+    folder.mkdir()
+    save_file(sd, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text((root / "transformer" / "config.json").read_text())
+
+    def dequantized(name: str) -> torch.Tensor:
+        q, scale = real[name]
+        return q.float() * scale[:, None]
+
+    plain = load_flux(folder, dtype=torch.float32).state_dict()
+    shift_scale = dequantized("norm_out.linear.weight")
+    half = shift_scale.shape[0] // 2
+    assert torch.equal(plain["final_layer.adaLN_modulation.1.weight"], torch.cat([shift_scale[half:], shift_scale[:half]]))
+    qkv = [f"transformer_blocks.0.attn.to_{p}.weight" for p in "qkv"]
+    assert torch.equal(plain["double_blocks.0.img_attn.qkv.weight"], torch.cat([dequantized(n) for n in qkv]))
+
+    quantized = load_flux(folder, dtype=torch.float32, quantize="fp8").state_dict()
+    assert torch.equal(quantized["final_layer.adaLN_modulation.1.weight"], plain["final_layer.adaLN_modulation.1.weight"])
+    assert torch.equal(quantized["double_blocks.0.img_attn.qkv.weight"].view(torch.uint8),
+                       torch.cat([real[n][0] for n in qkv]).view(torch.uint8))
+    assert torch.equal(quantized["double_blocks.0.img_attn.qkv.weight_scale"], torch.cat([real[n][1] for n in qkv]))
