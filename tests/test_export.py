@@ -144,6 +144,47 @@ def test_comfyui_strength_is_our_alpha(tmp_path, release, strength):
     assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
+def fused_kohya_lora(module: str, up_blocks: str, alpha: float, seed: int, mlp: int = 0) -> dict[str, torch.Tensor]:
+    """A kohya LoRA on a fused q/k/v projection, rank 3r = 6, whose lora_up's (q|k|v) x (rank block) blocks
+    are "dense" (all non-zero) or "lower" (non-zero on and below the block diagonal, as another tool may
+    write), with `mlp` zero rows below (linear1's MLP)."""
+    hidden, r = PARAMS.hidden_size, 2
+    g = torch.Generator().manual_seed(seed)
+    up = torch.randn(3 * hidden + mlp, 3 * r, generator=g)
+    up[3 * hidden:] = 0
+    if up_blocks == "lower":
+        for i in range(3):
+            up[i * hidden:(i + 1) * hidden, (i + 1) * r:] = 0
+    name = "lora_unet_" + module.replace(".", "_")
+    return {f"{name}.lora_down.weight": torch.randn(3 * r, hidden, generator=g), f"{name}.lora_up.weight": up,
+            f"{name}.alpha": torch.tensor(alpha)}
+
+
+@pytest.mark.parametrize("up_blocks", ["dense", "lower"])
+def test_comfyui_import_of_a_fused_lora_that_is_not_block_diagonal_is_exact(tmp_path, up_blocks):
+    """Such a lora_up mixes q, k and v's rank blocks, so no rank-r split exists: each of q, k, v must keep
+    the whole lora_down (rank 3r). Against float64: the written parts' B (A x) equal the rows of the dense
+    update (alpha / rank) * up @ down @ x (alpha 3 over rank 6: the scale 0.5 is exact in float32)."""
+    modules = {"double_blocks.1.txt_attn.qkv": 0, "single_blocks.2.linear1": PARAMS.mlp_hidden_dim}
+    kohya = {}
+    for seed, (module, mlp) in enumerate(modules.items()):
+        kohya |= fused_kohya_lora(module, up_blocks, alpha=3.0, seed=seed, mlp=mlp)
+    save_file(kohya, tmp_path / "lora.safetensors")
+    written = load_file(import_comfyui(tmp_path / "lora.safetensors", tmp_path / "out"))
+
+    hidden = PARAMS.hidden_size
+    x = torch.randn(hidden, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for module in modules:
+        name = "lora_unet_" + module.replace(".", "_")
+        up, down = kohya[f"{name}.lora_up.weight"].double(), kohya[f"{name}.lora_down.weight"].double()
+        dense = 0.5 * up @ down @ x
+        for i, part in enumerate("qkv"):
+            lora = f"transformer.{diffusers_name(module, part)}"
+            a, b = written[f"{lora}.lora_A.weight"].double(), written[f"{lora}.lora_B.weight"].double()
+            # float64 both sides, sums of 6 and 96 products in another order: ~1e-15 relative
+            assert_close_ulps(b @ (a @ x), dense[i * hidden:(i + 1) * hidden], ulps=64)
+
+
 def test_stlora_and_bad_inputs_are_refused(tmp_path, capsys):
     st = tmp_path / "st"
     st.mkdir()
