@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from slideredit.atomic import atomic_path
-from slideredit.cli import join_alphas, parse_alphas
+from slideredit.cli import join_alphas, parse_alphas, writable_problem
 from slideredit.explorer import write_explorer
 from slideredit.image import load_image, to_rgb
 from slideredit.evaluation import (ArcFaceDistance, BlipItmScore, ClipScore, DinoDistance, HubUnreachableError,
@@ -163,6 +163,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.scorer == "toy" and args.metrics is not None:
         parser.error("--metrics chooses the pretrained scorers; --scorer toy always reports toy,toy_others")
+    problem = writable_problem(args.out / "metrics.csv")  # found now, not after scoring everything
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     return args
 
 
@@ -324,7 +327,8 @@ def evaluate_sweep(cases: list[Case], evaluators: dict) -> list[list[dict]]:
     for case in cases:
         scores = {name: fn(images, case.attribute).tolist() for name, fn in evaluators.items() if name in TEXT_METRICS}
         if "toy" in evaluators:
-            scores |= toy_scores(case, images, source, evaluators["toy"])
+            scores |= toy_scores(case.sweep.prompt, case.attribute, images, source, evaluators["toy"],
+                                 where=f"{case.folder}: case {case.name}: the toy scorer cannot read this sweep")
         per_case.append([{"case": case.name, "attribute": case.attribute, "alpha": cell.alphas[case.slider],
                           "alphas": " ".join(f"{a:g}" for a in cell.alphas), "image": str(folder / cell.image),
                           **{name: (scores | distances)[name][index] for name in evaluators}}
@@ -332,16 +336,29 @@ def evaluate_sweep(cases: list[Case], evaluators: dict) -> list[list[dict]]:
     return per_case
 
 
-def toy_scores(case: Case, images: list[Image.Image], source: Image.Image, scorer: ToyEditStrength) -> dict:
-    """toy: the strength of the case's instruction; toy_others: of the prompt's other edits (NaN if none)."""
-    where = f"{case.folder}: case {case.name}"
+def toy_scores(prompt: str, attribute: str, images: list[Image.Image], source: Image.Image, scorer: ToyEditStrength,
+               where: str) -> dict:
+    """toy: the strength of the attribute's instruction; toy_others: of the prompt's other edits (NaN if none).
+    What the toy readers cannot read is a ValueError starting with `where`."""
     try:
-        own = scorer(images, source, case.attribute).tolist()
-        others = other_instructions(case.sweep.prompt, case.attribute)
+        own = scorer(images, source, attribute).tolist()
+        others = other_instructions(prompt, attribute)
         rest = scorer(images, source, " and ".join(others)).tolist() if others else [math.nan] * len(images)
     except ValueError as err:
-        raise ValueError(f"{where}: the toy scorer cannot read this sweep: {err}") from None
+        raise ValueError(f"{where}: {err}") from None
     return {"toy": own, "toy_others": rest}
+
+
+def check_toy_cases(specs: list[CaseSpec], cases_file: Path) -> None:
+    """Model mode with the toy scorer: every case's prompt, attributes and source image must be the toy
+    world's. Scoring the source against itself runs the same readers as the real scoring, before any edit
+    is generated (a bad line found after the sweeps would leave them half written)."""
+    scorer = ToyEditStrength()
+    for index, spec in enumerate(specs):
+        source = load_rgb(spec.image)
+        for attribute in spec.attributes:
+            toy_scores(spec.prompt, attribute, [source], source, scorer,
+                       where=f"{cases_file}: case {index} ({spec.image.name}): the toy scorer cannot read it")
 
 
 def summarise(case: Case, rows: list[dict], metrics: list[str]) -> dict:
@@ -421,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         if not adapter.exists():
             raise FileNotFoundError(f"adapter weights {adapter} do not exist")
         choose_scorer(args, [(args.model, None)])
+        if args.scorer == "toy":
+            check_toy_cases(specs, args.cases)
         check_hub_source(args.model, "FLUX.1 Kontext (--model)", filename="model_index.json")
         evaluators = build_evaluators(args)
         folders = generate_sweeps(args, specs)
@@ -441,9 +460,16 @@ def main(argv: list[str] | None = None) -> int:
             summaries.append(summarise(case, case_rows, args.metrics))
         pages[cases[0].folder] = cell_scores(cases, per_case, args.metrics)
     write_outputs(args.out, args, rows, summaries)
-    explorers = [write_explorer(folder, scores) for folder, scores in pages.items()]
-    print(f"wrote {args.out / 'metrics.csv'}, {args.out / 'summary.json'}, {args.out / 'curves.png'} and the "
-          f"explorer page(s) {', '.join(map(str, explorers))}", file=sys.stderr)
+    explorers = []
+    for folder, scores in pages.items():
+        problem = writable_problem(folder / "index.html")
+        if problem:  # e.g. a sweep shared read-only: its scores are in --out all the same
+            print(f"eval.py: note: {folder / 'index.html'} is not updated: {problem}", file=sys.stderr)
+        else:
+            explorers.append(write_explorer(folder, scores))
+    pages_text = f" and the explorer page(s) {', '.join(map(str, explorers))}" if explorers else ""
+    print(f"wrote {args.out / 'metrics.csv'}, {args.out / 'summary.json'}, {args.out / 'curves.png'}{pages_text}",
+          file=sys.stderr)
     return 0
 
 

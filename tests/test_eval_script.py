@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -329,6 +330,91 @@ def test_toy_scorer_is_chosen_for_toy_sweeps_and_reads_the_strengths(tmp_path):
         eval_script.main(["--sweep", str(folder), "--attribute", "curly hair", "--attribute", "a smile",
                           "--out", str(tmp_path / "out3")])
 
+
+def test_model_mode_checks_every_toy_case_before_generating_any(tmp_path, monkeypatch):
+    """With the toy model the toy scorer is chosen; a case it cannot read (here the second) is refused before
+    the first edit, not after every sweep was generated (which left them half written)."""
+    monkeypatch.setattr(slideredit, "SliderEditFluxKontextPipeline", FakePipeline, raising=False)
+    adapter = tmp_path / "pytorch_lora_weights.safetensors"
+    adapter.write_bytes(b"")
+    shapes.render_image(toy_source(0)).save(tmp_path / "scene.png")
+    prompt = f"{RED.instruction} and {LARGER.instruction}"
+    cases = tmp_path / "cases.jsonl"
+    good = {"image": "scene.png", "prompt": prompt, "attribute": RED.instruction}
+    flags = ["--model", str(TOY_MODEL), "--gstlora", str(adapter), "--cases", str(cases), "--alphas=-1,0,1",
+             "--device", "cpu"]
+
+    cases.write_text(json.dumps(good) + "\n")  # readable cases run through
+    FakePipeline.made.clear()
+    assert eval_script.main([*flags, "--out", str(tmp_path / "good")]) == 0
+    assert len(FakePipeline.made[0].calls) == 3
+    assert json.loads((tmp_path / "good" / "summary.json").read_text())["inputs"]["scorer"] == "toy"
+
+    cases.write_text(json.dumps(good) + "\n" + json.dumps({**good, "attribute": "curly hair"}) + "\n")
+    FakePipeline.made.clear()
+    with pytest.raises(ValueError, match=r"cases.jsonl: case 1 \(scene.png\): the toy scorer cannot read it: "
+                                         r"'curly hair' .*is not a toy edit"):
+        eval_script.main([*flags, "--out", str(tmp_path / "bad")])
+    assert FakePipeline.made == [] and not (tmp_path / "bad").exists()
+
+
+@pytest.fixture()
+def read_only(monkeypatch):
+    """Makes folders read-only. Root may write anywhere, and os.access says so: for root, os.access answers
+    as the folder's mode would for a user."""
+    folders = []
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if mode & os.W_OK and Path(path).absolute() in folders:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "access", access)
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o555)
+        folders.append(folder.absolute())
+        return folder
+
+    yield make
+    for folder in folders:
+        folder.chmod(0o755)
+
+
+def test_an_out_that_cannot_be_written_stops_before_scoring(tmp_path, monkeypatch, capsys, read_only):
+    folder = tmp_path / "toy"
+    make_toy_sweep(folder, str(TOY_MODEL))
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("eval.py scored although --out cannot be written")
+
+    monkeypatch.setattr(eval_script, "evaluate_sweep", must_not_score)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    locked = read_only(tmp_path / "locked")
+    for out, problem in [(a_file, f"{a_file} is a file, not a folder"),
+                         (a_file / "eval", f"{a_file} is a file, not a folder"),
+                         (locked, f"cannot write into {locked} (permission denied)"),
+                         (locked / "eval", f"cannot write into {locked} (permission denied)")]:
+        with pytest.raises(SystemExit) as exit_:
+            eval_script.main(["--sweep", str(folder), "--out", str(out)])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: --out {out}: {problem}")
+    assert a_file.read_text() == "mine" and list(locked.iterdir()) == []
+
+
+def test_a_read_only_sweep_folder_is_scored_without_its_explorer_page(tmp_path, capsys, read_only):
+    folder = tmp_path / "shared"
+    make_toy_sweep(folder, str(TOY_MODEL))
+    read_only(folder)
+    assert eval_script.main(["--sweep", str(folder), "--out", str(tmp_path / "out")]) == 0
+    rows, _, _ = read_outputs(tmp_path / "out")
+    assert len(rows) == 2 * 9
+    assert not (folder / "index.html").exists()
+    assert f"{folder / 'index.html'} is not updated: cannot write into {folder}" in capsys.readouterr().err
 
 UNREACHABLE_EVAL = r"""
 import runpy, sys, time
