@@ -34,17 +34,17 @@ reduction, so each fp8 tile is dequantized to x's dtype as it is loaded. The PyT
 the whole weight to x's dtype per call. fp8 weights and their scales are frozen (no gradient).
 fp8_linear is the same GEMM without adapters, for quantized layers that carry none.
 """
+if __package__ != "slideredit.kernels":  # checked first, before torch loads: imported as top-level `kernels`: that name is Hugging Face's package
+    raise ImportError(
+        f"the SliderEdit kernels import as slideredit.kernels (this file was imported as {__name__!r}): "
+        "from slideredit.kernels.masked_lora import masked_lora_linear, fp8_linear"
+    )
+
 import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
-
-if __package__ != "slideredit.kernels":  # imported as top-level `kernels`: that name is Hugging Face's package
-    raise ImportError(
-        f"the SliderEdit kernels import as slideredit.kernels (this file was imported as {__name__!r}): "
-        "from slideredit.kernels.masked_lora import masked_lora_linear, fp8_linear"
-    )
 
 from . import dispatch
 
