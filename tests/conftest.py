@@ -23,3 +23,11 @@ def tiny_kontext_dir(tmp_path_factory):
     from tiny_kontext import build_tiny_kontext_folder
 
     return build_tiny_kontext_folder(tmp_path_factory.mktemp("tiny_kontext") / "model")
+
+
+@pytest.fixture()
+def umask():
+    """Set the process umask for one test (0o022 until the test sets another) and restore it afterwards."""
+    previous = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)

@@ -4,6 +4,7 @@ merged into the weights the way ComfyUI's LoRA loader does it (written here from
 mapping), gives the same transformer output at strength s as our slider at alpha s. STLoRA is refused."""
 from __future__ import annotations
 
+import stat
 from collections import OrderedDict
 
 import pytest
@@ -220,6 +221,14 @@ def test_command_line_writes_both(tmp_path, release, capsys):
     assert all(p.is_file() for p in written) and f"wrote {written[1]}" in capsys.readouterr().out
     assert main(["--from-comfyui", str(written[1]), "--out", str(tmp_path / "y")]) == [tmp_path / "y" / DIFFUSERS_FILE]
     assert diffusers_name("single_blocks.0.linear1", "q") == "single_transformer_blocks.0.attn.to_q"
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path, release, umask):
+    """0644 under umask 022, although safetensors' save_file creates 0600 files."""
+    umask(0o022)
+    written = main([str(tmp_path / "src"), "--out", str(tmp_path / "x")])
+    written += main(["--from-comfyui", str(written[1]), "--out", str(tmp_path / "y")])
+    assert [stat.S_IMODE(p.stat().st_mode) for p in written] == [0o644] * 3
 
 
 def test_diffusers_export_loads_into_diffusers_and_peft(tmp_path, tiny_kontext_dir):

@@ -1,12 +1,15 @@
 """Training checkpoints: atomic folders, `latest`, pruning, and states that load with weights_only=True."""
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
 import torch
 
 from slideredit import CheckpointError, Flux, FluxParams
-from slideredit.sliders import GSTLORA, adapter_parameters, init_adapter
+from slideredit.slider_checkpoints import save_adapter
+from slideredit.sliders import GSTLORA, STLORA, adapter_parameters, init_adapter
 from slideredit.training import checkpoints as ckpt
 from slideredit.training.checkpoints import (checkpoints, global_rng_state, load_training_state, prune_checkpoints,
                                              resolve_resume, save_checkpoint, set_global_rng_state)
@@ -44,6 +47,25 @@ def test_state_round_trips_with_weights_only(model, tmp_path):
     optimizer = torch.optim.AdamW(params, lr=1.0)
     optimizer.load_state_dict(loaded["optimizer"])
     assert optimizer.param_groups[0]["lr"] == 1e-3 and len(optimizer.state) == len(params)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_checkpoints_and_final_adapters_get_the_mode_open_would_give(model, tmp_path, umask):
+    """Under umask 022 every file is 0644 and the folder 0755 (what open() and mkdir give), the adapters
+    included, although safetensors' save_file creates 0600 files."""
+    umask(0o022)
+    folder = save_checkpoint(tmp_path, 3, model, GSTLORA, state(model, 3))
+    assert {p.name: mode(p) for p in folder.iterdir()} == {"pytorch_lora_weights.safetensors": 0o644,
+                                                            "training_state.pt": 0o644}
+    assert mode(folder) == 0o755
+    stlora = Flux(FluxParams.tiny()).requires_grad_(False)
+    init_adapter(stlora, STLORA, rank=2, generator=torch.Generator().manual_seed(0))
+    final = [save_adapter(model, GSTLORA, tmp_path), save_adapter(stlora, STLORA, tmp_path)]  # as train.py does
+    assert [(p.name, mode(p)) for p in final] == [("pytorch_lora_weights.safetensors", 0o644),
+                                                  ("selective_lora.safetensors", 0o644)]
 
 
 def test_global_rng_states_restore_exactly(tmp_path):

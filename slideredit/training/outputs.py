@@ -2,16 +2,19 @@
 
 A run writes exactly these entries (and nothing else) under output_dir:
 
-    checkpoint-N/                 every checkpointing_steps steps (checkpoints.py); `.checkpoint-N.*`
-                                  is one whose save was interrupted
+    checkpoint-N/                 every checkpointing_steps steps (checkpoints.py)
     pytorch_lora_weights.safetensors | selective_lora.safetensors     the final adapter
     config.yaml, train.log
-    validation/step-N.png         validation grids (`validation/.step-N.*.png.tmp`: an interrupted write)
+    validation/step-N.png         validation grids
+
+and, where a write was killed, the hidden temporary beside a checkpoint, the adapter or a grid
+(slideredit.atomic's names: `.checkpoint-N.1a2b3c4d.tmp`, `validation/.step-N.1a2b3c4d.png.tmp`).
 
 A fresh run (resume_from_checkpoint not set) refuses an output_dir holding an earlier run's results
 (checkpoints, a final adapter, validation grids): `--resume latest` continues that run, `--overwrite`
 removes the entries above, once the new run's data and model have loaded (a run that cannot start
-leaves the earlier one as it was). Any other file in output_dir is the user's and is never touched.
+leaves the earlier one as it was). Anything else in output_dir is the user's and is never touched: a
+`checkpoint-N` file, or a `checkpoint-N` folder without training_state.pt, is not a checkpoint.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..atomic import leftover_pattern
 from ..slider_checkpoints import FILE_NAMES
 from ..sliders import GSTLORA, STLORA
 from .checkpoints import STATE_FILE
@@ -27,9 +31,11 @@ from .config import ConfigError, TrainConfig
 ADAPTER_FILES = (FILE_NAMES[GSTLORA][0], FILE_NAMES[STLORA][0])  # what save_adapter writes
 RUN_FILES = ("config.yaml", "train.log")
 VALIDATION_DIR = "validation"
-_CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\..+)?")  # checkpoint-N, or a hidden temporary one beside it
-_GRID = re.compile(r"\.?step-\d+(\..+)?\.png(\.tmp)?")  # step-N.png, or its temporary file
-_HIDDEN_TMP = re.compile(r"\.(" + "|".join(re.escape(Path(n).stem) for n in ADAPTER_FILES + RUN_FILES) + r")\..+\.tmp")
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
+_GRID = re.compile(r"step-\d+\.png")
+_LEFTOVER = re.compile("|".join([leftover_pattern(r"checkpoint-\d+"), *(
+    leftover_pattern(re.escape(Path(name).stem), re.escape(Path(name).suffix)) for name in ADAPTER_FILES)]))
+_GRID_LEFTOVER = re.compile(leftover_pattern(r"step-\d+", r"\.png"))
 
 
 class OutputDirError(ConfigError):
@@ -37,13 +43,17 @@ class OutputDirError(ConfigError):
 
 
 def _is_checkpoint(path: Path) -> bool:
-    """checkpoint-N/ holding a training state, or the hidden temporary folder of an interrupted save."""
-    m = _CHECKPOINT.fullmatch(path.name)
-    if not m or not path.is_dir():
-        return False
-    if path.name.startswith("."):
-        return m.group(1) is not None
-    return m.group(1) is None and (path / STATE_FILE).is_file()
+    """A complete checkpoint-N/: the folder holds a training state."""
+    return _CHECKPOINT.fullmatch(path.name) is not None and (path / STATE_FILE).is_file()
+
+
+def _grids(output_dir: Path, include_leftovers: bool) -> list[Path]:
+    """validation/step-N.png files (and the temporaries of interrupted writes of them)."""
+    folder = output_dir / VALIDATION_DIR
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_file() and (
+        _GRID.fullmatch(p.name) or (include_leftovers and _GRID_LEFTOVER.fullmatch(p.name)))]
 
 
 def results(output_dir: str | Path) -> list[Path]:
@@ -51,12 +61,9 @@ def results(output_dir: str | Path) -> list[Path]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = [p for p in out.iterdir() if _is_checkpoint(p) and not p.name.startswith(".")]
+    found = [p for p in out.iterdir() if _is_checkpoint(p)]
     found += [out / name for name in ADAPTER_FILES if (out / name).is_file()]
-    if (out / VALIDATION_DIR).is_dir():
-        found += [p for p in (out / VALIDATION_DIR).iterdir() if p.is_file() and _GRID.fullmatch(p.name)
-                  and not p.name.startswith(".")]
-    return sorted(found, key=_natural)
+    return sorted(found + _grids(out, include_leftovers=False), key=_natural)
 
 
 def run_entries(output_dir: str | Path) -> list[Path]:
@@ -64,11 +71,9 @@ def run_entries(output_dir: str | Path) -> list[Path]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    entries = [p for p in out.iterdir() if _is_checkpoint(p) or (p.is_file() and _HIDDEN_TMP.fullmatch(p.name))]
+    entries = [p for p in out.iterdir() if _is_checkpoint(p) or _LEFTOVER.fullmatch(p.name)]
     entries += [out / name for name in ADAPTER_FILES + RUN_FILES if (out / name).is_file()]
-    if (out / VALIDATION_DIR).is_dir():
-        entries += [p for p in (out / VALIDATION_DIR).iterdir() if p.is_file() and _GRID.fullmatch(p.name)]
-    return sorted(entries, key=_natural)
+    return sorted(entries + _grids(out, include_leftovers=True), key=_natural)
 
 
 def _natural(path: Path) -> tuple:
