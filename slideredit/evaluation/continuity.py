@@ -32,13 +32,22 @@ def continuity_score(scores: Sequence[float]) -> float:
     s = _as_scores(scores, "scores")
     if np.isnan(s).any():
         return float("nan")
-    n = m = s.size  # one score per alpha, m bins
-    span = s.max() - s.min()
-    normalised = (s - s.min()) / span if span > 0 else np.zeros_like(s)
-    counts, _ = np.histogram(normalised, bins=m, range=(0.0, 1.0))
-    expected = n / m
-    chi2 = float(((counts - expected) ** 2 / expected).sum())
-    return chi2 / (m - 1)
+    m = s.size  # one score per alpha, m bins
+    normalised = unit_interval(s, s.min(), s.max()) if s.max() > s.min() else np.zeros_like(s)
+    return uniformity_chi_square(normalised, bins=m) / (m - 1)
+
+
+def unit_interval(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Min-max scaling by the range (low, high): low -> 0, high -> 1. The caller makes sure high != low."""
+    return (values - low) / (high - low)
+
+
+def uniformity_chi_square(x01: np.ndarray, bins: int) -> float:
+    """Pearson's chi^2 of how the n values in [0, 1] fill `bins` equal bins (the last includes 1) against
+    a uniform spread: sum over the bins of (count - n / bins)^2 / (n / bins)."""
+    counts, _ = np.histogram(x01, bins=bins, range=(0.0, 1.0))
+    expected = x01.size / bins
+    return float(((counts - expected) ** 2 / expected).sum())
 
 
 def average_ranks(values: Sequence[float]) -> np.ndarray:

@@ -50,10 +50,12 @@ class LpipsDistance:
     """LPIPS perceptual distance (the `lpips` package's learned weights over AlexNet or VGG features).
 
     LPIPS compares equally sized images: every image and source is resized to size x size (bicubic),
-    which also makes distances comparable between sweeps of different resolutions.
+    which also makes distances comparable between sweeps of different resolutions. size=None compares
+    them at their own size, as the release's evaluator does; they must then all have one size.
     """
 
-    def __init__(self, net: str = "alex", device: str | torch.device = "cpu", batch_size: int = 16, size: int = 512):
+    def __init__(self, net: str = "alex", device: str | torch.device = "cpu", batch_size: int = 16,
+                 size: int | None = 512):
         if net not in ("alex", "vgg", "squeeze"):
             raise ValueError(f"LpipsDistance: net must be 'alex', 'vgg' or 'squeeze', got {net!r}")
         lpips = import_extra("lpips", "LpipsDistance (metric 'lpips')", "lpips")
@@ -62,12 +64,18 @@ class LpipsDistance:
 
     def __call__(self, images: Sequence[Image.Image], sources: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
         images = check_images(images)
-        return batched(self._distance, self.batch_size, images, _sources(sources, len(images)))
+        sources = _sources(sources, len(images))
+        sizes = sorted({image.size for image in images + sources})
+        if self.size is None and len(sizes) > 1:
+            raise ValueError("LpipsDistance(size=None) compares images at their own size, but they differ: "
+                             f"{', '.join(f'{width}x{height}' for width, height in sizes)}; give size= to resize them")
+        return batched(self._distance, self.batch_size, images, sources)
 
     def _to_tensor(self, images: list[Image.Image]) -> torch.Tensor:
-        """(N, 3, size, size) in [-1, 1], the range LPIPS expects."""
-        arrays = [np.asarray(image.resize((self.size, self.size), Image.Resampling.BICUBIC)) for image in images]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+        """(N, 3, H, W) in [-1, 1], the range LPIPS expects; H = W = size unless size is None."""
+        if self.size is not None:
+            images = [image.resize((self.size, self.size), Image.Resampling.BICUBIC) for image in images]
+        pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float()
         return (pixels / 127.5 - 1).to(self.device)
 
     def _distance(self, images: list[Image.Image], sources: list[Image.Image]) -> torch.Tensor:
@@ -107,8 +115,12 @@ class ArcFaceDistance:
                 distances.append(1 - float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))))
         return torch.tensor(distances, dtype=torch.float32).clamp(0, 2)
 
+    def _faces(self, image: Image.Image) -> list:
+        """The faces insightface detects in `image` (it wants BGR pixels)."""
+        return self.app.get(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))
+
     def _embed(self, image: Image.Image) -> np.ndarray | None:
-        faces = self.app.get(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))  # insightface wants BGR
+        faces = self._faces(image)
         if not faces:
             return None
         largest = max(faces, key=lambda face: (face.bbox[2] - face.bbox[0]) * (face.bbox[3] - face.bbox[1]))
