@@ -7,6 +7,7 @@
     toy.py         ToyEditStrength: (images, source, toy instruction) -> (N,), offline, for toy-model sweeps
     sweep.py       the sweep folder format shared with infer.py: read_sweep, write_sweep
     plot.py        draw_curves: slider-response curves with PIL
+    release.py     the SliderEdit release's evaluation API (CLIPEvaluator, ..., chi_square_1d), over the above
 """
 from .continuity import average_ranks, continuity_score, monotonicity_score, spearman
 from .distances import ArcFaceDistance, DinoDistance, LpipsDistance
