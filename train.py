@@ -18,6 +18,8 @@ for the fields and their defaults.
 """
 from __future__ import annotations
 
+# Only the standard library here: --help, argument errors and a Ctrl-C during startup must not wait for
+# (or interrupt) the import of torch and transformers, which comes after the arguments are checked.
 import argparse
 import logging
 import os
@@ -26,13 +28,12 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from slideredit.training import TrainConfig, TrainResult, load_config, train
-from slideredit.training.checkpoints import checkpoints
-
 INTERRUPTED = 130  # the exit status of a program stopped by Ctrl-C (128 + SIGINT)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from slideredit.training.config import TrainConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)  # a typo must not silently set another field
     parser.add_argument("--config", default=None, help="the YAML config file (the release's field names)")
@@ -53,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     """-> (the config: file, then command-line fields; whether to --overwrite)."""
-    args = vars(build_parser().parse_args(argv))
+    from slideredit.training.config import did_you_mean, load_config
+
+    parser = build_parser()
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # as argparse says it, with the closest flag for each mistyped one
+        flags = list(parser._option_string_actions)
+        parser.error("unrecognized arguments: " + " ".join(
+            word + did_you_mean(word.split("=")[0], flags) if word.startswith("--") else word for word in unknown))
+    args = vars(known)
     path, overwrite = args.pop("config"), args.pop("overwrite")
     return load_config(path, overrides=args), overwrite
 
@@ -63,6 +72,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def interrupted_message(config: TrainConfig) -> str:
+    from slideredit.training.checkpoints import checkpoints
+
     found = checkpoints(config.output_dir)
     if not found:
         return (f"interrupted: no checkpoint was written yet (the first comes at step {config.checkpointing_steps}), "
@@ -77,6 +88,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     main_process = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    from slideredit.training import train  # torch and transformers: seconds
+
     try:
         return train(config, overwrite=overwrite)
     except KeyboardInterrupt:  # Ctrl-C: one line saying how to continue, not a traceback
@@ -88,5 +101,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
 if __name__ == "__main__":
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C before train() started (main handles it from there on)
+        print("interrupted before training started: nothing was written", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
     except (ValueError, TypeError, OSError, FloatingPointError) as err:  # config, data, checkpoint, NaN: one line
         raise SystemExit(f"error: {err}") from None

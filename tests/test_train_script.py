@@ -1,6 +1,7 @@
 """train.py and the training loop end to end on the tiny model folder: outputs, exact kill-and-resume,
 checkpoints loading into the pipeline, unreadable and empty data, NaN stops, the encoding cache."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -387,6 +388,63 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(shor
     assert exit_.value.code == 130
     assert "no checkpoint was written yet" in capsys.readouterr().err.strip().splitlines()[-1]
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Startup: --help, a mistyped flag and Ctrl-C answer before torch is imported
+# ---------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TRAIN_PY = r"""
+import json, runpy, sys
+ctrl_c_at = sys.argv.pop(1)
+
+class CtrlC:  # raises what Ctrl-C raises, while the module `ctrl_c_at` is being imported
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == ctrl_c_at:
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, CtrlC)
+sys.argv[0] = "train.py"
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print(json.dumps(sorted(name for name in ("torch", "transformers") if name in sys.modules)))
+"""
+
+
+def run_train_py(*args: str, ctrl_c_at: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RUN_TRAIN_PY, ctrl_c_at, *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_help_answers_without_importing_torch():
+    result = run_train_py("--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    help_text, imported = result.stdout.rsplit("\n", 2)[:2]
+    assert "--learning_rate" in help_text and "(default: 5e-05)" in help_text
+    assert json.loads(imported) == []
+
+
+@pytest.mark.parametrize("module", ["yaml", "torch", "transformers"])
+def test_ctrl_c_during_startup_is_one_line(tmp_path, module):
+    """Ctrl-C while the config is read (yaml) or while torch and transformers load: one line, exit 130."""
+    result = run_train_py("--images_dataset_path", str(tmp_path), "--training_single_edit_prompts", "add a red hat",
+                          "--output_dir", str(tmp_path / "out"), ctrl_c_at=module)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == ["interrupted before training started: nothing was written"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mistyped_flag_names_the_closest_one(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(["--learning_rat", "1e-4", "--seeed=3", "--images_dataset_path", "x"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: unrecognized arguments: --learning_rat (did you mean '--learning_rate'?) 1e-4 "
+        "--seeed=3 (did you mean '--seed'?)")
 
 def test_a_resumed_run_keeps_skipping_the_unreadable_images_it_met_before(short_model_dir, tmp_path, monkeypatch):
     """2 readable + 2 unreadable images, 2 samples a step: the first pass (steps 1-2, before checkpoint-2)

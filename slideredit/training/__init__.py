@@ -9,8 +9,18 @@
     distributed.py  torchrun / DistributedDataParallel
     validation.py   slider-sweep grids during training
     loop.py         the loop
-"""
-from .config import ConfigError, TrainConfig, load_config
-from .loop import TrainingDiverged, TrainResult, train
 
-__all__ = ["ConfigError", "TrainConfig", "TrainResult", "TrainingDiverged", "load_config", "train"]
+The exports load on first use (PEP 562), so that reading a config (train.py --help, argument errors)
+does not import torch and transformers.
+"""
+import importlib
+
+_EXPORTS = {"ConfigError": ".config", "TrainConfig": ".config", "load_config": ".config",
+            "TrainingDiverged": ".loop", "TrainResult": ".loop", "train": ".loop"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..sliders import GSTLORA, STLORA
-
+GSTLORA, STLORA = "gstlora", "stlora"  # slideredit.sliders' method names, without importing torch from there
 NEUTRAL_PROMPT = "keep the image the same"
 
 
@@ -140,12 +139,15 @@ def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
     known = field_types()
     unknown = [k for k in values if k not in known]
     if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(str(name), known, n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        hints = [f"{name!r}{did_you_mean(str(name), known)}" for name in unknown]
         raise ConfigError(f"{source}: unknown field(s) {', '.join(hints)}")
     return TrainConfig(**values)
+
+
+def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    """The hint " (did you mean 'closest'?)" for a mistyped name, or "" when no known name is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -> TrainConfig:
