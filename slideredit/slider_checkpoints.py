@@ -32,7 +32,7 @@ FILE_NAMES = {GSTLORA: ("pytorch_lora_weights.safetensors",),
 RELEASE_PREFIX = {GSTLORA: "transformer.", STLORA: ""}
 
 # diffusers module (inside a block) -> (BFL module inside the block, LoRA part)
-_DOUBLE = {
+_DOUBLE_LORA_PARTS = {
     "attn.to_q": ("img_attn.qkv", "q"), "attn.to_k": ("img_attn.qkv", "k"), "attn.to_v": ("img_attn.qkv", "v"),
     "attn.to_out.0": ("img_attn.proj", "all"),
     "attn.add_q_proj": ("txt_attn.qkv", "q"), "attn.add_k_proj": ("txt_attn.qkv", "k"),
@@ -40,9 +40,9 @@ _DOUBLE = {
     "ff.net.0.proj": ("img_mlp.0", "all"), "ff.net.2": ("img_mlp.2", "all"),
     "ff_context.net.0.proj": ("txt_mlp.0", "all"), "ff_context.net.2": ("txt_mlp.2", "all"),
 }
-_SINGLE = {"attn.to_q": ("linear1", "q"), "attn.to_k": ("linear1", "k"), "attn.to_v": ("linear1", "v")}
-_TO_DIFFUSERS = {("double_blocks", v): ("transformer_blocks", k) for k, v in _DOUBLE.items()}
-_TO_DIFFUSERS |= {("single_blocks", v): ("single_transformer_blocks", k) for k, v in _SINGLE.items()}
+_SINGLE_LORA_PARTS = {"attn.to_q": ("linear1", "q"), "attn.to_k": ("linear1", "k"), "attn.to_v": ("linear1", "v")}
+_TO_DIFFUSERS = {("double_blocks", v): ("transformer_blocks", k) for k, v in _DOUBLE_LORA_PARTS.items()}
+_TO_DIFFUSERS |= {("single_blocks", v): ("single_transformer_blocks", k) for k, v in _SINGLE_LORA_PARTS.items()}
 
 _DIFFUSERS_KEY = re.compile(r"(?:transformer\.|base_model\.model\.)?(transformer_blocks|single_transformer_blocks)"
                             r"\.(\d+)\.(.+)\.lora_([AB])(?:\.default)?\.weight")
@@ -97,7 +97,7 @@ def to_bfl_parts(tensors: dict[str, Tensor], path: Path) -> tuple[dict[str, dict
     for key, tensor in tensors.items():
         if m := _DIFFUSERS_KEY.fullmatch(key):
             root, index, inner, half = m.groups()
-            table = _DOUBLE if root == "transformer_blocks" else _SINGLE
+            table = _DOUBLE_LORA_PARTS if root == "transformer_blocks" else _SINGLE_LORA_PARTS
             if inner not in table:
                 unknown.append(key)
                 continue

@@ -46,7 +46,7 @@ _TOP_LEVEL = {
 }
 
 # Double-block renames, diffusers -> BFL, for modules that map one to one.
-_DOUBLE = {
+_DOUBLE_RENAMES = {
     "norm1.linear": "img_mod.lin",
     "norm1_context.linear": "txt_mod.lin",
     "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
@@ -66,7 +66,7 @@ _DOUBLE_FUSED = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
-_SINGLE = {
+_SINGLE_RENAMES = {
     "norm.linear": "modulation.lin",
     "attn.norm_q.weight": "norm.query_norm.scale",
     "attn.norm_k.weight": "norm.key_norm.scale",
@@ -122,7 +122,7 @@ def diffusers_to_bfl_plan(shapes: dict[str, torch.Size]) -> Plan:
         if m := re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", name):
             root, i, rest = m.groups()
             double = root == "transformer_blocks"
-            renamed = _rename(rest, _DOUBLE if double else _SINGLE)
+            renamed = _rename(rest, _DOUBLE_RENAMES if double else _SINGLE_RENAMES)
             new = f"{'double_blocks' if double else 'single_blocks'}.{i}.{renamed}" if renamed else name
         else:
             new = _rename(name, _TOP_LEVEL) or name
