@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from slideredit import strip_decoding  # noqa: E402
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from slideredit.quantization import fp8_targets, quantize_model, quantize_rows  # noqa: E402
-from slideredit.transformer import Flux, FluxParams  # noqa: E402
+from slideredit.transformer import Flux  # noqa: E402
 
 ALPHAS = (0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -76,13 +76,13 @@ def layer_table(d: int = 3072, rank: int = 16, tokens: int = 256, ratio: float =
 
 
 def tiny_flux() -> None:
+    from flux_sizes import SMALL_FLUX, TINY_FLUX
     from tiny_kontext import randomize_
     from test_transformer import kontext_inputs
 
     print("\n## 2. Tiny random FLUX, velocity relative error in fp8 vs fp32")
     print("| preset | attention + MLP linears | + modulation (default) | + embedders and final layer |\n|---|---|---|---|")
-    for preset in ("tiny", "small"):
-        params = getattr(FluxParams, preset)()
+    for preset, params in (("tiny", TINY_FLUX), ("small", SMALL_FLUX)):
         model = randomize_(Flux(params), 3).eval()
         inputs = kontext_inputs(params)
         embedders = ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",

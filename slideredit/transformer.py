@@ -7,7 +7,7 @@ L image tokens (noisy target + Kontext context), D hidden size, H heads, Dh head
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,21 +49,6 @@ class FluxParams:
     def kontext_dev(cls) -> "FluxParams":
         """FLUX.1 Kontext [dev] (the same shapes as FLUX.1 [dev]): 11.9 B parameters."""
         return cls()
-
-    @classmethod
-    def tiny(cls) -> "FluxParams":
-        """One double and two single blocks of width 64: the smallest model that exercises every path."""
-        return cls(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=1,
-                   depth_single_blocks=2, axes_dim=(4, 14, 14))
-
-    @classmethod
-    def small(cls) -> "FluxParams":
-        """A second test size: more blocks and heads, a RoPE split other than FLUX's rule."""
-        return cls(vec_in_dim=48, context_in_dim=40, hidden_size=96, num_heads=3, depth=2,
-                   depth_single_blocks=3, axes_dim=(8, 12, 12))
-
-    def with_(self, **changes) -> "FluxParams":
-        return replace(self, **changes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,7 +178,7 @@ class Modulation(nn.Module):
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """(1 + scale) * LayerNorm(x) + shift; LayerNorm without affine, eps 1e-6."""
-    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale)
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
 
 
 def gelu_mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -222,10 +207,10 @@ class DoubleStreamBlock(nn.Module):
                           torch.cat((txt_v, img_v), dim=2), cos, sin)
         txt_out, img_out = joint.split((txt.shape[1], img.shape[1]), dim=1)
 
-        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_out))
-        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(img, img_shift2, img_scale2)))
-        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_out))
-        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(txt, txt_shift2, txt_scale2)))
+        img = img + img_gate1 * self.img_attn.proj(img_out)
+        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_out)
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))
         return img, txt
 
 
@@ -248,7 +233,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         out = self.linear2(torch.cat((attention(q, k, v, cos, sin), F.gelu(mlp, approximate="tanh")), dim=-1))
-        return torch.addcmul(x, gate, out)
+        return x + gate * out
 
 
 class LastLayer(nn.Module):

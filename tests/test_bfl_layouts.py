@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flux_sizes import SMALL_FLUX
 from slideredit import Flux, FluxParams, load_autoencoder, load_flux
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams
 from slideredit.slider_checkpoints import load_adapter
@@ -19,7 +20,7 @@ from slideredit.sliders import GSTLORA, STLORA, TARGETS, set_slider_scale
 from test_transformer import diffusers_forward, kontext_inputs
 from tiny_kontext import VAE_CONFIG, randomize_
 
-PARAMS = FluxParams.small()  # 2 double + 3 single blocks, hidden 96, MLP 384, RoPE split (8, 12, 12)
+PARAMS = SMALL_FLUX  # 2 double + 3 single blocks, hidden 96, MLP 384, RoPE split (8, 12, 12)
 
 
 class FluxWidths:

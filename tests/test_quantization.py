@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from slideredit import CheckpointError, Flux, FluxParams, load_flux
+from flux_sizes import TINY_FLUX
+from slideredit import CheckpointError, Flux, load_flux
 from slideredit.quantization import FP8, FP8_MAX, Fp8Linear, dequantize, fp8_targets, quantize_model, quantize_rows
 from slideredit.transformer import Modulation
 from test_transformer import diffusers_flux, kontext_inputs
 
-PARAMS = FluxParams.tiny()
+PARAMS = TINY_FLUX
 # RMS relative error of e4m3 rounding for mantissas spread evenly over [1, 2): half-step uniform noise
 # (step 2^-3 of the leading power of two) -> 2^-3 / sqrt(12) * sqrt(E[1/m^2]) = 2^-3 / sqrt(12) * sqrt(1/2)
 E4M3_RMS_ERROR = 2 ** -3 / math.sqrt(12) * math.sqrt(0.5)  # 0.0255

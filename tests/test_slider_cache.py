@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from slideredit import Flux, FluxParams
+from flux_sizes import TINY_FLUX
+from slideredit import Flux
 from slideredit.sliders import GSTLORA, STLORA, Adapter, LoRAPart, SliderLinear, add_adapter, init_adapter, \
     remove_adapters, set_slider_scale
 
@@ -161,7 +162,7 @@ def test_cast_adapters_in_the_cache_give_the_kernels_result(dtype):
 
 
 def test_model_reload_and_unload_are_seen():
-    params = FluxParams.tiny()
+    params = TINY_FLUX
     torch.manual_seed(0)
     model = Flux(params).double().eval().requires_grad_(False)
     for p in model.parameters():

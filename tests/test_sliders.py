@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from flux_sizes import SMALL_FLUX
 from slideredit import CheckpointError, Flux, FluxParams
 from slideredit.slider_checkpoints import adapter_state_dict, load_adapter, save_adapter, to_bfl_parts, check_adapter
 from slideredit.sliders import GSTLORA, STLORA, SliderLinear, remove_adapters, set_slider_scale
@@ -15,7 +16,7 @@ from test_transformer import kontext_inputs, randomize_
 from tolerances import assert_close_ulps
 
 MANIFESTS = Path(__file__).parent / "manifests"
-PARAMS = FluxParams.small()  # 2 double + 3 single blocks, hidden 96, mlp 384
+PARAMS = SMALL_FLUX  # 2 double + 3 single blocks, hidden 96, mlp 384
 RANK = 4
 # "Adapter at scale 0 == base model" cannot be bit-exact on every CPU: with an adapter loaded,
 # kernels/masked_lora.py flattens x to 2-D (a contiguous copy when x is a strided slice, e.g. the text

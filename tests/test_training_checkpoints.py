@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from slideredit import CheckpointError, Flux, FluxParams
+from flux_sizes import TINY_FLUX
+from slideredit import CheckpointError, Flux
 from slideredit.slider_checkpoints import save_adapter
 from slideredit.sliders import GSTLORA, STLORA, adapter_parameters, init_adapter
 from slideredit.training import checkpoints as ckpt
@@ -17,7 +18,7 @@ from slideredit.training.checkpoints import (checkpoints, global_rng_state, load
 
 @pytest.fixture(scope="module")
 def model():
-    model = Flux(FluxParams.tiny()).requires_grad_(False)
+    model = Flux(TINY_FLUX).requires_grad_(False)
     init_adapter(model, GSTLORA, rank=2, generator=torch.Generator().manual_seed(0))
     return model
 
@@ -61,7 +62,7 @@ def test_checkpoints_and_final_adapters_get_the_mode_open_would_give(model, tmp_
     assert {p.name: mode(p) for p in folder.iterdir()} == {"pytorch_lora_weights.safetensors": 0o644,
                                                             "training_state.pt": 0o644}
     assert mode(folder) == 0o755
-    stlora = Flux(FluxParams.tiny()).requires_grad_(False)
+    stlora = Flux(TINY_FLUX).requires_grad_(False)
     init_adapter(stlora, STLORA, rank=2, generator=torch.Generator().manual_seed(0))
     final = [save_adapter(model, GSTLORA, tmp_path), save_adapter(stlora, STLORA, tmp_path)]  # as train.py does
     assert [(p.name, mode(p)) for p in final] == [("pytorch_lora_weights.safetensors", 0o644),

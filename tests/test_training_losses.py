@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import T5TokenizerFast
 
-from slideredit import Flux, FluxParams
+from flux_sizes import TINY_FLUX
+from slideredit import Flux
 from slideredit.sampling import latent_ids, text_ids
 from slideredit.sliders import (GSTLORA, STLORA, adapter_parameters, init_adapter, remove_adapters, set_slider_scale,
                                 slider_layers)
@@ -17,7 +18,7 @@ from slideredit.training.losses import (DistillationBatch, distillation_prompts,
                                         noisy_latents, self_distillation_loss, stlora_token_scale, velocity)
 from tiny_kontext import randomize_
 
-PARAMS = FluxParams.tiny()
+PARAMS = TINY_FLUX
 N, T = 6, 7  # noisy tokens (a 2 x 3 grid), text tokens
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flux_sizes import SMALL_FLUX, TINY_FLUX
 from slideredit import Flux, FluxParams, load_flux
 from slideredit.transformer_loading import diffusers_to_bfl
 from tiny_kontext import randomize_
@@ -54,9 +55,8 @@ def diffusers_forward(model, inputs):
                      txt_ids=inputs["txt_ids"][0], guidance=inputs["guidance"], return_dict=False)[0]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_matches_diffusers(tmp_path, preset):
-    params = getattr(FluxParams, preset)()
+@pytest.mark.parametrize("params", [TINY_FLUX, SMALL_FLUX], ids=["tiny", "small"])
+def test_matches_diffusers(tmp_path, params):
     reference = diffusers_flux(params, seed=3)
     reference.save_pretrained(tmp_path)
     ours = load_flux(tmp_path, dtype=torch.float32)
@@ -76,7 +76,7 @@ def test_runs_in_half_precision(dtype, tolerance):
     """Same weights and inputs, rounded to the half type first, run once in fp32 and once in `dtype`:
     the difference is only the half-precision arithmetic. Timesteps and guidance are chosen so that
     1000 * t is exact in bf16 (BFL multiplies in the latent dtype)."""
-    params = FluxParams.tiny()
+    params = TINY_FLUX
     model = Flux(params)
     randomize_(model, seed=0)
     model.to(dtype).float()
@@ -94,7 +94,7 @@ def test_runs_in_half_precision(dtype, tolerance):
 def test_text_tokens_are_not_rotated_and_order_matters():
     """Permuting text tokens permutes nothing in the image output only if text positions carry no
     rotation; swapping two image tokens' ids must change the output (RoPE is in effect)."""
-    params = FluxParams.tiny()
+    params = TINY_FLUX
     model = Flux(params)
     randomize_(model, seed=5)
     inputs = kontext_inputs(params, batch=1)
@@ -109,7 +109,7 @@ def test_text_tokens_are_not_rotated_and_order_matters():
 
 
 def test_guidance_is_required_for_guidance_distilled_model():
-    params = FluxParams.tiny()
+    params = TINY_FLUX
     model = Flux(params)
     inputs = kontext_inputs(params)
     inputs["guidance"] = None

@@ -1,15 +1,17 @@
 """load_flux: every official layout gives the same model; every bad input gives a clear error."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flux_sizes import TINY_FLUX
 import slideredit.checkpoint as checkpoint
-from slideredit import CheckpointError, Flux, FluxParams, load_flux
+from slideredit import CheckpointError, Flux, load_flux
 from test_transformer import diffusers_flux, kontext_inputs, randomize_
 
-PARAMS = FluxParams.tiny()
+PARAMS = TINY_FLUX
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +73,13 @@ def test_sizes_from_shapes_and_params_for_rope_split(layouts):
     """A BFL file carries no config: sizes come from tensor shapes, the RoPE split from FLUX's rule
     (head dim 32 -> (4, 14, 14)) unless `params` says otherwise."""
     assert load_flux(layouts / "bfl", dtype=torch.float32).params == PARAMS
-    other_split = PARAMS.with_(axes_dim=(8, 12, 12))
+    other_split = replace(PARAMS, axes_dim=(8, 12, 12))
     assert load_flux(layouts / "bfl", dtype=torch.float32, params=other_split).params == other_split
 
 
 def test_params_that_contradict_the_checkpoint(layouts):
     with pytest.raises(CheckpointError, match="hidden_size=128 given but 64 found"):
-        load_flux(layouts / "full", dtype=torch.float32, params=PARAMS.with_(hidden_size=128, num_heads=4))
+        load_flux(layouts / "full", dtype=torch.float32, params=replace(PARAMS, hidden_size=128, num_heads=4))
 
 
 # --- bad checkpoints ---------------------------------------------------------------------------------
