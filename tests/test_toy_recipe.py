@@ -76,6 +76,68 @@ def test_recipe_runs_resumes_and_writes_a_loadable_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The command line: defaults a newcomer can see, and the shipped model left alone unless asked
+# ---------------------------------------------------------------------------------------------------
+
+def test_help_shows_the_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help text (even inside paths) to the terminal width
+    for main in (recipe.main, slider_recipe.main):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--help"])
+        assert exit_.value.code == 0
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "(default: runs/toy-kontext" in help_text
+        if main is recipe.main:
+            assert "--flux-steps FLUX_STEPS (default: 9000)" in help_text
+            assert "--workdir WORKDIR (default: outputs/toy-kontext-work)" in help_text
+        else:
+            assert "(default: outputs/toy-sliders-work)" in help_text and "(default: 512)" in help_text
+
+
+def test_the_shipped_model_is_rewritten_only_when_asked(tmp_path, monkeypatch, capsys):
+    """The README's recipe command, run from the repository root, writes a new folder; naming the shipped
+    model is refused before any work, unless --replace-shipped says so."""
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(recipe, "train_autoencoder", must_not_train)
+    monkeypatch.setattr(slider_recipe, "train_sliders", must_not_train)
+    monkeypatch.chdir(REPO)
+    default = recipe.parse_config([]).out
+    assert not default.is_absolute() and default.parts[0] == "runs"  # the .gitignore'd /runs/
+    assert "/runs/" in (REPO / ".gitignore").read_text().splitlines()
+    assert not slider_recipe.is_shipped_model(default)
+
+    before = {p: p.stat().st_mtime_ns for p in SHIPPED.parent.rglob("*")}
+    work = ["--workdir", str(tmp_path / "work")]
+    for main, argv in [(recipe.main, ["--out", "assets/toy-kontext", *work]),
+                       (recipe.main, ["--out", str(SHIPPED.parent), *work]),
+                       (slider_recipe.main, ["--model", "assets/toy-kontext", "--work", str(tmp_path / "work")])]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "is the shipped toy model (tracked in git)" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(AssertionError, match="training started"):  # asked explicitly: the recipe starts
+        recipe.main(["--out", "assets/toy-kontext", "--replace-shipped", *work])
+    with pytest.raises(AssertionError, match="training started"):
+        slider_recipe.main(["--model", "assets/toy-kontext", "--replace-shipped", "--work", str(tmp_path / "w2")])
+    assert {p: p.stat().st_mtime_ns for p in SHIPPED.parent.rglob("*")} == before
+
+    # The model card's command remakes the model where it is: with the flag for the shipped one.
+    assert recipe.recipe_command(recipe.RecipeConfig(out=Path("assets/toy-kontext"), flux_steps=3)) == \
+        "python -m slideredit.toy.recipe --out assets/toy-kontext --replace-shipped --flux-steps 3"
+    assert recipe.recipe_command(recipe.RecipeConfig(out=tmp_path / "m")) == \
+        f"python -m slideredit.toy.recipe --out {tmp_path / 'm'}"
+
+
+def test_the_slider_recipe_needs_a_toy_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        slider_recipe.main(["--model", str(tmp_path / "missing"), "--work", str(tmp_path / "work")])
+    assert f"--model {tmp_path / 'missing'}: no toy model there" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+# ---------------------------------------------------------------------------------------------------
 # The shipped slider configs run as shipped: the data command writes what they read
 # ---------------------------------------------------------------------------------------------------
 

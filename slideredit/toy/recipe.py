@@ -1,6 +1,9 @@
 """Train the toy Kontext model on a CPU and write its model folder.
 
-    python -m slideredit.toy.recipe --out assets/toy-kontext
+    python -m slideredit.toy.recipe --threads 2    # writes the model folder runs/toy-kontext (--out)
+
+The shipped model, assets/toy-kontext (tracked in git), is rewritten only when asked:
+`--out assets/toy-kontext --replace-shipped`.
 
 Four resumable stages; each keeps its state in --workdir (default outputs/toy-kontext-work), so a killed
 run picks up where it stopped, and a finished stage is skipped:
@@ -56,7 +59,7 @@ from ..sampling import compute_mu, denoise, get_schedule, latent_ids, pack_laten
 from ..text_encoders import KontextTextEncoders
 from ..transformer import Flux
 from . import models
-from .slider_recipe import train_sliders
+from .slider_recipe import DEFAULT_MODEL, check_not_shipped, is_shipped_model, train_sliders
 from .shapes import (BACKGROUND, CENTER, CENTER_JITTER, COLORS, IMAGE_SIZE, INDEPENDENT_EDITS, NEUTRAL_PROMPT, SHAPES,
                      SOURCE_SIZES, Edit, Scene,
                      Shape, ToyExample, edit_strength, join_instructions, make_example, nearest_color, random_edits,
@@ -70,7 +73,7 @@ EXAMPLE_PROMPTS = ["make the square darker", "make the circle larger", "make the
 
 @dataclass
 class RecipeConfig:
-    out: Path = Path("assets/toy-kontext")
+    out: Path = DEFAULT_MODEL
     workdir: Path = Path("outputs/toy-kontext-work")
     seed: int = 0
     threads: int = 1
@@ -569,6 +572,15 @@ def sliders_section(cfg: RecipeConfig, sliders: dict[str, dict] | None) -> str:
 """
 
 
+def recipe_command(cfg: RecipeConfig) -> str:
+    """The command that made `cfg`'s model: --out (and --replace-shipped for the shipped model), then every
+    field that differs from its default."""
+    return "python -m slideredit.toy.recipe --out " + str(cfg.out) + (
+        " --replace-shipped" if is_shipped_model(cfg.out) else "") + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
+        if k not in ("out", "workdir") and v != getattr(RecipeConfig(), k))
+
+
 def write_model_card(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | None = None) -> None:
     """README.md of the model folder, from the recorded run: sizes, command, times, losses, accuracy,
     and the sliders once they are trained."""
@@ -577,9 +589,7 @@ def write_model_card(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] 
     pool = load_checkpoint(cfg.workdir / "pool.pt")
     encoders = models.build_text_encoders(cfg.seed)
     p = models.FLUX_PARAMS
-    command = "python -m slideredit.toy.recipe --out " + str(cfg.out) + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-        if k not in ("out", "workdir") and v != getattr(RecipeConfig(), k))
+    command = recipe_command(cfg)
     size_kb = sum(f.stat().st_size for f in cfg.out.rglob("*") if f.is_file()) / 1024
     losses = ", ".join(f"{loss:.3f} (step {step})" for step, loss in flux_run["history"][:: max(1, len(flux_run["history"]) // 6)])
 
@@ -674,16 +684,25 @@ def flux_like() -> Flux:
         return Flux(models.FLUX_PARAMS)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    defaults = RecipeConfig()
+def parse_config(argv: list[str] | None = None) -> RecipeConfig:
+    """The recipe's fields from the command line (every field is a flag), checked before anything runs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(defaults).items():
+    for name, value in asdict(RecipeConfig()).items():
         kind = Path if isinstance(value, Path) else type(value)
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
-    args = parser.parse_args(argv)
-    cfg = RecipeConfig(**vars(args))
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value, help="(default: %(default)s)")
+    parser.add_argument("--replace-shipped", action="store_true",
+                        help="allow --out to be the shipped model, assets/toy-kontext (tracked in git)")
+    args = vars(parser.parse_args(argv))
+    replace_shipped = args.pop("replace_shipped")
+    cfg = RecipeConfig(**args)
+    check_not_shipped(parser, "--out", cfg.out, replace_shipped)
     if cfg.save_dtype not in ("float32", "bfloat16"):
         parser.error(f"--save-dtype must be float32 or bfloat16, got {cfg.save_dtype!r}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(argv)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     (cfg.workdir / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))

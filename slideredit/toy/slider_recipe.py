@@ -1,12 +1,13 @@
 """The toy world's sliders: GSTLoRA and STLoRA (PPS) trained with train.py's trainer on the toy base model.
 
-    python -m slideredit.toy.slider_recipe --model assets/toy-kontext --work outputs/toy-sliders-work
+    python -m slideredit.toy.slider_recipe --model runs/toy-kontext --work outputs/toy-sliders-work
 
 Writes the training data (slider_data.py) to `<work>/data`, trains both methods into `<work>/<method>`
 (a stopped recipe continues from the last checkpoint when run again) and puts the final adapters in
 `<model>/sliders/gstlora/` and `<model>/sliders/stlora/`, each with a `train_config.yaml` that retrains
 it with `python train.py --config ...` after `python -m slideredit.toy.slider_data` has written the
-data where that config reads it (data/toy-sliders, relative to the repository root).
+data where that config reads it (data/toy-sliders, relative to the repository root). The shipped model,
+assets/toy-kontext (tracked in git), gets new sliders only with --replace-shipped.
 """
 from __future__ import annotations
 
@@ -19,15 +20,30 @@ from pathlib import Path
 import yaml
 
 from ..training import TrainConfig, train
+from .models import TRANSFORMER_FILE
 from .shapes import INDEPENDENT_EDITS, NEUTRAL_PROMPT
 from .slider_data import DEFAULT_OUT, SCENES, write_slider_data
 
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy-kontext"  # the demo's, tracked in git
+DEFAULT_MODEL = Path("runs/toy-kontext")  # where `python -m slideredit.toy.recipe` writes (git-ignored)
 SHIPPED_OUTPUT_DIR = Path("outputs/toy-sliders-work")  # where the shipped configs train
 ADAPTER_FILE = {"gstlora": "pytorch_lora_weights.safetensors", "stlora": "selective_lora.safetensors"}
 COMMON = dict(resolution=128, lora_rank=16, learning_rate=1e-3, train_batch_size=8, max_train_steps=800,
               checkpointing_steps=100, checkpoints_total_limit=1, validation_steps=200,
               validation_lora_scales=[-1.0, 0.0, 1.0], validation_num_inference_steps=12,
               mixed_precision="no", gradient_checkpointing=False, guidance_scale=2.5, seed=0, logging_steps=20)
+
+
+def is_shipped_model(folder: Path) -> bool:
+    return folder.resolve() == SHIPPED_MODEL
+
+
+def check_not_shipped(parser: argparse.ArgumentParser, flag: str, folder: Path, replace_shipped: bool) -> None:
+    """The shipped toy model is rewritten only with --replace-shipped: a command copied from the docs
+    must not overwrite the repository's tracked files."""
+    if is_shipped_model(folder) and not replace_shipped:
+        parser.error(f"{flag} {folder} is the shipped toy model (tracked in git), which this would overwrite: give "
+                     f"another folder (default {DEFAULT_MODEL}), or add --replace-shipped to retrain it in place")
 
 
 def slider_configs(model: Path, data: Path, work: Path) -> dict[str, dict]:
@@ -93,14 +109,26 @@ def train_sliders(model: Path, work: Path, scenes: int = SCENES, steps: int | No
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="assets/toy-kontext", help="the trained toy base model folder")
-    parser.add_argument("--work", default="outputs/toy-sliders-work", help="training data, runs and logs")
-    parser.add_argument("--scenes", type=int, default=SCENES, help="source scenes for slider training")
-    parser.add_argument("--steps", type=int, default=None, help="override max_train_steps (both methods)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="the trained toy base model folder; the sliders go into its sliders/ (default: "
+                             "%(default)s, what python -m slideredit.toy.recipe writes)")
+    parser.add_argument("--replace-shipped", action="store_true",
+                        help="allow --model to be the shipped model, assets/toy-kontext (tracked in git)")
+    parser.add_argument("--work", type=Path, default=Path("outputs/toy-sliders-work"),
+                        help="training data, runs and logs (default: %(default)s)")
+    parser.add_argument("--scenes", type=int, default=SCENES,
+                        help="source scenes for slider training (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="override max_train_steps for both methods (default: the configs' "
+                             f"{COMMON['max_train_steps']})")
     parser.add_argument("--methods", nargs="+", default=["gstlora", "stlora"], choices=["gstlora", "stlora"],
                         help="which sliders to train (default: both)")
     args = parser.parse_args(argv)
-    train_sliders(Path(args.model), Path(args.work), args.scenes, args.steps, tuple(args.methods))
+    if not (args.model / TRANSFORMER_FILE).is_file():
+        parser.error(f"--model {args.model}: no toy model there (no {TRANSFORMER_FILE}); "
+                     "python -m slideredit.toy.recipe trains one")
+    check_not_shipped(parser, "--model", args.model, args.replace_shipped)
+    train_sliders(args.model, args.work, args.scenes, args.steps, tuple(args.methods))
 
 
 if __name__ == "__main__":
