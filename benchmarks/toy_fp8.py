@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from slideredit.pipelines import SliderEditFluxKontextPipeline  # noqa: E402
+from slideredit.toy.models import GUIDANCE  # noqa: E402
 from slideredit.toy.recipe import EVAL_SEED  # noqa: E402
 from slideredit.toy.shapes import edit_strength, make_example, nearest_color, read_shape, render_image  # noqa: E402
 from toy_sliders import ALPHAS, DARKER, LARGER, scenes, sweep  # noqa: E402
@@ -46,7 +47,7 @@ def edit_verdicts(pipe, n: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
         for i in range(n):
             example = make_example(EVAL_SEED + num_edits, i, num_edits=num_edits)
             image = pipe(image=render_image(example.source), prompt=example.instruction, num_inference_steps=steps,
-                         generator=torch.Generator().manual_seed(i)).images[0]
+                         guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(i)).images[0]
             for edit in example.edits:
                 s = edit_strength(image, example.source, edit)
                 if edit.attribute == "color":

@@ -29,6 +29,7 @@ import torch
 from slideredit.evaluation import continuity_score, draw_curves, monotonicity_score
 from slideredit.grids import save_png
 from slideredit.pipelines import SliderEditFluxKontextPipeline
+from slideredit.toy.models import GUIDANCE
 from slideredit.toy.shapes import Edit, Scene, edit_strength, make_example, render_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def sweep(pipe, sources: list[Scene], steps: int, prompt: str, edits: list[Edit]
     embeds, pooled = pipe.encode_prompt(prompt)
     for i, source in enumerate(sources):
         images = pipe(image=render_image(source), prompt=prompt, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-                      num_inference_steps=steps, generator=torch.Generator().manual_seed(i),
+                      num_inference_steps=steps, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(i),
                       **sliders_for(ALPHAS)).images
         for j, image in enumerate(images):
             out[i, j] = [edit_strength(image, source, edit) for edit in edits]

@@ -103,6 +103,21 @@ def default_output_size(context_w: int, context_h: int) -> tuple[int, int]:
     return context_size(context_w, context_h, auto_resize=True)
 
 
+def area_scaled_size(width: float, height: float, max_area: float, multiple_of: int = 16) -> tuple[int, int]:
+    """(W, H) with the aspect ratio of width x height and about `max_area` (> 0) pixels, each side rounded,
+    then floored to `multiple_of`: diffusers' FluxKontextPipeline rule for its `max_area` argument, in the
+    same float operations (aspect first, then the square roots) so that the sizes agree to the pixel."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"height and width must be positive to scale them to max_area, got {width}x{height}")
+    aspect = width / height
+    w = round((max_area * aspect) ** 0.5) // multiple_of * multiple_of
+    h = round((max_area / aspect) ** 0.5) // multiple_of * multiple_of
+    if w == 0 or h == 0:
+        raise ValueError(f"max_area={max_area} at aspect {aspect:.3g} gives a {w}x{h} output; Kontext needs at "
+                         f"least {multiple_of} pixels on each side")
+    return w, h
+
+
 def _as_pil(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
         return image

@@ -22,7 +22,7 @@ from torch import Tensor
 from .autoencoder import AutoEncoder, load_autoencoder
 from .checkpoint import CheckpointError, download_from_hub, looks_like_repo_id
 from .compile import compile_blocks
-from .image import ImageInput, default_output_size, prepare_context_image
+from .image import ImageInput, area_scaled_size, default_output_size, prepare_context_image
 from .slider_checkpoints import load_adapter
 from .sliders import GSTLORA, STLORA, loaded_adapters, remove_adapters, set_slider_scale
 from .slider_schedule import Alpha, SliderSchedule, alpha_batch, check_windows
@@ -287,11 +287,12 @@ class SliderEditFluxKontextPipeline:
 
     @torch.no_grad()
     def __call__(self, image: ImageInput | None = None, prompt: str | list[str] | None = None, *,
-                 num_inference_steps: int = 28, guidance_scale: float = 2.5, height: int | None = None,
+                 num_inference_steps: int = 28, guidance_scale: float = 3.5, height: int | None = None,
                  width: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: Tensor | None = None, output_type: str = "pil", prompt_embeds: Tensor | None = None,
                  pooled_prompt_embeds: Tensor | None = None, max_sequence_length: int | None = None,
-                 auto_resize: bool | None = None, slider_alpha: Alpha | None = None,
+                 auto_resize: bool | None = None, _auto_resize: bool | None = None, max_area: float | None = None,
+                 slider_alpha: Alpha | None = None,
                  subprompts_list: Sequence[str] | None = None, slider_alpha_list: Sequence[Alpha] | None = None,
                  slider_steps: tuple[float, float] | Sequence[tuple[float, float]] | None = None,
                  negative_prompt: str | list[str] | None = None, negative_prompt_embeds: Tensor | None = None,
@@ -299,11 +300,17 @@ class SliderEditFluxKontextPipeline:
                  callback_on_step_end: StepEndCallback | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                  ) -> KontextOutput:
-        """Edit `image` as `prompt` says. Output size: explicit height/width, else the context image's
-        aspect ratio at about one megapixel. `latents` (B, N, 64) packed replaces the initial noise.
-        `auto_resize=False` keeps the context image's own size (floored to 16) instead of the nearest
-        preferred Kontext resolution. `max_sequence_length` and `auto_resize` default to the model
-        folder's `slideredit.json` (512 T5 tokens and True for FLUX.1 Kontext [dev]).
+        """Edit `image` as `prompt` says. `guidance_scale` defaults to 3.5, as in diffusers'
+        FluxKontextPipeline and the SliderEdit release (Black Forest Labs' CLI and infer.py use 2.5).
+
+        Output size: explicit height/width, else the context image's aspect ratio at about one megapixel
+        (diffusers: 1024x1024). `max_area`, as in diffusers, scales that size to about max_area pixels,
+        keeping its aspect ratio (without it, explicit height/width are used as given, where diffusers
+        scales them to its default 1024**2). `latents` (B, N, 64) packed replaces the initial noise.
+        `auto_resize=False` (diffusers' spelling: `_auto_resize`) keeps the context image's own size
+        (floored to 16) instead of the nearest preferred Kontext resolution. `max_sequence_length` and
+        `auto_resize` default to the model folder's `slideredit.json` (512 T5 tokens and True for
+        FLUX.1 Kontext [dev]).
 
         Sliders (after load_gstlora / load_stlora): `slider_alpha` scales the GSTLoRA on every token;
         `subprompts_list` + `slider_alpha_list` scale the STLoRA on each sub-prompt's T5 tokens. Alpha 0
@@ -334,11 +341,17 @@ class SliderEditFluxKontextPipeline:
         runs with the STLoRA off. A GSTLoRA acts on every token (image and context tokens included):
         it changes the model, not a prompt, so both passes use it at the same alpha; otherwise the
         guidance difference would carry the adapter's own effect, multiplied by true_cfg_scale."""
+        if _auto_resize is not None:  # diffusers' and the release's spelling
+            if auto_resize is not None:
+                raise ValueError("give auto_resize or _auto_resize (diffusers' spelling of the same switch), not both")
+            auto_resize = _auto_resize
         auto_resize = self.defaults.auto_resize if auto_resize is None else auto_resize
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         guidance_scale = check_finite(guidance_scale, "guidance_scale")
         true_cfg_scale = check_finite(true_cfg_scale, "true_cfg_scale")
+        if max_area is not None and check_finite(max_area, "max_area") <= 0:
+            raise ValueError(f"max_area must be a positive number of pixels, got {max_area!r}")
         if image is None:
             raise ValueError("Kontext edits an image: pass image=")
         if prompt_embeds is None and prompt is None:
@@ -382,6 +395,8 @@ class SliderEditFluxKontextPipeline:
             raise ValueError(f"give both height and width or neither; got height={height}, width={width}")
         if height is None:
             width, height = (context_w, context_h) if not auto_resize else default_output_size(context_w, context_h)
+        if max_area is not None:
+            width, height = area_scaled_size(width, height, max_area)
         width, height = width // 16 * 16, height // 16 * 16
         if width < 16 or height < 16:
             raise ValueError(f"output must be at least 16x16 pixels, got {width}x{height}")

@@ -5,6 +5,7 @@ from PIL import Image
 
 from slideredit.image import (
     PREFERRED_KONTEXT_RESOLUTIONS,
+    area_scaled_size,
     context_size,
     default_output_size,
     load_image,
@@ -118,6 +119,18 @@ def test_sizes_are_floored_to_multiples():
     assert tensor.shape == (1, 3, 688, 992) and tensor.dtype == torch.float32
     assert torch.equal(tensor[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
     assert prepare_context_image(image, width=500, height=300).shape == (1, 3, 288, 496)
+
+
+def test_area_scaled_size_by_hand():
+    """Aspect 5:3 at 512**2 pixels: sqrt(262144 x 5/3) = 660.99 -> 661 -> 656 and sqrt(262144 x 3/5) =
+    396.59 -> 397 -> 384. Each side is rounded before it is floored: sqrt(261837) = 511.7 gives 512, not 496."""
+    assert area_scaled_size(500, 300, 512 ** 2) == (656, 384)
+    assert area_scaled_size(40, 40, 261_837) == (512, 512)
+    assert area_scaled_size(1024, 1024, 1024 ** 2) == (1024, 1024)
+    with pytest.raises(ValueError, match="max_area=200 at aspect 2 gives a 16x0 output"):
+        area_scaled_size(64, 32, 200)
+    with pytest.raises(ValueError, match="must be positive.*got 64x0"):
+        area_scaled_size(64, 0, 4096)
 
 
 def test_too_small_images_are_rejected():

@@ -1,4 +1,5 @@
 """The editing pipeline against diffusers' FluxKontextPipeline on a complete tiny model folder."""
+import inspect
 import math
 import shutil
 
@@ -71,6 +72,107 @@ def test_explicit_size_wins(ours):
     out = ours(image=random_image(64, 64), prompt=PROMPT, num_inference_steps=1, height=32, width=48,
                auto_resize=False).images[0]
     assert out.size == (48, 32)
+
+
+def test_release_call_with_its_defaults_matches_diffusers(reference, ours):
+    """The release's call spelled as diffusers spells it, with no guidance_scale (both default to 3.5):
+    max_area scales the 48x32 asked for to 96x64 pixels, _auto_resize=False keeps the context's size."""
+    latents = torch.randn(1, (64 // 16) * (96 // 16), 64, generator=torch.Generator().manual_seed(2))
+    call = dict(image=random_image(53, 37), prompt=PROMPT, height=32, width=48, max_area=64 * 96,
+                _auto_resize=False, num_inference_steps=3, latents=latents, output_type="pt")
+    expected, got = reference(**call).images, ours(**call).images
+    assert got.shape == expected.shape == (1, 3, 64, 96)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+# Defaults that differ from diffusers' on purpose: None takes the model folder's slideredit.json
+# (max_sequence_length 512, _auto_resize True for FLUX.1 Kontext [dev]); max_area None keeps the size asked for.
+OWN_DEFAULTS = {"max_sequence_length", "_auto_resize", "max_area"}
+
+
+def test_shared_arguments_have_diffusers_defaults():
+    from diffusers import FluxKontextPipeline
+
+    def defaults(function) -> dict:
+        return {name: tuple(p.default) if isinstance(p.default, list) else p.default
+                for name, p in inspect.signature(function).parameters.items()}
+
+    theirs, mine = defaults(FluxKontextPipeline.__call__), defaults(SliderEditFluxKontextPipeline.__call__)
+    shared = set(theirs) & set(mine) - OWN_DEFAULTS
+    assert {"guidance_scale", "num_inference_steps", "true_cfg_scale", "height", "width"} <= shared
+    assert {name: mine[name] for name in shared} == {name: theirs[name] for name in shared}
+
+
+class _Sizes(Exception):
+    pass
+
+
+def diffusers_sizes(reference, monkeypatch, image: Image.Image, **call) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(output (W, H), resized context (W, H)) chosen by diffusers' FluxKontextPipeline, caught where it
+    prepares the latents (before its VAE or transformer run)."""
+    def capture(image, batch_size, num_channels_latents, height, width, *args, **kwargs):
+        raise _Sizes((width, height), (image.shape[-1], image.shape[-2]))
+
+    monkeypatch.setattr(reference, "prepare_latents", capture)
+    with pytest.raises(_Sizes) as sizes:
+        reference(image=image, prompt=PROMPT, num_inference_steps=1, **call)
+    return sizes.value.args
+
+
+def our_sizes(ours, monkeypatch, image: Image.Image, **call) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(output (W, H), resized context (W, H)) chosen by our pipeline, caught where it draws the noise;
+    the autoencoder only records the context's size (zero latents), so one-megapixel contexts cost nothing."""
+    context = []
+
+    def encode(pixels):
+        context.append((pixels.shape[-1], pixels.shape[-2]))
+        return torch.zeros(pixels.shape[0], 16, pixels.shape[-2] // 8, pixels.shape[-1] // 8)
+
+    def capture(batch, rows, height, width, generator):
+        raise _Sizes((width, height), context[0])
+
+    monkeypatch.setattr(ours.autoencoder, "encode", encode)
+    monkeypatch.setattr(ours, "_noise", capture)
+    with pytest.raises(_Sizes) as sizes:
+        ours(image=image, prompt=PROMPT, num_inference_steps=1, **call)
+    return sizes.value.args
+
+
+@pytest.mark.parametrize("image_size, call", [
+    ((517, 301), dict(height=300, width=500, max_area=512 ** 2, _auto_resize=True)),
+    ((517, 301), dict(height=300, width=500, max_area=100_000, _auto_resize=False)),
+    ((301, 517), dict(height=1000, width=600, max_area=1024 ** 2)),  # _auto_resize: True in both by default
+    ((333, 777), dict(height=333, width=777, max_area=12_345, _auto_resize=False)),
+    ((1000, 1000), dict(max_area=261_837, _auto_resize=False)),  # sqrt = 511.7: rounds up to 512, not 496
+    ((777, 777), dict()),  # the release's plain call on a square image: 1024x1024 in both
+])
+def test_output_and_context_sizes_match_diffusers(reference, ours, monkeypatch, image_size, call):
+    image = random_image(*image_size)
+    assert our_sizes(ours, monkeypatch, image, **call) == diffusers_sizes(reference, monkeypatch, image, **call)
+
+
+def test_max_area_keeps_the_aspect_ratio_of_the_default_size(reference, ours, monkeypatch):
+    """Without height/width our default size has the context's aspect ratio (3:2 here, snapped to
+    1248x832), and max_area scales that: round(sqrt(65536 x 1.5)) = 314 -> 304, round(sqrt(65536 / 1.5))
+    = 209 -> 208. diffusers scales its fixed 1024x1024 to a square instead."""
+    image = random_image(300, 200)
+    assert our_sizes(ours, monkeypatch, image, max_area=256 ** 2) == ((304, 208), (1248, 832))
+    assert diffusers_sizes(reference, monkeypatch, image, max_area=256 ** 2) == ((256, 256), (1248, 832))
+
+
+def test_bad_size_arguments_are_one_line_errors(ours, monkeypatch):
+    monkeypatch.setattr(ours.text_encoders, "encode", lambda *a, **k: pytest.fail("encoded before validating"))
+    call = dict(image=random_image(32, 32), prompt=PROMPT, num_inference_steps=1)
+    for bad in (0, -4096, math.nan, "4096", True):
+        with pytest.raises(ValueError, match="max_area must be a (finite|positive) number"):
+            ours(**call, max_area=bad)
+    with pytest.raises(ValueError, match="auto_resize or _auto_resize"):
+        ours(**call, auto_resize=False, _auto_resize=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="max_area=100 at aspect 1 gives a 0x0 output"):
+        ours(**call, max_area=100, auto_resize=False)
+    with pytest.raises(ValueError, match="height and width must be positive to scale them to max_area, got 32x0"):
+        ours(**call, max_area=4096, height=0, width=32, auto_resize=False)
 
 
 def test_prompt_embeds_skip_the_encoders(ours, monkeypatch):

@@ -35,7 +35,7 @@ from ..transformer_loading import default_axes_dim
 from .shapes import IMAGE_SIZE, instruction_corpus
 
 MAX_SEQUENCE_LENGTH = 32  # T5 tokens per prompt: three joined edits take 15
-GUIDANCE = 2.5  # what the pipeline passes by default; the toy model is trained to ignore the value
+GUIDANCE = 2.5  # what the toy's evaluations and infer.py pass (BFL's default); the toy model is trained to ignore it
 
 # GroupNorm always has 32 groups. At 32 channels each group is a single channel: an instance norm, which
 # erases a channel's amplitude -- the colour of a flat shape. The full-resolution level (where the

@@ -472,7 +472,7 @@ def evaluate_edits(folder: str | Path, n: int = 20, steps: int = 12, seed: int =
         for i in range(n):
             example = make_example(seed + num_edits, i, num_edits=num_edits)
             image = pipe(image=render_image(example.source), prompt=example.instruction, num_inference_steps=steps,
-                         generator=torch.Generator().manual_seed(i)).images[0]
+                         guidance_scale=models.GUIDANCE, generator=torch.Generator().manual_seed(i)).images[0]
             target = example.target
             for kind in SHAPES:
                 reading = read_shape(image, kind, example.source.shape(kind).center)
