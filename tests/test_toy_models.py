@@ -130,7 +130,7 @@ def test_pipeline_edits_with_the_folder_defaults(parts, folder):
         txt, pooled = encoders.encode(example.instruction, 32)
         noise = pack_latents(initial_noise(1, 128, 128, generator=torch.Generator().manual_seed(0)))
         latents = denoise(flux, noise, latent_ids(1, 8, 8, 0), txt, text_ids(1, 32), pooled, get_schedule(2, 64),
-                          2.5, cond=cond, cond_ids=latent_ids(1, 8, 8, 1), progress=False)
+                          3.5, cond=cond, cond_ids=latent_ids(1, 8, 8, 1), progress=False)  # the release's default
         expected = (ae.decode(unpack_latents(latents, 128, 128)) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
