@@ -34,7 +34,9 @@ def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str] | None, c
     """Images laid out row by row (all the same size), a label above each column and, when given,
     left of each row, and a title line above everything."""
     width, height = rows[0][0].size
-    left = 0 if row_labels is None else 8 * max(len(label) for label in row_labels) + 8
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # the default font, which draw.text uses below
+    # measured, not guessed from the length: labels start at x = 4, cells 4 px right of the widest one's ink
+    left = 0 if row_labels is None else 4 + max(measure.textbbox((4, 0), label)[2] for label in row_labels)
     top = LABEL_HEIGHT * (2 if title else 1)
     grid = Image.new("RGB", (left + width * len(rows[0]), top + height * len(rows)), "white")
     draw = ImageDraw.Draw(grid)

@@ -1,9 +1,9 @@
 """Validation grids: each cell is the pipeline's edit at that column's slider value, so the cells differ
-with alpha, and alpha 0 is the base model's edit."""
+with alpha, and alpha 0 is the base model's edit; each row's label is its whole prompt, none of it cut."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 
 from slideredit.pipelines import SliderEditFluxKontextPipeline
 from slideredit.sliders import GSTLORA, STLORA, adapter_parameters, init_adapter
@@ -55,3 +55,31 @@ def test_validation_cells_follow_alpha_and_alpha_zero_is_the_base_model(short_mo
     assert np.abs(row[1] - base).max() <= 1  # alpha 0: the base model's edit
     for a, b in [(0, 1), (1, 2), (0, 2)]:  # ... and the slider visibly moves it
         assert np.abs(row[a] - row[b]).mean() > 2, (SCALES[a], SCALES[b])
+
+
+def ink(image: Image.Image) -> np.ndarray:
+    """The non-white pixels of `image`, cropped to their bounding box."""
+    box = ImageOps.invert(image.convert("L")).getbbox()
+    assert box is not None, "no ink at all"
+    return np.asarray(image.convert("L").crop(box))
+
+
+@pytest.mark.parametrize("prompts", [
+    [PROMPT, "make the square darker and make the circle larger and make the circle blue"],  # long ones
+    ["WWW"]])  # short, and wider than a guess from the number of characters
+def test_row_labels_show_the_whole_prompt(short_model_dir, prompts):
+    """Each row's label strip (left of its cells) holds the prompt exactly as the font draws it alone: not
+    shortened, and not running under the first cell."""
+    pipe = SliderEditFluxKontextPipeline.from_pretrained(short_model_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    init_adapter(pipe.transformer, GSTLORA, rank=4, generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8))
+    scales = [0.0, 1.0]
+    grid = validation_grid(pipe, GSTLORA, image, prompts, scales, steps=1, guidance=3.5, seed=7)
+
+    left, top = grid.width - len(scales) * SIDE, grid.height - len(prompts) * SIDE  # where the cells start
+    for i, prompt in enumerate(prompts):
+        alone = Image.new("RGB", (2000, 100), "white")
+        ImageDraw.Draw(alone).text((10, 10), prompt, fill="black")  # the default font, as the grid's labels
+        label_strip = grid.crop((0, top + i * SIDE, left, top + (i + 1) * SIDE))
+        np.testing.assert_array_equal(ink(label_strip), ink(alone), err_msg=prompt)

@@ -38,4 +38,4 @@ def validation_grid(pipe: SliderEditFluxKontextPipeline, method: str, image: Ima
                 for alpha in scales])
     finally:
         pipe.progress = progress
-    return labelled_grid(rows, [p[:32] for p in prompts], [f"{a:+.2f}" for a in scales])
+    return labelled_grid(rows, prompts, [f"{a:+.2f}" for a in scales])  # whole prompts: the column fits them
