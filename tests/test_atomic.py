@@ -38,8 +38,8 @@ def test_a_replaced_file_keeps_its_mode_as_with_open(tmp_path, umask):
     assert (tmp_path / "atomic.txt").read_text() == "new"
 
 
-@pytest.mark.parametrize("existing", [None, 0o640])
-@pytest.mark.parametrize("mask", [0o022, 0o002])
+@pytest.mark.parametrize("existing", [None, 0o640], ids=["new", "replacing-0o640"])
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=oct)
 def test_a_file_its_writer_made_private_gets_the_mode_open_would_give(tmp_path, umask, mask, existing):
     """safetensors' save_file creates 0600 files; written atomically they get 0o666 minus the umask (or
     the mode of the file they replace), as every other file does."""
