@@ -4,7 +4,8 @@ With no arguments: the embedded demo. The toy Kontext model bundled in assets/to
 CPU, see its README) edits its example scene, sweeping its two STLoRA sliders over a grid:
     python infer.py
 
-One edit with the real model (the format follows --out's extension: .png, .jpg/.jpeg or .webp):
+One edit with the real model (the format follows --out's extension: .png, .jpg/.jpeg or .webp; an existing
+file is replaced only with --overwrite):
     python infer.py --model black-forest-labs/FLUX.1-Kontext-dev --image photo.png --prompt "make the sky pink" \\
         --out edited.png
 
@@ -23,7 +24,7 @@ One edit with sliders (one alpha per sub-prompt for STLoRA, one alpha for GSTLoR
 
 Alpha 0 is the base edit, 1 suppresses the instruction, negative values exaggerate it. Sliders are trained
 for alphas in [-1, 1] (the release validates -1.5 .. 1.5); alphas must be finite, and beyond |alpha| > 10
-infer.py warns (the edit turns to noise). Every cell of a sweep uses the same seed, and the prompt is
+infer.py warns once (the edit turns to noise). Every cell of a sweep uses the same seed, and the prompt is
 encoded once per sweep. A sweep is written into a hidden temporary folder beside --out and swapped in when
 it is complete: an interrupted sweep (Ctrl-C) leaves the previous sweep in --out as it was. An existing
 --out folder is replaced only if it holds nothing but a previous sweep's files.
@@ -36,6 +37,7 @@ import itertools
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from slideredit.cli import finite_float, join_alphas, parse_alphas, positive_int, writable_problem
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None,
                         help="one edit: the image file, .png, .jpg/.jpeg or .webp (default outputs/edit.png); "
                              "a sweep: its folder (default outputs/sweep), replaced when the sweep completes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="one edit: replace an existing --out file (refused otherwise). A sweep replaces a "
+                             "previous sweep's folder without it, and never a folder holding other files")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="a diffusers-layout Kontext folder or hub repo id (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=None,
@@ -116,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check every argument that can be checked without torch or the model."""
     parser = build_parser()
     args = parser.parse_args(join_alphas(sys.argv[1:] if argv is None else argv))
+    problem = model_problem(args.model)  # first: the other defaults (--image, --steps) come from the folder
+    if problem:
+        parser.error(f"--model {args.model}: {problem}")
     example = read_example(args.model)
     if args.image is None:
         if example is None:
@@ -132,20 +140,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.height is not None and min(args.height, args.width) < 16:
         parser.error(f"--height and --width must be at least 16 pixels, got {args.height}x{args.width}")
     check_sliders(parser, args)
+    check_instructions(parser, args)
     if args.prompt is None:
         if not args.subprompts:
             parser.error("--prompt is required (except for an STLoRA sweep, which joins the sub-prompts)")
         args.prompt = " and ".join(args.subprompts)
     args.sweep = bool(args.gstlora or args.stlora) and (args.slider_alphas is None or args.sweep_slider is not None)
     args.out = Path(args.out or ("outputs/sweep" if args.sweep else "outputs/edit.png"))
-    problem = sweep_out_problem(args.out) if args.sweep else edit_out_problem(args.out)
+    problem = sweep_out_problem(args.out) if args.sweep else edit_out_problem(args.out, args.overwrite)
     if problem:
         parser.error(f"--out {args.out}: {problem}")
-    for alpha in (args.alphas if args.sweep else []) + (args.slider_alphas or []):
-        if abs(alpha) > ALPHA_WARNING:
-            print(f"warning: alpha {alpha:g} is far outside the range sliders are trained for ([-1, 1]; "
-                  f"|alpha| <= {ALPHA_WARNING:g} is the documented range): expect noise", file=sys.stderr)
+    far = [f"{alpha:g}" for alpha in dict.fromkeys((args.alphas if args.sweep else []) + (args.slider_alphas or []))
+           if abs(alpha) > ALPHA_WARNING]
+    if far:  # once, here; the pipeline's own warning for each slider and image is silenced (edit())
+        which = f"alpha {far[0]} is" if len(far) == 1 else f"alphas {', '.join(far)} are"
+        print(f"warning: {which} far outside the range sliders are trained for ([-1, 1]; |alpha| <= "
+              f"{ALPHA_WARNING:g} is the documented range): expect noise", file=sys.stderr)
     return args
+
+
+def model_problem(model: str) -> str | None:
+    """Why --model names neither a model folder nor a hub repo id, or None."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():
+        return "is a file; give a diffusers-layout model folder or a hub repo id (owner/name)"
+    # slideredit.checkpoint.looks_like_repo_id's rule (that module imports torch)
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return None
+    return "model folder not found (and not a hub repo id of the form owner/name)"
+
+
+def check_instructions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An empty or blank prompt or sub-prompt is an error, not an edit without an instruction."""
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error(f"--prompt is {'empty' if not args.prompt else 'blank'}: give the edit instruction, "
+                     "e.g. --prompt 'make the sky pink'")
+    for number, text in enumerate(args.subprompts or [], start=1):
+        if not text.strip():
+            parser.error(f"--subprompts: sub-prompt {number} of {len(args.subprompts)} is "
+                         f"{'empty' if not text else 'blank'}: give each sub-instruction as it appears in the prompt")
 
 
 def check_sliders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -173,10 +208,13 @@ def check_sliders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                      f"at 0, or at --slider-alphas), or make one edit with --slider-alphas")
 
 
-def edit_out_problem(out: Path) -> str | None:
-    """Why one edit could not be saved at `out`, found before any computing, or None."""
+def edit_out_problem(out: Path, overwrite: bool) -> str | None:
+    """Why one edit could not be saved at `out`, found before any computing, or None. An existing file is
+    replaced only when `overwrite` (it may be the user's own picture)."""
     if out.is_dir():
         return "is an existing folder; one edit writes one image file, e.g. " + str(out / "edit.png")
+    if out.exists() and not overwrite:
+        return "exists; give another file name, or --overwrite to replace it"
     if out.suffix.lower() not in IMAGE_FORMATS:
         return (f"cannot tell the image format from the extension {out.suffix or '(none)'!r}; "
                 f"use {', '.join(IMAGE_FORMATS)}")
@@ -309,15 +347,19 @@ def edit(pipe, args: argparse.Namespace, source, cells: list[tuple[float, ...]] 
     (one per slider), every image from the same seeded noise; one plain edit when `cells` is None."""
     import torch
 
+    from slideredit.slider_schedule import AlphaRangeWarning
+
     sliders = {}
     if cells is not None:
         per_image = [list(column) for column in zip(*cells)]  # per slider: its alpha in each image
         sliders = (dict(slider_alpha=per_image[0]) if args.gstlora
                    else dict(subprompts_list=args.subprompts, slider_alpha_list=per_image))
         sliders["slider_steps"] = (args.slider_start, 1.0)
-    return pipe(image=source, prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                height=args.height, width=args.width, auto_resize=args.auto_resize,
-                generator=torch.Generator("cpu").manual_seed(args.seed), **embeds, **sliders).images
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AlphaRangeWarning)  # parse_args warned once for every alpha
+        return pipe(image=source, prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                    height=args.height, width=args.width, auto_resize=args.auto_resize,
+                    generator=torch.Generator("cpu").manual_seed(args.seed), **embeds, **sliders).images
 
 
 def sweep_picture(args: argparse.Namespace, source, images: dict):

@@ -8,7 +8,8 @@ the swept alphas. Keys: Left/Right move the active slider one swept alpha, Up/Do
 slider. The URL fragment holds the alphas (index.html#alphas=0.5,-1 opens that cell; the page keeps it
 up to date, so a link shows the same cell). When the sweep does not hold every combination (eval.py's
 model mode sweeps each slider alone), moving a slider picks the swept cell nearest the other sliders.
-`scores`, e.g. eval.py's, are shown for the current cell.
+`scores`, e.g. eval.py's, are shown for the current cell. A local model is named by its folder name
+only: the page is made to be shared, and a path of this machine means nothing elsewhere.
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def slider_labels(sweep: Sweep) -> list[str]:
     return [sweep.prompt] if sweep.method == "gstlora" else ["alpha"]
 
 
+def model_label(model: str) -> str:
+    """The model as the page names it: a local folder (absolute, or ./ or ../ as sweep.json records one) by
+    its name only, a hub id as it is."""
+    return Path(model).name if Path(model).is_absolute() or model.startswith(("./", "../")) else model
+
+
 def page_data(sweep: Sweep, scores: Scores | None = None) -> dict:
     """The JSON the page runs on: per slider its sorted swept alphas; per cell its index into each list."""
     sliders = [sorted({cell.alphas[k] for cell in sweep.cells}) for k in range(sweep.num_sliders)]
@@ -46,7 +53,7 @@ def page_data(sweep: Sweep, scores: Scores | None = None) -> dict:
         return None if v is None or not math.isfinite(v) else float(v)
 
     return {
-        "prompt": sweep.prompt, "method": sweep.method, "model": sweep.model, "seed": sweep.seed,
+        "prompt": sweep.prompt, "method": sweep.method, "model": model_label(sweep.model), "seed": sweep.seed,
         "source": urllib.parse.quote(sweep.source_image),
         "sliders": [{"label": label, "alphas": alphas} for label, alphas in zip(slider_labels(sweep), sliders)],
         "cells": [{"index": [sliders[k].index(a) for k, a in enumerate(cell.alphas)], "alphas": list(cell.alphas),

@@ -108,6 +108,32 @@ def check_lora_dropout(lora_dropout: float) -> None:
                          "(dropout is inactive at inference: the value has no effect on the edit)")
 
 
+def check_instructions(texts: str | Sequence[str] | None, name: str) -> None:
+    """An empty or blank prompt or sub-prompt is an error (it would edit with no instruction), named by index."""
+    if texts is None:
+        return
+    for index, text in enumerate([texts] if isinstance(texts, str) else texts):
+        if isinstance(text, str) and not text.strip():
+            where = name if isinstance(texts, str) else f"{name}[{index}]"
+            raise ValueError(f"{where} is {'empty' if not text else 'blank'} ({text!r}): give an edit instruction")
+
+
+def model_folder(source: str | os.PathLike) -> Path:
+    """The local folder of `source`: a hub repo id's snapshot (downloaded once, then cached), else the path.
+
+    A hub id that is not cached is first probed once (evaluation.loading.check_hub_source, as eval.py
+    does): an unreachable hub is one line at once, instead of the hub client's ~30 s of retries."""
+    if not looks_like_repo_id(source):
+        return Path(source).expanduser()
+    from .evaluation.loading import HubUnreachableError, check_hub_source
+
+    try:
+        check_hub_source(source, "FLUX.1 Kontext", filename="model_index.json")
+    except HubUnreachableError as err:
+        raise CheckpointError(f"{err}; connect to the network, or pass a local model folder") from None
+    return download_from_hub(str(source), HUB_PATTERNS)
+
+
 def check_finite(value: object, name: str) -> float:
     if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -169,7 +195,7 @@ class SliderEditFluxKontextPipeline:
         if tiled_decode is None:
             tiled_decode = quantize == "fp8"
         device = check_device(device)  # before any download or load
-        folder = download_from_hub(str(source), HUB_PATTERNS) if looks_like_repo_id(source) else Path(source).expanduser()
+        folder = model_folder(source)
         if not folder.is_dir():
             raise CheckpointError(f"model folder not found: {folder} (and not a hub repo id of the form owner/name)")
         check_encoder_files(folder)  # a truncated T5 download fails now, not after the transformer loaded
@@ -356,6 +382,8 @@ class SliderEditFluxKontextPipeline:
             raise ValueError("Kontext edits an image: pass image=")
         if prompt_embeds is None and prompt is None:
             raise ValueError("give a prompt, or prompt_embeds and pooled_prompt_embeds")
+        check_instructions(prompt, "prompt")
+        check_instructions(subprompts_list, "subprompts_list")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the CLIP pooled vector)")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]

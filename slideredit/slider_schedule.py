@@ -29,6 +29,10 @@ Window = tuple[float, float]
 ALPHA_WARN = 10.0  # sweeps use [-1, 1] and the release validates on [-1.5, 1.5]; far beyond is noise
 
 
+class AlphaRangeWarning(UserWarning):
+    """An alpha beyond |alpha| > ALPHA_WARN (infer.py warns once itself and silences these)."""
+
+
 def check_alpha(value: object, what: str) -> float:
     """A finite number; warns beyond |alpha| > 10."""
     if not is_number(value) or not math.isfinite(value):
@@ -36,7 +40,7 @@ def check_alpha(value: object, what: str) -> float:
     if abs(value) > ALPHA_WARN:
         warnings.warn(f"{what} = {value} is far outside the range sliders are trained for (sweeps use [-1, 1], "
                       f"the release validates on [-1.5, 1.5]); beyond |alpha| > {ALPHA_WARN:g} the edit is "
-                      "usually noise", stacklevel=4)
+                      "usually noise", AlphaRangeWarning, stacklevel=4)
     return float(value)
 
 

@@ -39,7 +39,8 @@ SOURCE_COLOUR = (10, 10, 10)
 
 
 def make_sweep(folder: Path, grid: list[tuple[float, ...]], method: str, subprompts: list[str] | None = None,
-               prompt: str = "make the square red") -> dict[tuple[float, ...], tuple[int, int, int]]:
+               prompt: str = "make the square red",
+               model: str = "tiny/kontext") -> dict[tuple[float, ...], tuple[int, int, int]]:
     """A sweep folder of 8x8 solid-colour PNGs; returns each cell's colour by alphas."""
     (folder / "cells").mkdir(parents=True)
     Image.new("RGB", (8, 8), SOURCE_COLOUR).save(folder / "source.png")
@@ -49,7 +50,7 @@ def make_sweep(folder: Path, grid: list[tuple[float, ...]], method: str, subprom
         Image.new("RGB", (8, 8), colour_of(index)).save(folder / name)
         cells.append(SweepCell(tuple(alphas), name))
         colours[tuple(alphas)] = colour_of(index)
-    write_sweep(folder, Sweep("source.png", prompt, subprompts, 0, method, "tiny/kontext", 4, 2.5, cells))
+    write_sweep(folder, Sweep("source.png", prompt, subprompts, 0, method, model, 4, 2.5, cells))
     return colours
 
 
@@ -230,3 +231,19 @@ def test_page_is_self_contained_and_checks_its_scores(tmp_path):
     assert data["cells"][1]["image"] == "cells/%2B1.00.png"  # '+' quoted for the URL
     with pytest.raises(ValueError, match="not cells of the sweep"):
         write_explorer(tmp_path, {"cells/nope.png": {"clip": 1.0}})
+
+
+def test_the_page_names_a_local_model_by_its_folder_name_only(tmp_path):
+    """The page is made to be shared: it held the model's absolute path, a path of the maker's machine."""
+    model = tmp_path / "models" / "toy-kontext"
+    model.mkdir(parents=True)
+    make_sweep(tmp_path / "sweep", [(-1.0,), (1.0,)], "gstlora", model=str(model))
+    html = write_explorer(tmp_path / "sweep").read_text()
+    assert str(tmp_path) not in html and page_data(read_sweep(tmp_path / "sweep"))["model"] == "toy-kontext"
+    # an older sweep.json holding an absolute path, a model that did not move with the sweep, a hub id
+    record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    for recorded, shown in ((str(model), "toy-kontext"), ("../../gone/toy-kontext", "toy-kontext"),
+                            ("black-forest-labs/FLUX.1-Kontext-dev", "black-forest-labs/FLUX.1-Kontext-dev")):
+        (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(record | {"model": recorded}))
+        html = write_explorer(tmp_path / "sweep").read_text()
+        assert str(tmp_path) not in html and page_data(read_sweep(tmp_path / "sweep"))["model"] == shown

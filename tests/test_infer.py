@@ -1,6 +1,8 @@
 """infer.py: one edit and slider sweeps on the tiny model folder."""
 import argparse
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import infer
 from slideredit.evaluation import read_sweep
 from slideredit.grids import cell_scale
 from slideredit.transformer import FluxParams
+from fake_hub import unreachable_hub  # noqa: F401 (a fixture)
 from test_sliders import release_checkpoint
 from tiny_kontext import TRANSFORMER_CONFIG
 
@@ -160,6 +163,29 @@ def test_bad_values_are_rejected_before_loading(no_loading, capsys, photo, argv,
     assert message in usage_error(capsys, argv)
 
 
+def test_a_missing_model_folder_is_named_first(no_loading, capsys, photo, tmp_path):
+    """Without --image it said '--image is required' (the default image comes from the model folder)."""
+    missing = tmp_path / "no-such-model"
+    for argv in ([], ["--image", str(photo)]):
+        err = usage_error(capsys, ["--model", str(missing), "--prompt", "p", *argv])
+        assert f"--model {missing}: model folder not found" in err and "--image is required" not in err
+    assert "toy-kontext: model folder not found" in usage_error(capsys, ["--model", "toy-kontext", "--prompt", "p"])
+    assert f"--model {photo}: is a file" in usage_error(capsys, ["--model", str(photo), "--image", str(photo)])
+    with pytest.raises(AssertionError, match="model was loaded"):  # a hub id goes on to the pipeline
+        infer.main(["--model", "black-forest-labs/FLUX.1-Kontext-dev", "--image", str(photo), "--prompt", "p"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", ""], "--prompt is empty: give the edit instruction"),
+    (["--prompt", " \t"], "--prompt is blank: give the edit instruction"),
+    (["--stlora", "s", "--subprompts", "add a hat", " "], "--subprompts: sub-prompt 2 of 2 is blank"),
+    (["--stlora", "s", "--subprompts", "", "add a hat"], "--subprompts: sub-prompt 1 of 2 is empty"),
+    (["--prompt", "add a hat and", "--stlora", "s", "--subprompts", "add a hat", ""], "sub-prompt 2 of 2 is empty"),
+])
+def test_empty_or_blank_instructions_are_refused(no_loading, capsys, photo, argv, message):
+    assert message in usage_error(capsys, ["--image", str(photo), *argv])
+
+
 def test_subprompts_without_stlora_is_an_error_not_the_demo(no_loading, capsys):
     """The toy model has an example, so this used to run the example sweep and ignore the sub-prompts."""
     assert "--subprompts needs --stlora" in usage_error(capsys, ["--subprompts", "make the circle blue"])
@@ -172,6 +198,21 @@ def test_huge_alphas_warn(no_loading, capsys, photo, gst_ckpt):
                     "--out", str(photo.parent / "sweep")])
     err = capsys.readouterr().err
     assert "warning: alpha 1e+06" in err and "alpha 0 " not in err
+
+
+def test_huge_alphas_warn_once(tiny_kontext_dir, photo, tmp_path, st_ckpt, gst_ckpt, capsys, recwarn):
+    """infer.py warned, then the pipeline once per sub-prompt: three warnings for one edit."""
+    infer.main(["--image", str(photo), "--model", str(tiny_kontext_dir), "--stlora", str(st_ckpt), "--subprompts",
+                "make the hair red", "add a hat", "--slider-alphas", "20", "20", "--out", str(tmp_path / "e.png"),
+                *FAST])
+    err = capsys.readouterr().err
+    assert err.count("far outside") == 1 and "warning: alpha 20 is far outside" in err
+    assert [str(w.message) for w in recwarn if "far outside" in str(w.message)] == []
+    infer.main(["--image", str(photo), "--prompt", "p", "--model", str(tiny_kontext_dir), "--gstlora", str(gst_ckpt),
+                "--alphas", "-20", "0", "20", "--batch-size", "2", "--out", str(tmp_path / "sweep"), *FAST])
+    err = capsys.readouterr().err
+    assert err.count("far outside") == 1 and "warning: alphas -20, 20 are far outside" in err
+    assert [str(w.message) for w in recwarn if "far outside" in str(w.message)] == []
 
 
 def test_bad_devices_fail_in_one_line_before_loading(no_loading, photo):
@@ -195,6 +236,16 @@ def test_edit_output_is_checked_before_computing(no_loading, capsys, photo, tmp_
     for out, message in cases:
         err = usage_error(capsys, ["--image", str(photo), "--prompt", "p", "--out", str(out)])
         assert message in err and str(out) in err and ".tmp" not in err
+
+
+def test_an_existing_edit_file_is_replaced_only_with_overwrite(no_loading, capsys, photo, tmp_path):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"the user's own picture")
+    err = usage_error(capsys, ["--image", str(photo), "--prompt", "p", "--out", str(out)])
+    assert f"--out {out}: exists; give another file name, or --overwrite to replace it" in err
+    assert out.read_bytes() == b"the user's own picture"
+    with pytest.raises(AssertionError, match="model was loaded"):  # accepted: the edit would replace it
+        infer.main(["--image", str(photo), "--prompt", "p", "--out", str(out), "--overwrite"])
 
 
 def test_sweep_output_is_checked_before_computing(no_loading, capsys, photo, tmp_path, gst_ckpt):
@@ -238,7 +289,7 @@ def test_size_flags_reach_the_pipeline(tiny_kontext_dir, photo, tmp_path, monkey
         k["auto_resize"]) or KontextOutput(images=[Image.new("RGB", (48, 32))]))
     for flag in ([], ["--keep-size"], ["--snap-size"]):
         infer.main(["--image", str(photo), "--prompt", "p", "--model", str(tiny_kontext_dir),
-                    "--out", str(tmp_path / "e.png"), *FAST[1:], *flag])
+                    "--out", str(tmp_path / "e.png"), "--overwrite", *FAST[1:], *flag])
     assert seen == [None, False, True]  # None: the model folder's slideredit.json decides
 
 
@@ -424,6 +475,32 @@ def test_a_sweep_writes_its_explorer_page_and_can_be_redone(tiny_kontext_dir, ph
     page = (out / "index.html").read_text()
     assert "cells/+1.00.png" in page and "cells/+0.00.png" in page
     assert infer.main(argv) == out  # a folder holding a previous sweep and its page is replaced
+
+
+def test_a_sweep_records_its_model_relative_to_itself(tiny_kontext_dir, photo, tmp_path, gst_ckpt):
+    """sweep.json and index.html held the model's absolute path: a moved or shared sweep lost its model
+    (eval.py then picked the wrong scorer), and the page, made to be shared, showed a local path."""
+    out = infer.main(["--image", str(photo), "--prompt", "p", "--model", str(tiny_kontext_dir), "--gstlora",
+                      str(gst_ckpt), "--alphas", "0", "1", "--out", str(tmp_path / "sweep"), *FAST])
+    record, page = (out / "sweep.json").read_text(), (out / "index.html").read_text()
+    relative = Path(os.path.relpath(tiny_kontext_dir.resolve(), out.resolve())).as_posix()
+    assert json.loads(record)["model"] == relative and relative.startswith("../")
+    assert str(tiny_kontext_dir.parent) not in record + page and str(tmp_path) not in record + page
+    assert read_sweep(out).model == str(tiny_kontext_dir.resolve())  # resolved again on reading
+
+
+def test_an_unreachable_hub_stops_at_once_in_one_line(unreachable_hub, photo, monkeypatch):
+    """The hub client retried a refused connection for about 30 s; now one request decides."""
+    import slideredit.pipelines as pipelines
+    from slideredit import CheckpointError
+
+    monkeypatch.setattr(pipelines, "download_from_hub", lambda *a, **k: pytest.fail("went on to download"))
+    with pytest.raises(CheckpointError) as caught:
+        infer.main(["--model", "nobody/not-cached-kontext", "--image", str(photo), "--prompt", "p", *FAST])
+    assert unreachable_hub == ["http://127.0.0.1:9/nobody/not-cached-kontext/resolve/main/model_index.json"]
+    message = str(caught.value)
+    assert "\n" not in message and "'nobody/not-cached-kontext'" in message
+    assert "http://127.0.0.1:9 is unreachable (ConnectionRefusedError" in message and "local model folder" in message
 
 
 def test_t5_quantize_reaches_from_pretrained(photo, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fake_hub import unreachable_hub  # noqa: F401 (a fixture)
 from slideredit import CheckpointError
 from slideredit.pipelines import SliderEditFluxKontextPipeline
 
@@ -228,6 +229,34 @@ def test_bad_inputs(ours, tmp_path):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(CheckpointError, match="model folder not found"):
         SliderEditFluxKontextPipeline.from_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=""), r"prompt is empty \(''\)"), (dict(prompt=" \n"), "prompt is blank"),
+    (dict(prompt=[PROMPT, "  "]), r"prompt\[1\] is blank"),
+    (dict(prompt=PROMPT, subprompts_list=["add a hat", " "], slider_alpha_list=[0, 1]),
+     r"subprompts_list\[1\] is blank"),
+])
+def test_empty_or_blank_instructions_are_refused(ours, monkeypatch, kwargs, message):
+    monkeypatch.setattr(ours.text_encoders, "encode", lambda *a, **k: pytest.fail("encoded before validating"))
+    with pytest.raises(ValueError, match=message):
+        ours(image=random_image(32, 32), num_inference_steps=1, **kwargs)
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_an_unreachable_hub_stops_from_pretrained_at_once(unreachable_hub, monkeypatch, offline):
+    """The hub client retried a refused connection for about 30 s before its error."""
+    import slideredit.pipelines as pipelines
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.setattr(pipelines, "download_from_hub", lambda *a, **k: pytest.fail("went on to download"))
+    with pytest.raises(CheckpointError) as caught:
+        SliderEditFluxKontextPipeline.from_pretrained("nobody/not-cached-kontext")
+    assert unreachable_hub == ([] if offline else
+                               ["http://127.0.0.1:9/nobody/not-cached-kontext/resolve/main/model_index.json"])
+    message = str(caught.value)
+    assert "\n" not in message and "FLUX.1 Kontext model 'nobody/not-cached-kontext'" in message
+    assert ("HF_HUB_OFFLINE is set" if offline else "127.0.0.1:9 is unreachable") in message
 
 
 def test_guidance_must_be_finite(ours, monkeypatch):

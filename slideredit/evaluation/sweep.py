@@ -12,11 +12,15 @@ sweep.json:
     {"source_image": "source.png",          # paths are relative to the folder
      "prompt": "make the hair curly and add a smile",
      "subprompts": ["make the hair curly", "add a smile"] or null,
-     "seed": 0, "method": "gstlora" | "stlora" | "base", "model": "black-forest-labs/FLUX.1-Kontext-dev",
+     "seed": 0, "method": "gstlora" | "stlora" | "base",
+     "model": "black-forest-labs/FLUX.1-Kontext-dev" or "../../assets/toy-kontext",
      "steps": 28, "guidance": 2.5,
      "cells": [{"alphas": [-1.0, 0.0], "image": "cells/a-1.00_b+0.00.png"}, ...]}
 
 A cell has one alpha per slider: len(subprompts) sliders for "stlora", one for "gstlora" and "base".
+The model is a hub id as given, or a local model folder recorded relative to the sweep folder (always
+starting with ./ or ../): a sweep moved or shared together with its model still finds it, and the
+record holds no absolute path of the machine that made it. read_sweep resolves such a path again.
 """
 from __future__ import annotations
 
@@ -103,6 +107,28 @@ def _from_record(record: object, where: str) -> Sweep:
     return sweep
 
 
+def recorded_model(model: str, folder: Path) -> str:
+    """How sweep.json records `model`: an existing local path (absolute, or relative to the working
+    directory) becomes relative to `folder`, starting with ./ or ../; anything else (a hub id) stays as given."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model
+    try:
+        relative = Path(os.path.relpath(path.resolve(), folder.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): there is no relative path
+        return model
+    return relative if relative == ".." or relative.startswith("../") else f"./{relative}"
+
+
+def resolved_model(model: str, folder: Path) -> str:
+    """The model of a record as a path usable from anywhere: a recorded relative path that exists from
+    `folder` is resolved there; a hub id, an absolute path (older records) or a model folder that did not
+    move along with the sweep stay as recorded."""
+    if model.startswith(("./", "../")) and (folder / model).exists():
+        return str((folder / model).resolve())
+    return model
+
+
 def _check_files(folder: Path, sweep: Sweep) -> None:
     named = [("source_image", sweep.source_image)] + [(f"cells[{i}].image", c.image) for i, c in enumerate(sweep.cells)]
     for name, path in named:
@@ -111,7 +137,8 @@ def _check_files(folder: Path, sweep: Sweep) -> None:
 
 
 def read_sweep(folder: str | os.PathLike) -> Sweep:
-    """Read and check folder/sweep.json; every image it names must exist. Paths stay relative to `folder`."""
+    """Read and check folder/sweep.json; every image it names must exist. Image paths stay relative to
+    `folder`; a model folder recorded relative to it is resolved (resolved_model)."""
     folder = Path(folder)
     path = folder / SWEEP_FILE
     if not path.is_file():
@@ -122,6 +149,7 @@ def read_sweep(folder: str | os.PathLike) -> Sweep:
         raise SweepFormatError(f"{path}: not valid JSON ({err})") from None
     sweep = _from_record(record, str(path))
     _check_files(folder, sweep)
+    sweep.model = resolved_model(sweep.model, folder)
     return sweep
 
 
@@ -129,10 +157,12 @@ def write_sweep(folder: str | os.PathLike, sweep: Sweep) -> Path:
     """Write folder/sweep.json for images already saved in `folder`; return its path.
 
     The record is checked as read_sweep would check it, then written to a temporary file in the same
-    folder and renamed over sweep.json (os.replace), so a reader never sees a half-written record.
+    folder and renamed over sweep.json (os.replace), so a reader never sees a half-written record. A
+    local model folder is recorded relative to `folder` (recorded_model).
     """
     folder = Path(folder)
     record = asdict(sweep)
+    record["model"] = recorded_model(sweep.model, folder)
     record["cells"] = [{"alphas": list(cell.alphas), "image": cell.image} for cell in sweep.cells]
     _from_record(record, f"write_sweep({folder})")
     _check_files(folder, sweep)
