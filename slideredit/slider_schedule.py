@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .token_selection import Span, is_number, span_scales
+from .token_selection import Span, batch_span_scales, is_number
 
 AlphaFn = Callable[[int, float], float]
 Alpha = float | Sequence[float] | AlphaFn
@@ -170,8 +170,5 @@ class SliderSchedule:
     def _stlora_scale(self, st: tuple | None) -> Tensor | None:
         if st is None or all(a is None for a in st):
             return None  # no sub-prompt acting at this step: the adapter is off
-        rows = []
-        for b in range(self.batch):
-            alphas = [a[b] if isinstance(a, tuple) else a for a in st]
-            rows.append(span_scales(self.spans[b], alphas, self.max_length))
-        return torch.stack(rows)
+        alphas = [[a[b] if isinstance(a, tuple) else a for a in st] for b in range(self.batch)]  # image b's alphas
+        return batch_span_scales(self.spans, alphas, self.max_length)

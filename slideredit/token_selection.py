@@ -62,6 +62,13 @@ def span_scales(spans: Sequence[Span], alphas: Sequence[float | None], max_lengt
     return torch.where(selected, scale, 0.0)
 
 
+def batch_span_scales(spans: Sequence[Sequence[Span]], alphas: Sequence[Sequence[float | None]],
+                      max_length: int = 512) -> torch.Tensor:
+    """-> (B, max_length) fp32, row b = span_scales(spans[b], alphas[b]): the STLoRA scales of a batch of
+    prompts, as inference (SliderSchedule, per step) and training (the student's pass) set them."""
+    return torch.stack([span_scales(s, a, max_length) for s, a in zip(spans, alphas, strict=True)])
+
+
 def subprompt_token_scales(prompt: str, subprompts: Sequence[str], alphas: Sequence[float],
                            tokenize: Callable[[str], list[int]], max_length: int = 512,
                            show_tokens: Callable[[list[int]], list[str]] | None = None) -> torch.Tensor:

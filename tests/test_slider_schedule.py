@@ -61,6 +61,15 @@ def test_scales_per_step_and_image():
         schedule.update(slider_alpha_list=[[1.0, 2.0, 3.0], 0.0])
 
 
+def test_each_image_scales_the_spans_of_its_own_prompt():
+    """A batch of two prompts: the sub-prompts sit at other tokens in each, and each row follows its own
+    image's spans (and its own per-image alpha)."""
+    spans = [[(0, 2), (3, 4)], [(2, 4), (0, 1)]]  # image 0 then image 1, sub-prompt "a" then "b"
+    schedule = SliderSchedule(2, 1, 5, [(0, 1)], subprompts=["a", "b"], spans=spans,
+                              slider_alpha_list=[[2.0, -1.0], 0.5])
+    assert torch.equal(schedule.scales(0, 1.0)[1], torch.tensor([[2.0, 2, 0, 0.5, 0], [0.5, 0, -1, -1, 0]]))
+
+
 def test_gstlora_scale_forms():
     assert SliderSchedule(1, 2, 4, [(0, 1)], slider_alpha=0.5).scales(0, 1.0) == (0.5, None)
     batched = SliderSchedule(3, 2, 4, [(0.5, 1)], slider_alpha=[0.0, 0.5, 1.0])

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from slideredit.token_selection import find_span, is_number, span_scales, subprompt_spans, subprompt_token_scales
+from slideredit.token_selection import (batch_span_scales, find_span, is_number, span_scales, subprompt_spans,
+                                        subprompt_token_scales)
 
 EOS = 1
 VOCAB: dict[str, int] = {}
@@ -57,6 +58,15 @@ def test_zero_alpha_selects_with_scale_zero_and_none_leaves_unselected():
     assert torch.equal(span_scales(spans, [None, 3.0], 4), expected(4, {1: 3.0, 2: 3.0}))  # only the second acts
     with pytest.raises(ValueError):
         span_scales(spans, [1.0], 4)  # one alpha per span
+
+
+def test_a_batch_gives_each_prompt_its_own_spans_and_alphas():
+    """Row b is built from prompt b's spans and alphas only: two prompts whose spans sit apart, overlap
+    in one of them, and a None (that slider not acting) in the second."""
+    scales = batch_span_scales([[(0, 2), (1, 3)], [(3, 5), (4, 6)]], [[2.0, -0.5], [None, 3.0]], 6)
+    assert torch.equal(scales, torch.stack([expected(6, {0: 2.0, 1: -1.0, 2: -0.5}), expected(6, {4: 3.0, 5: 3.0})]))
+    with pytest.raises(ValueError):
+        batch_span_scales([[(0, 2)], [(1, 3)]], [[1.0]], 4)  # one list of alphas per prompt
 
 
 def test_errors_name_the_subprompt():

@@ -15,7 +15,8 @@ from slideredit.sliders import (GSTLORA, STLORA, adapter_parameters, init_adapte
                                 slider_layers)
 from slideredit.training.config import NEUTRAL_PROMPT
 from slideredit.training.losses import (DistillationBatch, distillation_prompts, draw_sigmas, draw_suppressed,
-                                        noisy_latents, self_distillation_loss, stlora_token_scale, velocity)
+                                        noisy_latents, self_distillation_loss, stlora_token_scale, stlora_token_scales,
+                                        velocity)
 from tiny_kontext import randomize_
 
 PARAMS = TINY_FLUX
@@ -69,20 +70,22 @@ def t5_tokenizer(tiny_kontext_dir):
 def test_every_suppressed_subset_gives_the_right_prompts_and_tokens(instructions, t5_tokenizer):
     tokenize = lambda text: t5_tokenizer(text).input_ids  # noqa: E731 (with EOS, as the pipeline's)
     n = len(instructions)
-    for k in range(1, n + 1):
-        for suppressed in itertools.combinations(range(n), k):
-            prompts = distillation_prompts(STLORA, instructions, suppressed, NEUTRAL_PROMPT)
-            kept = [p for i, p in enumerate(instructions) if i not in suppressed]
-            assert prompts.student == " and ".join(instructions)
-            assert prompts.teacher == " and ".join(kept)  # "" when everything is suppressed
-            assert prompts.suppressed == tuple(instructions[i] for i in suppressed)
+    subsets = [s for k in range(1, n + 1) for s in itertools.combinations(range(n), k)]
+    batch = [distillation_prompts(STLORA, instructions, suppressed, NEUTRAL_PROMPT) for suppressed in subsets]
+    scales = stlora_token_scales(batch, tokenize, max_length=32)  # one micro-batch, as the training loop builds it
+    assert scales.shape == (len(subsets), 32)
+    for suppressed, prompts, scale in zip(subsets, batch, scales, strict=True):
+        kept = [p for i, p in enumerate(instructions) if i not in suppressed]
+        assert prompts.student == " and ".join(instructions)
+        assert prompts.teacher == " and ".join(kept)  # "" when everything is suppressed
+        assert prompts.suppressed == tuple(instructions[i] for i in suppressed)
 
-            scale = stlora_token_scale(prompts, tokenize, max_length=32)
-            selected = scale.nonzero().flatten()
-            ids = tokenize(prompts.student)
-            assert torch.all(scale[selected] == 1.0)
-            # exactly the tokens of the suppressed instructions, in order; no joiner, kept word or EOS
-            assert [ids[i] for i in selected] == sum((tokenize(instructions[i])[:-1] for i in suppressed), [])
+        selected = scale.nonzero().flatten()
+        ids = tokenize(prompts.student)
+        assert torch.all(scale[selected] == 1.0)
+        # exactly the tokens of the suppressed instructions, in order; no joiner, kept word or EOS
+        assert [ids[i] for i in selected] == sum((tokenize(instructions[i])[:-1] for i in suppressed), [])
+        assert torch.equal(stlora_token_scale(prompts, tokenize, max_length=32), scale)  # one sample alone
 
 
 def test_gstlora_teacher_gets_the_neutral_prompt():

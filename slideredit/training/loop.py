@@ -40,7 +40,7 @@ from .data import DataError, DataOrder, UnreadableImage, center_crop, decode_ima
 from .distributed import Distributed, cleanup_distributed, setup_distributed
 from .encoding import EncodingCache, FrozenEncoders, Source
 from .losses import (DistillationBatch, DistillationPrompts, distillation_prompts, draw_sigmas, draw_suppressed,
-                     self_distillation_loss, stlora_token_scale)
+                     self_distillation_loss, stlora_token_scales)
 from .outputs import check_output_dir, clear_output_dir
 from .validation import validation_grid
 
@@ -199,8 +199,7 @@ class Trainer:
         prompts = [s.prompts for s in samples]
         txt, vec = self.encoders.prompts([p.student for p in prompts] + [p.teacher for p in prompts])
         if c.method == STLORA:
-            scale = torch.stack([stlora_token_scale(p, self.encoders.t5_token_ids, self.encoders.max_length)
-                                 for p in prompts]).to(self.device)
+            scale = stlora_token_scales(prompts, self.encoders.t5_token_ids, self.encoders.max_length).to(self.device)
         else:
             scale = 1.0
         return DistillationBatch(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..sliders import GSTLORA, set_slider_scale
-from ..token_selection import subprompt_token_scales
+from ..token_selection import batch_span_scales, subprompt_spans
 from ..transformer import Flux
 
 NUM_TRAIN_LEVELS = 1000
@@ -78,11 +78,17 @@ def distillation_prompts(method: str, instructions: Sequence[str], suppressed: S
     return DistillationPrompts(student, JOINER.join(kept), tuple(instructions[i] for i in sorted(suppressed)))
 
 
+def stlora_token_scales(prompts: Sequence[DistillationPrompts], tokenize: Callable[[str], list[int]],
+                        max_length: int) -> Tensor:
+    """(b, max_length) fp32: row i is 1 on the T5 tokens of sample i's suppressed instructions in its full
+    prompt, 0 elsewhere (the joiners, the kept instructions, EOS and padding are never touched)."""
+    spans = [subprompt_spans(p.student, p.suppressed, tokenize, max_length) for p in prompts]
+    return batch_span_scales(spans, [[1.0] * len(s) for s in spans], max_length)
+
+
 def stlora_token_scale(prompts: DistillationPrompts, tokenize: Callable[[str], list[int]], max_length: int) -> Tensor:
-    """(max_length,) fp32: 1 on the T5 tokens of the suppressed instructions in the full prompt, 0 elsewhere
-    (the joiners, the kept instructions, EOS and padding are never touched)."""
-    return subprompt_token_scales(prompts.student, prompts.suppressed, [1.0] * len(prompts.suppressed),
-                                  tokenize, max_length)
+    """(max_length,) fp32: one sample's row of stlora_token_scales."""
+    return stlora_token_scales([prompts], tokenize, max_length)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
