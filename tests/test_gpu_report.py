@@ -4,10 +4,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_report  # noqa: E402
+from gpu_report_parts import kernel_correctness, kernel_timing  # noqa: E402
+from gpu_report_parts.setups import Part, smoke_setup  # noqa: E402
+
+PARTS = ("pipeline_edit", "kernel_correctness", "kernel_timing", "transformer_forward", "training_step")
 
 
 def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
@@ -15,31 +20,33 @@ def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     markdown = (tmp_path / "report.md").read_text()
     assert markdown in capsys.readouterr().out  # the markdown is printed too
-    assert set(report["parts"]) == set("eabcd") and report["machine"]["triton interpreter"] is True
-    for key, part in parts.items():
-        assert f"## {key}. {part['title']}" in markdown
-        assert part["rows"], f"part {key} produced no rows: {part['notes']}"
+    assert tuple(report["parts"]) == PARTS and report["machine"]["triton interpreter"] is True
+    for name, part in parts.items():
+        assert f"## {name}: {part['title']}" in markdown
+        assert part["rows"], f"part {name} produced no rows: {part['notes']}"
         assert not any(w in note for note in part["notes"] for w in ("time budget", "out of memory", "failed")), \
             part["notes"]
 
-    setup = gpu_report.smoke_setup()
+    setup = smoke_setup()
     shapes = len(setup.kernel_tokens) * len(setup.layer_shapes())
     cases = len(setup.ranks) * len(setup.dtypes) * shapes * len(setup.ks)
     fp8_cases = len(setup.dtypes) * shapes  # one rank, K = 2: the low-memory edit's two sliders
-    assert len(parts["a"]["rows"]) == cases + fp8_cases and all(row["ok"] is True for row in parts["a"]["rows"])
-    fp8_a = [row for row in parts["a"]["rows"] if row["weights"] == "fp8"]
-    assert len(fp8_a) == fp8_cases and all(row["K"] == 2 and "err dx" in row for row in fp8_a)
-    assert len(parts["b"]["rows"]) == cases // (len(setup.ranks) * len(setup.dtypes)) + shapes
-    assert all("bare ms" in row for row in parts["b"]["rows"])
-    fp8_b = [row for row in parts["b"]["rows"] if row["weights"] == "fp8"]
-    assert len(fp8_b) == shapes
-    for row in fp8_b:  # each variant timed: "min / median / max" percentages over bare bf16
+    correctness, timing = parts["kernel_correctness"]["rows"], parts["kernel_timing"]["rows"]
+    assert len(correctness) == cases + fp8_cases and all(row["ok"] is True for row in correctness)
+    fp8_correctness = [row for row in correctness if row["weights"] == "fp8"]
+    assert len(fp8_correctness) == fp8_cases and all(row["K"] == 2 and "err dx" in row for row in fp8_correctness)
+    assert len(timing) == cases // (len(setup.ranks) * len(setup.dtypes)) + shapes
+    assert all("bare ms" in row for row in timing)
+    fp8_timing = [row for row in timing if row["weights"] == "fp8"]
+    assert len(fp8_timing) == shapes
+    for row in fp8_timing:  # each variant timed: "min / median / max" percentages over bare bf16
         for key in ("triton", "triton no adapter", "torch"):
             assert row[f"{key} % over bare (min/med/max)"].count("/") == 2, row
-    ours = [row["variant"] for row in parts["c"]["rows"] if row["model"] == "ours"]
+    ours = [row["variant"] for row in parts["transformer_forward"]["rows"] if row["model"] == "ours"]
     assert ours == ["base", "GSTLoRA", "STLoRA", "GSTLoRA + STLoRA"]
-    assert len(parts["d"]["rows"]) == 4 and all("/" in row["step ms (min / median / max)"] for row in parts["d"]["rows"])
-    edits = parts["e"]["rows"]
+    steps = parts["training_step"]["rows"]
+    assert len(steps) == 4 and all("/" in row["step ms (min / median / max)"] for row in steps)
+    edits = parts["pipeline_edit"]["rows"]
     assert [(row["mode"], row["call"]) for row in edits] == [
         (mode, call) for mode in ("bf16", "fp8 (low-memory mode)") for call in ("first call", "second call")]
     assert all(row["steps"] == setup.edit_steps and row["output finite"] is True for row in edits)
@@ -47,22 +54,22 @@ def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
     assert bf16_edit["sliders"] == "GSTLoRA" and fp8_edit["sliders"] == "GSTLoRA + STLoRA"
     assert all(row["on every step"] == row["sliders"] for row in edits)  # STLoRA really ran (no tokenizer)
     assert float(fp8_edit["transformer GiB"]) < 0.75 * float(bf16_edit["transformer GiB"])  # fp8 weights resident
-    assert "peak GiB" in fp8_edit and any("16 GB goal" in note for note in parts["e"]["notes"])
+    assert "peak GiB" in fp8_edit and any("16 GB goal" in note for note in parts["pipeline_edit"]["notes"])
     assert "fp8 (low-memory mode)" in markdown and "triton no adapter % over bare" in markdown
-    assert report["parts"]["e"]["rows"] == edits  # report.json holds the same rows
+    assert report["parts"]["pipeline_edit"]["rows"] == edits  # report.json holds the same rows
 
 
 def test_correctness_part_catches_a_wrong_kernel(monkeypatch):
-    """Part a is a check, not a formality: a kernel that drops the low-rank term fails it."""
+    """kernel_correctness is a check, not a formality: a kernel that drops the low-rank term fails it."""
     from slideredit.kernels.masked_lora import masked_lora_linear
 
     def no_lora(x, weight, bias, lora_a, lora_b, token_scale, backend=None, weight_scale=None):
         return masked_lora_linear(x, weight, bias, lora_a, 0 * lora_b, token_scale, backend="torch",
                                   weight_scale=weight_scale)
 
-    monkeypatch.setattr(gpu_report, "masked_lora_linear", no_lora)
-    setup = replace(gpu_report.smoke_setup(), dtypes=(torch.bfloat16,), kernel_tokens=(8,), ks=(2,))
-    part = gpu_report.part_correctness(setup, deadline=float("inf"))
+    monkeypatch.setattr(kernel_correctness, "masked_lora_linear", no_lora)
+    setup = replace(smoke_setup(), dtypes=(torch.bfloat16,), kernel_tokens=(8,), ks=(2,))
+    part = kernel_correctness.measure(setup, deadline=float("inf"))
     assert {row["weights"] for row in part.rows} == {"bf16", "fp8"}  # the fp8 cases are checks too
     assert part.rows and all(row["ok"] is False for row in part.rows)
 
@@ -73,3 +80,33 @@ def test_a_failing_part_becomes_a_note_and_the_report_goes_on():
 
     part = gpu_report.guarded(broken, float("inf"), "cpu")
     assert part.rows == [] and part.notes[0].startswith("part failed: RuntimeError: no such kernel (")
+
+
+def test_parts_named_run_alone_in_that_order(tmp_path, monkeypatch):
+    """--parts takes names, comma-separated: only those parts run, in the order given, and the kernel parts
+    alone build no transformer."""
+    ran = []
+
+    def recorded(name):
+        def measure(setup, deadline):
+            ran.append(name)
+            return Part([{"name": name}], [])
+        return measure
+
+    for module in (kernel_timing, kernel_correctness):
+        monkeypatch.setattr(module, "measure", recorded(module.__name__))
+    monkeypatch.setattr(gpu_report, "random_transformer", lambda setup: pytest.fail("built a transformer"))
+    parts = gpu_report.main(["--smoke", "--out", str(tmp_path), "--parts", "kernel_timing,kernel_correctness"])
+    names = ["gpu_report_parts.kernel_timing", "gpu_report_parts.kernel_correctness"]
+    assert ran == names and [part["rows"][0]["name"] for part in parts.values()] == names
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["parts"]) == ["kernel_timing", "kernel_correctness"]
+    assert "transformer build s" not in report["machine"]
+
+
+def test_an_unknown_part_name_is_refused_naming_the_flag_and_the_name(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_report.main(["--smoke", "--out", str(tmp_path), "--parts", "kernel_timing,b"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "--parts" in error and "'b'" in error and "kernel_timing" in error
+    assert not (tmp_path / "report.json").exists()
