@@ -2,37 +2,14 @@
 
     Y = X W^T + b + sum_k S[:, k] * (X A_k^T) B_k^T
 
-The K adapters are stacked along the rank: A = [A_1; ...; A_K] is (K*r, d_in), B = [B_1 ... B_K] is
-(d_out, K*r). S holds one scale per token and adapter; 0 switches the adapter off for that token (a hard
-mask: both paths write 0 into H~, not 0 * (X A^T), so inf/NaN from A never reaches such a token; the
-Triton path also never reads A or B for row tiles whose scales are all zero, whereas the PyTorch path
-multiplies those zero rows of H~ by B). Everything is two primitives on flattened tokens (M, d):
-
-    H~ = scaled_shrink(X, A, S)           fp32 (M, K*r): column group k of X A^T times S[:, k]
-    Y  = fused_linear(X, W, b, H~, B, S)  X W^T + b + H~ B^T, in X's dtype
-
-with a Triton implementation (kernels/masked_lora_triton.py: two launches for all K adapters, Y written
-once, all-zero row tiles skip the low-rank work) and a PyTorch one (two small GEMMs, one scale, one add
-into the base output). The backward reuses them with transposed operands; weight and bias are usually
-frozen, and get gradients (plain torch GEMM / sum) only when they require grad:
-
-    G~ = scaled_shrink(dY, B^T, S)        dX = fused_linear(dY, W^T, -, G~, A^T, S)
-    dA = G~^T X    dB = dY^T H~    dW = dY^T X    db = sum dY
-
-Dtypes: x, weight and bias share one dtype (fp16, bf16, fp32; the PyTorch path also takes fp64).
-Adapters may have any float dtype (typically fp32 beside a bf16 model): they are cast to x's dtype for
-the GEMMs, as torch.autocast would; H~ is accumulated and scaled in fp32, and rounded to x's dtype once
-for the expand GEMM (the PyTorch path also rounds X A^T to x's dtype once before scaling, as its GEMM
-returns x's dtype). Gradients come back in each input's own dtype. token_scale gets no gradient (None):
-the Triton path never computes X A^T for masked-off row tiles, so d/dS is not available there.
-
-fp8 weights: weight may be float8_e4m3fn (d_out, d_in) with weight_scale fp32 (d_out,), standing for
-W = weight * weight_scale[:, None]. The Triton GEMM converts the fp8 tiles to x's dtype in its main loop
-(exact), multiplies the base accumulator by the row scales, then adds the slider term (unscaled, never
-quantized) and the bias: Y = (X W8^T) * s + H~ B^T + b. For dX = dY W the scale runs along the
-reduction, so each fp8 tile is dequantized to x's dtype as it is loaded. The PyTorch path dequantizes
-the whole weight to x's dtype per call. fp8 weights and their scales are frozen (no gradient).
-fp8_linear is the same GEMM without adapters, for quantized layers that carry none.
+X: (M, d_in) tokens, W: (d_out, d_in), b: (d_out,). The K adapters are stacked along the rank:
+A = [A_1; ...; A_K] is (K*r, d_in), B = [B_1 ... B_K] is (d_out, K*r). S: (M, K) holds one scale per
+token and adapter, and 0 is a hard mask: adapter k adds exactly 0 to a token whose S[:, k] is 0, even
+where X A_k^T is inf or NaN. `masked_lora_reference`, right below, is this definition in plain PyTorch;
+the PyTorch path, the Triton kernels and the tests are checked against it (tests/test_masked_lora.py,
+in float64). The rest of the file is engineering: `masked_lora_linear` and `fp8_linear` check their
+inputs, flatten the tokens and run one of two paths with one signature, `_torch_masked_lora` below or
+the Triton kernels (kernels/masked_lora_triton.py), chosen per shape by kernels/dispatch.py.
 """
 if __package__ != "slideredit.kernels":  # checked first, before torch loads: imported as top-level `kernels`: that name is Hugging Face's package
     raise ImportError(
@@ -42,6 +19,7 @@ if __package__ != "slideredit.kernels":  # checked first, before torch loads: im
 
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,57 +32,93 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_DTYPES = _TRITON_DTYPES + (torch.float64,)
 
 
-def _torch_scaled_shrink(x: torch.Tensor, lora_a: torch.Tensor, scale: torch.Tensor, rank: int) -> torch.Tensor:
-    """H~ = S (x) (X A^T): one GEMM, one scale. x (M, D), lora_a (K*r, D), scale (M, K) -> (M, K*r)."""
-    M = x.shape[0]
-    K = scale.shape[1]
-    h = (x @ lora_a.to(x.dtype).t()).to(scale.dtype).view(M, K, rank)
-    s = scale[:, :, None]
-    return torch.where(s != 0, h * s, 0.0).view(M, K * rank)
-
-
-def _torch_fused_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    h: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int,
-    weight_scale: torch.Tensor | None = None, weight_scale_dim: int = 0,
+def masked_lora_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    scales: torch.Tensor, rank: int, *, weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Y = X W^T + b + H~ B^T: the base GEMM, then one GEMM that adds into its output in place.
-    An fp8 weight is dequantized first: weight * weight_scale along weight's dim weight_scale_dim."""
+    """The definition: x W^T + b + sum_k scales[..., k] (x A_k^T) B_k^T, one adapter at a time, in x's dtype
+    (all tensors in one dtype; the tests evaluate it in float64). x: (..., d_in); scales: (..., K),
+    broadcasting over x's tokens; A_k, B_k: the k-th block of `rank` rows of lora_a, columns of lora_b.
+    An fp8 weight comes with weight_scale (d_out,): it stands for weight * weight_scale[:, None]."""
     if weight_scale is not None:
-        s = weight_scale[:, None] if weight_scale_dim == 0 else weight_scale[None, :]
-        weight = (weight.to(s.dtype) * s).to(x.dtype)
+        weight = weight.to(weight_scale.dtype) * weight_scale[:, None]
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    for k in range(scales.shape[-1]):
+        a_k, b_k, s_k = lora_a[k * rank:(k + 1) * rank], lora_b[:, k * rank:(k + 1) * rank], scales[..., k:k + 1]
+        y = y + torch.where(s_k != 0, s_k * (x @ a_k.T), 0.0) @ b_k.T  # the hard mask: 0 even if x A_k^T is inf/NaN
+    return y
+
+
+# How it is computed. Both paths implement one function of flattened tokens (M, d):
+#
+#     H~, Y = path(X, W, b, A, B, S)    H~ = S (x) (X A^T): column group k of X A^T times S[:, k] (hard mask)
+#                                       Y  = X W^T + b + H~ B^T
+#
+# PyTorch (`_torch_masked_lora`): two small GEMMs, one masked scale, one add into the base output. Triton
+# (kernels/masked_lora_triton.py): two launches for all K adapters, Y written once, and row tiles whose
+# scales are all zero never read A or B (the PyTorch path multiplies those zero rows of H~ by B). The
+# backward is the same function on transposed operands; weight and bias are usually frozen, and get
+# gradients (plain torch GEMM / sum) only when they require grad:
+#
+#     G~, dX = path(dY, W^T, -, B^T, A^T, S)    G~ = S (x) (dY B),  dX = dY W + G~ A
+#     dA = G~^T X    dB = dY^T H~    dW = dY^T X    db = sum dY
+#
+# Dtypes: x, weight and bias share one dtype (fp16, bf16, fp32; the PyTorch path also takes fp64).
+# Adapters may have any float dtype (typically fp32 beside a bf16 model): they are cast to x's dtype for
+# the GEMMs, as torch.autocast would. S (x) (X A^T) is scaled in fp32 (fp64 for fp64 x) and rounded to
+# x's dtype once for the expand GEMM; the Triton path keeps H~ in fp32 until then and accumulates X A^T in
+# fp32, the PyTorch path's GEMM returns X A^T in x's dtype and its H~ is the rounded one. Gradients come
+# back in each input's own dtype. token_scale gets no gradient (None): the Triton path never computes
+# X A^T for masked-off row tiles, so d/dS is not available there.
+#
+# fp8 weights: weight may be float8_e4m3fn (d_out, d_in) with weight_scale fp32 (d_out,), standing for
+# W = weight * weight_scale[:, None]. The Triton GEMM converts the fp8 tiles to x's dtype in its main loop
+# (exact), multiplies the base accumulator by the row scales, then adds the slider term (unscaled, never
+# quantized) and the bias: Y = (X W8^T) * s + H~ B^T + b. For dX = dY W the scale runs along the
+# reduction, so each fp8 tile is dequantized to x's dtype as it is loaded. The PyTorch path dequantizes
+# the whole weight to x's dtype per call. fp8 weights and their scales are frozen (no gradient).
+# fp8_linear is the same GEMM without adapters, for quantized layers that carry none.
+
+
+def _torch_masked_lora(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int, *,
+    weight_scale: torch.Tensor | None = None, weight_scale_dim: int = 0, need_y: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The PyTorch path: (H~, Y) for x (M, D), weight (N, D), lora_a (K*r, D), lora_b (N, K*r), scale (M, K)
+    in the accumulation dtype. H~ is None without adapters (lora_a, lora_b, scale None), Y is None if not
+    need_y (a backward that needs G~ only). An fp8 weight is dequantized to x's dtype first: weight times
+    weight_scale along weight's dim `weight_scale_dim` (0: one per row; 1: per column, for W^T).
+    With adapters in x's dtype (SliderLinear caches them so) the adapters cost 5 ops beyond the base
+    linear: one GEMM, the masked scale (mul_, then eq and masked_fill_: no multiply turns inf or NaN into
+    the 0 the hard mask promises) and one GEMM added into Y in place."""
+    h = None
+    if lora_a is not None:
+        M, K = scale.shape
+        s = scale[:, :, None]
+        h = (x @ lora_a.to(x.dtype).t()).view(M, K, rank)
+        h.mul_(s)  # computed in S's dtype and rounded once to x's dtype, in place
+        h = h.masked_fill_(s == 0, 0.0).view(M, K * rank)  # the hard mask: 0 * inf and 0 * NaN give 0 here
+    if not need_y:
+        return h, None
+    if weight_scale is not None:
+        scales = weight_scale[:, None] if weight_scale_dim == 0 else weight_scale[None, :]
+        weight = (weight.to(scales.dtype) * scales).to(x.dtype)
     y = F.linear(x, weight, bias)
-    if h is None:
-        return y
-    return y.addmm_(h.to(x.dtype), lora_b.to(x.dtype).t())  # inside autograd.Function: in place is safe
+    if h is not None:
+        y.addmm_(h, lora_b.to(x.dtype).t())  # inside autograd.Function: in place is safe
+    return h, y
 
 
-def _ops(backend: str):
+def _path(backend: str) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """`_torch_masked_lora`, or its Triton twin with the same signature (kernels/masked_lora_triton.py)."""
     if backend == "triton":
         from . import masked_lora_triton  # imported on first use: torch-only installs never need triton
 
-        return masked_lora_triton.scaled_shrink, masked_lora_triton.fused_linear
-    return _torch_scaled_shrink, _torch_fused_linear
-
-
-def _forward(backend: str, x, weight, weight_scale, bias, lora_a, lora_b, scale, rank) -> tuple[torch.Tensor, ...]:
-    """(H~, Y), or (Y,) without adapters."""
-    shrink, fused = _ops(backend)
-    if lora_a is None:
-        return (fused(x, weight, bias, None, None, None, 0, weight_scale, 0),)
-    h = shrink(x, lora_a, scale, rank)  # (M, K*r) fp32: what the backward needs, not Y
-    return h, fused(x, weight, bias, h, lora_b, scale, rank, weight_scale, 0)
-
-
-def _backward(backend: str, dy, weight, weight_scale, lora_a, lora_b, scale, rank, need_x: bool) -> tuple:
-    """(G~, dX), (G~,) if x needs no gradient, (dX,) without adapters."""
-    shrink, fused = _ops(backend)
-    if lora_a is None:
-        return (fused(dy, weight.t(), None, None, None, None, 0, weight_scale, 1),)
-    g = shrink(dy, lora_b.t(), scale, rank)  # G~ = S (x) (dY B), (M, K*r)
-    if not need_x:
-        return (g,)
-    return g, fused(dy, weight.t(), None, g, lora_a.t(), scale, rank, weight_scale, 1)  # dX = dY W + G~ A
+        return masked_lora_triton.masked_lora
+    return _torch_masked_lora
 
 
 def _major(t: torch.Tensor) -> str:
@@ -137,6 +151,25 @@ def _device_name(device: torch.device) -> str:
     return name
 
 
+def _compute(backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int,
+             **options) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(H~, Y) = path(x, weight, bias, lora_a, lora_b, scale, rank, **options) on `backend`. "auto" asks the
+    dispatcher, keyed by `op` and these operands: the first call of a key runs both paths and compares
+    the outputs the call produces (it takes tensors only: H~ if there are adapters, then Y if needed)."""
+    if backend != "auto":
+        return _path(backend)(x, weight, bias, lora_a, lora_b, scale, rank, **options)
+
+    def produced(name: str) -> tuple[torch.Tensor, ...]:
+        outputs = _path(name)(x, weight, bias, lora_a, lora_b, scale, rank, **options)
+        return tuple(t for t in outputs if t is not None)
+
+    key = _key(op, x, weight, options.get("weight_scale"), bias, lora_a)
+    chosen = iter(dispatch.dispatcher().run(key, produced, dispatch.TOLERANCE[x.dtype]))
+    h = None if lora_a is None else next(chosen)
+    return h, next(chosen, None)
+
+
 class _MaskedLoraLinear(torch.autograd.Function):
     """Autograd on flattened tokens: x (M, d_in), scale (M, K) in the accumulation dtype; lora_a, lora_b
     and scale None for a plain (fp8) linear. backend "auto" asks the dispatcher, separately for the
@@ -144,13 +177,7 @@ class _MaskedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, weight_scale, bias, lora_a, lora_b, scale, rank, backend):
-        args = (x, weight, weight_scale, bias, lora_a, lora_b, scale, rank)
-        if backend == "auto":
-            key = _key("forward", x, weight, weight_scale, bias, lora_a)
-            out = dispatch.dispatcher().run(key, lambda b: _forward(b, *args), dispatch.TOLERANCE[x.dtype])
-        else:
-            out = _forward(backend, *args)
-        h, y = out if lora_a is not None else (None, out[0])
+        h, y = _compute(backend, "forward", x, weight, bias, lora_a, lora_b, scale, rank, weight_scale=weight_scale)
         ctx.save_for_backward(x, weight, weight_scale, bias, lora_a, lora_b, scale, h)
         ctx.rank, ctx.backend = rank, backend
         return y
@@ -161,19 +188,11 @@ class _MaskedLoraLinear(torch.autograd.Function):
         need_x, need_w, _, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
         dy = dy.contiguous()
         dx = dw = dbias = da = db = g = None
-        if need_x or need_a:
-            args = (dy, weight, weight_scale, lora_a, lora_b, scale, ctx.rank, need_x)
-            if ctx.backend == "auto":
-                op = "backward_dx" if need_x else "backward_g"
-                key = _key(op, dy, weight.t(), weight_scale, None, None if lora_b is None else lora_b.t())
-                out = dispatch.dispatcher().run(key, lambda b: _backward(b, *args), dispatch.TOLERANCE[dy.dtype])
-            else:
-                out = _backward(ctx.backend, *args)
-            if lora_a is None:
-                dx = out[0]
-            else:
-                g = out[0]
-                dx = out[1] if need_x else None
+        if need_x or need_a:  # the forward on transposed operands: G~ = S (x) (dY B), dX = dY W + G~ A
+            op = "backward_dx" if need_x else "backward_g"
+            lora_bt, lora_at = (None, None) if lora_a is None else (lora_b.t(), lora_a.t())
+            g, dx = _compute(ctx.backend, op, dy, weight.t(), None, lora_bt, lora_at, scale, ctx.rank,
+                             weight_scale=weight_scale, weight_scale_dim=1, need_y=need_x)
         if need_a:
             da = (g.t().to(x.dtype) @ x).to(lora_a.dtype)
         if need_b:
@@ -286,22 +305,23 @@ def _check_adapters(x, d_out, lora_a, lora_b, token_scale, fn) -> tuple[int, int
     return K, stacked_rank // K
 
 
-def _run(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, backend, fn) -> torch.Tensor:
+def _prepare(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, backend, fn) -> tuple[tuple, tuple]:
+    """Check the inputs (fn: the public function, for the messages) and pick the backend; -> the arguments
+    of _MaskedLoraLinear.apply (tokens flattened, one scale row per token) and the output's shape."""
     backend = dispatch.resolve(backend, isinstance(x, torch.Tensor) and x.is_cuda)
     K, rank = _check_inputs(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, backend, fn)
     if backend == "auto" and not _auto_measures(x, weight, lora_a):
         backend = "torch"
 
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
     scale = None
     if lora_a is not None:
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         scale = token_scale.detach().to(acc_dtype).expand(*lead, K).reshape(-1, K)
     if weight_scale is not None:
         weight_scale = weight_scale.detach().contiguous()  # the kernel reads it with unit stride
-    y = _MaskedLoraLinear.apply(x2, weight, weight_scale, bias, lora_a, lora_b, scale, rank, backend)
-    return y.reshape(*lead, weight.shape[0])
+    args = (x.reshape(-1, x.shape[-1]), weight, weight_scale, bias, lora_a, lora_b, scale, rank, backend)
+    return args, (*lead, weight.shape[0])
 
 
 def masked_lora_linear(
@@ -315,7 +335,8 @@ def masked_lora_linear(
     backend: str | None = None,
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Y = x W^T + b + sum_k token_scale[..., k] * (x A_k^T) B_k^T for K stacked adapters.
+    """Y = x W^T + b + sum_k token_scale[..., k] * (x A_k^T) B_k^T for K stacked adapters, a zero scale
+    adding exactly 0 (the definition: masked_lora_reference).
 
     x: (..., d_in); weight: (d_out, d_in) in x's dtype, or float8_e4m3fn with weight_scale fp32 (d_out,)
     (W = weight * weight_scale[:, None]; the slider term is added unscaled); bias: (d_out,) or None;
@@ -328,7 +349,9 @@ def masked_lora_linear(
     CPU tensors; on CUDA tensors $SLIDEREDIT_LORA_BACKEND (auto|triton|torch) if set, else auto. The
     argument wins over the variable.
     """
-    return _run(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, backend, "masked_lora_linear")
+    args, out_shape = _prepare(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, backend,
+                               "masked_lora_linear")
+    return _MaskedLoraLinear.apply(*args).reshape(out_shape)
 
 
 def fp8_linear(
@@ -352,4 +375,6 @@ def fp8_linear(
         raise TypeError(f"fp8_linear: weight must be float8_e4m3fn, got {weight.dtype}")
     if weight_scale is None:
         raise TypeError("fp8_linear: weight_scale is required (fp32, one per output row; ones for unscaled)")
-    return _run(x, weight, weight_scale, bias, None, None, None, backend, "fp8_linear")
+    args, out_shape = _prepare(x, weight, weight_scale, bias, lora_a=None, lora_b=None, token_scale=None,
+                               backend=backend, fn="fp8_linear")
+    return _MaskedLoraLinear.apply(*args).reshape(out_shape)

@@ -5,7 +5,8 @@
 X: (M, D) tokens, W: (N, D), A: (K*r, D) and B: (N, K*r) hold the K adapters stacked along the rank,
 S: (M, K) per-token scales (0 = adapter off for that token).
 
-Structure: two launches, whatever K is.
+Structure: two launches, whatever K is; `masked_lora` runs them, with the arguments of the PyTorch path
+(masked_lora.py's `_torch_masked_lora`), the forward and, on transposed operands, the backward.
   1. `scaled_shrink`: H~ = S (x) (X A^T) in fp32, (M, K*r). One program per BLOCK_M rows holds the whole
      stacked rank (K*r <= 128) and streams X once. Row tiles whose scales are all zero skip the loop
      (X and A are never read) and store zeros.
@@ -53,6 +54,12 @@ from .dispatch import m_bucket  # the autotune key's token count: one tuning per
 # Read once, like triton.jit does when it decides to build interpreted kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEFAULT_SMEM_LIMIT = 232_448  # bytes of shared memory one block may opt in to on an H100 / H200
+
+# The GEMM's W_SCALE build flag: how it applies an fp8 weight's fp32 scales. tl.constexpr globals, so the
+# kernel compares W_SCALE against these names and is still built (and autotuned) once per value.
+W_SCALE_NONE = tl.constexpr(0)  # weight in x's dtype, no scales
+W_SCALE_OUTPUTS = tl.constexpr(1)  # W (N, D), one scale per row = per output column: on the base accumulator
+W_SCALE_REDUCTION = tl.constexpr(2)  # W^T in dX = dY W: the scales run along the reduction, per W tile
 
 # Tensor-core (mma / wgmma) tiles: bf16, fp16 and TF32 dots.
 GPU_SHRINK_CONFIGS = [
@@ -150,7 +157,7 @@ def prune_gemm_configs(configs, named_args, **kwargs) -> list:
     x, w = named_args["x_ptr"], named_args["w_ptr"]
     fma = kwargs["INPUT_PRECISION"] == "ieee" and x.dtype == torch.float32
     family = [c for c in configs if any(c is f for f in FMA_GEMM_CONFIGS) == fma] or list(configs)
-    if kwargs.get("HAS_LORA") and kwargs.get("W_SCALE") == 1 and kwargs["BLOCK_R"] >= 128:
+    if kwargs.get("HAS_LORA") and kwargs.get("W_SCALE") == W_SCALE_OUTPUTS.value and kwargs["BLOCK_R"] >= 128:
         # fp8 forward: the low-rank tiles come after the loop, beside the accumulator; at K*r > 64 the
         # tiles with 128 accumulators per thread spill in sm_90 builds (48-248 B), those with 64 do not
         family = [c for c in family if accumulators_per_thread(c) <= 64] or family
@@ -275,7 +282,7 @@ def _fused_linear_kernel(
     # fp8 row scale it must come after the loop, since the scale multiplies the base term only.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
-        if W_SCALE != 1:
+        if W_SCALE != W_SCALE_OUTPUTS:
             acc = _add_low_rank(acc, x_ptr, h_ptr, b_ptr, s_ptr, offs_m, offs_n, M, N, KR, R,
                                 stride_hm, stride_hj, stride_bn, stride_bj, stride_sm, stride_sk,
                                 BLOCK_R, UPCAST, INPUT_PRECISION)
@@ -297,7 +304,7 @@ def _fused_linear_kernel(
             d_ok = offs_d < D - d0
             x = tl.load(x_ptrs, mask=d_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
-        if W_SCALE == 2:  # fp8 W^T in dX = dY W: the scale runs along the reduction, dequantize the tile
+        if W_SCALE == W_SCALE_REDUCTION:  # fp8 W^T in dX = dY W: dequantize the tile along the reduction
             ws = tl.load(ws_ptr + d0 + offs_d, mask=offs_d < D - d0, other=0.0)
             w = w.to(tl.float32) * ws[:, None]
         w = w.to(x_ptr.dtype.element_ty)  # fp8 -> x's dtype is exact; a no-op for x's own dtype
@@ -307,7 +314,7 @@ def _fused_linear_kernel(
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_D * stride_xd
         w_ptrs += BLOCK_D * stride_wd
-    if W_SCALE == 1:  # fp8 W: one scale per output row of W, i.e. per column of Y, on the base term only
+    if W_SCALE == W_SCALE_OUTPUTS:  # fp8 W: one scale per row of W, i.e. per column of Y, on the base term only
         acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         if HAS_LORA:  # then the slider term, unscaled
             acc = _add_low_rank(acc, x_ptr, h_ptr, b_ptr, s_ptr, offs_m, offs_n, M, N, KR, R,
@@ -328,6 +335,19 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 def _block_r(stacked_rank: int) -> int:
     return max(16, triton.next_power_of_2(stacked_rank))  # tl.dot needs every dimension >= 16
+
+
+def masked_lora(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int, *,
+    weight_scale: torch.Tensor | None = None, weight_scale_dim: int = 0, need_y: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The Triton path, the twin of masked_lora.py's `_torch_masked_lora` (same arguments): (H~, Y) in two
+    launches, H~ None without adapters, Y None if not need_y."""
+    h = scaled_shrink(x, lora_a, scale, rank) if lora_a is not None else None
+    if not need_y:
+        return h, None
+    return h, fused_linear(x, weight, bias, h, lora_b, scale, rank, weight_scale, weight_scale_dim)
 
 
 def scaled_shrink(x: torch.Tensor, lora_a: torch.Tensor, scale: torch.Tensor, rank: int) -> torch.Tensor:
@@ -357,8 +377,9 @@ def fused_linear(
 
     x: (M, D); weight: (N, D), x's dtype or float8_e4m3fn; bias: (N,) or None; h: (M, K*r) fp32;
     lora_b: (N, K*r); scale: (M, K); h, lora_b and scale all None for no adapters. weight_scale (fp32):
-    W stands for weight * weight_scale along weight's dim `weight_scale_dim` (0: per row, applied to the
-    base accumulator; 1: per reduction index, applied to each W tile as it is converted).
+    W stands for weight * weight_scale along weight's dim `weight_scale_dim`: 0, one per row, applied to
+    the base accumulator (W_SCALE_OUTPUTS); 1, one per reduction index, applied to each W tile as it is
+    converted (W_SCALE_REDUCTION).
     Any strides: the backward passes transposed views (dX = dY W + G~ A).
     """
     M, D = x.shape
@@ -370,7 +391,9 @@ def fused_linear(
         return y
     if not has_lora:  # placeholders, never read
         h, lora_b, scale, rank = y, y, y, 1
-    w_scale = 0 if weight_scale is None else 1 + weight_scale_dim
+    w_scale = W_SCALE_NONE
+    if weight_scale is not None:
+        w_scale = W_SCALE_OUTPUTS if weight_scale_dim == 0 else W_SCALE_REDUCTION
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fused_linear_kernel[grid](
         x, weight, weight_scale if weight_scale is not None else y, bias if bias is not None else y,
@@ -378,6 +401,7 @@ def fused_linear(
         M, m_bucket(M), N, D, KR, rank,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
         lora_b.stride(0), lora_b.stride(1), scale.stride(0), scale.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_SCALE=w_scale, BLOCK_R=_block_r(KR), **_dot_flags(x.dtype),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_SCALE=w_scale.value, BLOCK_R=_block_r(KR),
+        **_dot_flags(x.dtype),
     )
     return y

@@ -1,14 +1,21 @@
-"""kernels.masked_lora_linear against float64 math, on both backends.
+"""kernels.masked_lora_linear against its definition, masked_lora_reference in float64, on both backends.
 
 The Triton path runs under TRITON_INTERPRET=1 (set in conftest.py). Its interpreter config uses 32-wide
 blocks, so the shapes here (70 tokens, d_in 51, d_out 45) give partial row, column and reduction tiles.
 Every Triton output buffer is filled with NaN before the kernel runs (see `poisoned_outputs`).
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from slideredit.kernels.masked_lora import fp8_linear, masked_lora_linear
+from slideredit.kernels.masked_lora import fp8_linear, masked_lora_linear, masked_lora_reference
 from slideredit.kernels import masked_lora_triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from op_counts import OpCounter  # noqa: E402
 
 BATCH, TOKENS, D_IN, D_OUT = 2, 35, 51, 45
 EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -28,17 +35,38 @@ def poisoned_outputs(monkeypatch):
     return allocations
 
 
-def reference(x, weight, bias, lora_a, lora_b, scale):
-    """The issue's formula, one adapter at a time: x W^T + b + sum_k S[..., k] (x A_k^T) B_k^T."""
-    K = scale.shape[-1]
-    r = lora_a.shape[0] // K
-    y = x @ weight.T
-    if bias is not None:
-        y = y + bias
-    for k in range(K):
-        a_k, b_k = lora_a[k * r:(k + 1) * r], lora_b[:, k * r:(k + 1) * r]
-        y = y + scale[..., k:k + 1] * ((x @ a_k.T) @ b_k.T)
-    return y
+def reference(x, weight, bias, lora_a, lora_b, scale, weight_scale=None):
+    """The library's definition, masked_lora_reference, with the rank read off the shapes."""
+    rank = lora_a.shape[0] // scale.shape[-1]
+    return masked_lora_reference(x, weight, bias, lora_a, lora_b, scale, rank, weight_scale=weight_scale)
+
+
+def test_reference_by_hand():
+    """Two rank-1 adapters on a 2 -> 2 identity: x A^T = (3, -1); scales (2, 3) and (2, 0)."""
+    x, weight, bias = torch.tensor([[1.0, 2.0]]), torch.eye(2), torch.tensor([10.0, 20.0])
+    lora_a, lora_b = torch.tensor([[1.0, 1.0], [1.0, -1.0]]), torch.eye(2)
+    both_on = masked_lora_reference(x, weight, bias, lora_a, lora_b, torch.tensor([[2.0, 3.0]]), 1)
+    assert both_on.tolist() == [[1 + 10 + 2 * 3, 2 + 20 + 3 * -1]]
+    second_off = masked_lora_reference(x, weight, bias, lora_a, lora_b, torch.tensor([[2.0, 0.0]]), 1)
+    assert second_off.tolist() == [[17.0, 22.0]]
+    # fp8 form: weight * weight_scale[:, None], scaling the base term only
+    fp8 = masked_lora_reference(x, 2 * weight, bias, lora_a, lora_b, torch.tensor([[2.0, 0.0]]), 1,
+                                weight_scale=torch.tensor([0.5, 4.0]))
+    assert fp8.tolist() == [[1 + 10 + 6, 2 * 8 + 20]]
+
+
+def test_reference_zero_scale_is_a_hard_mask():
+    """A zero scale adds exactly 0 even where x A^T is inf or NaN; a live one lets them through."""
+    x, weight, bias, lora_a, lora_b, s = as_reference(*make_inputs(torch.float64, 3, 4, "mixed"))
+    base = reference(x, weight, bias, lora_a, lora_b, torch.zeros_like(s))
+    poisoned_a = lora_a.clone()
+    poisoned_a[:4] = float("nan")  # adapter 0
+    poisoned_a[4:8] = float("inf")  # adapter 1
+    y = reference(x, weight, bias, poisoned_a, lora_b, s)
+    off = (s[..., :2] == 0).all(-1)
+    assert off.any() and (~off).any()
+    assert torch.equal(y[off], base[off])
+    assert not torch.isfinite(y[~off]).any()
 
 
 def make_inputs(dtype, K, r, scales="signed", bias=True, seed=0, d_in=D_IN, d_out=D_OUT):
@@ -71,9 +99,9 @@ def as_reference(x, weight, bias, lora_a, lora_b, scale):
     return f64(x), f64(weight), f64(bias), f64(lora_a.to(x.dtype)), f64(lora_b.to(x.dtype)), f64(scale)
 
 
-def error_bound(ref_inputs, ulps, eps):
+def error_bound(ref_inputs, ulps, eps, weight_scale=None):
     """ulps * eps * (the reference evaluated on absolute values): a rounding-error bound for sums of products."""
-    return ulps * eps * reference(*(None if t is None else t.abs() for t in ref_inputs))
+    return ulps * eps * reference(*(None if t is None else t.abs() for t in ref_inputs), weight_scale=weight_scale)
 
 
 def assert_within(actual, expected, bound, what):
@@ -158,15 +186,34 @@ def test_all_zero_row_tiles_never_read_lora_b():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_zero_scale_is_a_hard_mask(backend):
-    """Tokens with every scale zero get exactly the base output even if X A^T is NaN (NaN in A)."""
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's inf
+def test_zero_scale_is_a_hard_mask(backend, poison):
+    """Tokens with every scale zero get exactly the base output even if X A^T is NaN or inf (from A)."""
     x, weight, bias, lora_a, lora_b, s = make_inputs(torch.float32, 3, 4, "mixed")
     base = masked_lora_linear(x, weight, bias, lora_a, lora_b, torch.zeros_like(s), backend=backend)
-    y = masked_lora_linear(x, weight, bias, torch.full_like(lora_a, float("nan")), lora_b, s, backend=backend)
+    y = masked_lora_linear(x, weight, bias, torch.full_like(lora_a, poison), lora_b, s, backend=backend)
     off = (s == 0).all(-1)
     assert off.sum() > INTERP_BLOCK_M
     assert torch.equal(y[off], base[off])
-    assert torch.isnan(y[~off]).all()
+    assert not torch.isfinite(y[~off]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_costs_five_ops_beyond_the_base_linear(dtype):
+    """Per call, beside the base linear: one GEMM (X A^T), the masked scale (mul_, then eq and masked_fill_
+    for the hard mask) and one GEMM added into Y (addmm_), with adapters already in x's dtype and fp32
+    scales, as SliderLinear passes them. Views (reshapes, transposes) launch nothing."""
+    x, weight, bias, lora_a, lora_b, s = make_inputs(dtype, 3, 4, "mixed")
+    lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+    with OpCounter() as layer:
+        masked_lora_linear(x, weight, bias, lora_a, lora_b, s, backend="torch")
+    with OpCounter() as base:
+        F.linear(x.reshape(-1, D_IN), weight, bias)
+    non_view = lambda counter: sum(counter.ops.values()) - counter.views
+    assert non_view(layer) - non_view(base) == 5
+    extra = layer.ops - base.ops
+    assert all(extra[f"aten.{op}"] == 1 for op in ("mm", "mul_", "eq", "masked_fill_", "addmm_")), extra
 
 
 NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "token_scale")
@@ -339,9 +386,9 @@ def test_fp8_weight_forward_matches_float64(backend, dtype, scales, poisoned_out
     x, w8, w_scale, b, lora_a, lora_b, s = fp8_inputs(dtype, 3, 4, scales)
     y = masked_lora_linear(x, w8, b, lora_a, lora_b, s, backend=backend, weight_scale=w_scale)
     assert y.dtype == dtype and y.shape == (BATCH, TOKENS, D_OUT)
-    ref_inputs = list(as_reference(x, w8.float(), b, lora_a, lora_b, s))
-    ref_inputs[1] = dequantized(w8, w_scale)  # the slider term is added to it unscaled
-    assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, FP8_ULPS[dtype], EPS[dtype]), "y")
+    ref_inputs, ws64 = as_reference(x, w8, b, lora_a, lora_b, s), w_scale.double()  # fp8 is exact in float64
+    want = reference(*ref_inputs, weight_scale=ws64)  # the slider term is added unscaled
+    assert_within(y, want, error_bound(ref_inputs, FP8_ULPS[dtype], EPS[dtype], weight_scale=ws64), "y")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -350,16 +397,16 @@ def test_fp8_weight_gradients_match_float64(backend, dtype, poisoned_outputs):
     """QLoRA-style: frozen fp8 base, trainable adapters; dX flows through the fp8 weight."""
     x, w8, w_scale, b, lora_a, lora_b, s = fp8_inputs(dtype, 2, 4)
     trainable = ("x", "lora_a", "lora_b")
-    inputs = leaves((x, w8.float(), b, lora_a, lora_b, s), trainable)
+    inputs = leaves((x, w8, b, lora_a, lora_b, s), trainable)
     dy = torch.randn(BATCH, TOKENS, D_OUT, generator=torch.Generator().manual_seed(5))
     got = grads(lambda x_, _w, b_, a_, bb_, s_: masked_lora_linear(
         x_, w8, b_, a_, bb_, s_, backend=backend, weight_scale=w_scale), inputs, dy.to(dtype))
     if backend == "triton":
         assert len(poisoned_outputs) == 4
-    ref_inputs = list(as_reference(*inputs))
-    ref_inputs[1] = dequantized(w8, w_scale)
-    want = grads(reference, leaves(ref_inputs, trainable), dy.double())
-    bounds = grads(reference, leaves([None if t is None else t.abs() for t in ref_inputs], trainable),
+    ref_inputs = as_reference(*inputs)
+    fp8_reference = lambda *args: reference(*args, weight_scale=w_scale.double())
+    want = grads(fp8_reference, leaves(ref_inputs, trainable), dy.double())
+    bounds = grads(fp8_reference, leaves([None if t is None else t.abs() for t in ref_inputs], trainable),
                    dy.abs().double())
     ulps = FP8_ULPS[dtype] + (BATCH * TOKENS if dtype == torch.float32 else 2)
     for name in trainable:

@@ -36,14 +36,14 @@ def test_fp8_gemm_estimate_covers_the_sm90_builds():
 
 
 @pytest.mark.parametrize("block_r,has_lora,w_scale,kept", [
-    (128, True, 1, [1, 3, 4]),  # fp8 forward with a wide stack: no 128-accumulator tiles (they spill)
-    (64, True, 1, [0, 1, 2, 3, 4]),
-    (128, True, 2, [0, 1, 2, 3, 4]),  # dX: the low-rank tiles come before the loop
-    (128, False, 1, [0, 1, 2, 3, 4]),  # fp8_linear
+    (128, True, T.W_SCALE_OUTPUTS, [1, 3, 4]),  # fp8 forward with a wide stack: no 128-accumulator tiles (they spill)
+    (64, True, T.W_SCALE_OUTPUTS, [0, 1, 2, 3, 4]),
+    (128, True, T.W_SCALE_REDUCTION, [0, 1, 2, 3, 4]),  # dX: the low-rank tiles come before the loop
+    (128, False, T.W_SCALE_OUTPUTS, [0, 1, 2, 3, 4]),  # fp8_linear
 ])
 def test_fp8_forward_with_wide_stacks_drops_tiles_that_spill(block_r, has_lora, w_scale, kept):
     got = T.prune_gemm_configs(T.GPU_GEMM_CONFIGS + T.FMA_GEMM_CONFIGS, args(torch.bfloat16, torch.float8_e4m3fn),
-                               BLOCK_R=block_r, INPUT_PRECISION="tf32", HAS_LORA=has_lora, W_SCALE=w_scale)
+                               BLOCK_R=block_r, INPUT_PRECISION="tf32", HAS_LORA=has_lora, W_SCALE=w_scale.value)
     assert [T.GPU_GEMM_CONFIGS.index(c) for c in got] == kept
 
 
