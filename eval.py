@@ -473,9 +473,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python eval.py` and the `slideredit-eval` command: main() with one-line errors."""
     try:
         sys.exit(main())
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:  # CheckpointError is a ValueError
         print(f"eval.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

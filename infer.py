@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python infer.py` and the `slideredit-infer` command: main() with one-line errors."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill unwinds too: no temporary folder is left
     try:
         main()
@@ -475,3 +476,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted: nothing was written (a previous sweep in --out is left as it was)", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
         raise SystemExit(INTERRUPTED) from None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python train.py` and the `slideredit-train` command: main() with one-line errors."""
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C before train() started (main handles it from there on)
@@ -106,3 +107,7 @@ if __name__ == "__main__":
         raise SystemExit(INTERRUPTED) from None
     except (ValueError, TypeError, OSError, FloatingPointError) as err:  # config, data, checkpoint, NaN: one line
         raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    cli()

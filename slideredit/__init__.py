@@ -6,7 +6,7 @@ not import torch and transformers: --help and argument errors answer at once.
 The Triton kernels import as `slideredit.kernels` (from slideredit.kernels.masked_lora import
 masked_lora_linear). Their source is the repository's top-level kernels/ folder, which an install (wheel or
 editable) maps to slideredit/kernels. Never as top-level `kernels`: that is Hugging Face's package, which
-transformers >= 5.25 imports."""
+transformers >= 5.25 imports. The root scripts import as slideredit.scripts, for the console commands."""
 import importlib
 import importlib.machinery
 import importlib.util
@@ -19,20 +19,24 @@ _EXPORTS = {"AutoEncoder": ".autoencoder", "AutoEncoderParams": ".autoencoder", 
 __all__ = sorted(_EXPORTS)
 
 
-def _map_checkout_kernels() -> None:
-    """In a checkout (scripts run from it, or an editable install), make ../kernels/ the package
-    slideredit.kernels, as a wheel lays it out. An installed slideredit/kernels/ folder takes precedence."""
+def _map_checkout_folders() -> None:
+    """In a checkout (scripts run from it, or an editable install), import the repository's kernels/ folder
+    as slideredit.kernels and its root scripts (infer.py, train.py, eval.py) as slideredit.scripts, as a
+    wheel lays them out. A wheel's real slideredit/kernels/ and slideredit/scripts/ folders need nothing."""
     package = Path(__file__).resolve().parent
-    source = package.parent / "kernels"
-    name = f"{__name__}.kernels"
-    if name in sys.modules or (package / "kernels").is_dir() or not (source / "masked_lora.py").is_file():
+    repository = package.parent
+    if not (repository / "kernels" / "masked_lora.py").is_file():
         return
-    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
-    spec.submodule_search_locations = [str(source)]
-    sys.modules[name] = globals()["kernels"] = importlib.util.module_from_spec(spec)
+    for name, folder in (("kernels", repository / "kernels"), ("scripts", repository)):
+        full_name = f"{__name__}.{name}"
+        if full_name in sys.modules or (package / name).is_dir():
+            continue
+        spec = importlib.machinery.ModuleSpec(full_name, None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        sys.modules[full_name] = globals()[name] = importlib.util.module_from_spec(spec)
 
 
-_map_checkout_kernels()
+_map_checkout_folders()
 
 
 def __getattr__(name: str):

@@ -83,6 +83,9 @@ def test_from_another_folder(tmp_path):
                                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True, text=True)
     if installed.returncode == 0 and Path(installed.stdout.strip()).parent == REPO / "slideredit":
         _check_names(_run(PROBE, cwd=tmp_path), REPO / "kernels")  # the editable install, no PYTHONPATH
+        command = Path(sys.executable).parent / "slideredit-train"  # its console command runs train.py
+        done = subprocess.run([command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("usage: slideredit-train"), done.stderr[-2000:]
 
 
 def test_wheel_installs_kernels_under_slideredit_only(tmp_path):
@@ -104,6 +107,18 @@ def test_wheel_installs_kernels_under_slideredit_only(tmp_path):
         archive.extractall(site)
     lines = _run(PROBE, cwd=tmp_path, pythonpath=str(site))
     _check_names(lines, site / "slideredit" / "kernels")
+
+    # The console commands: entry points into the root scripts, installed as slideredit.scripts.
+    (info,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    entry_points = zipfile.ZipFile(wheel).read(info).decode()
+    for command in ("infer", "train", "eval"):
+        assert f"slideredit-{command} = slideredit.scripts.{command}:cli" in entry_points
+        assert f"slideredit/scripts/{command}.py" in names
+        code = f"import sys; sys.argv = ['slideredit-{command}', '--help']; from slideredit.scripts.{command} import cli; cli()"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: slideredit-{command}"), done.stderr[-2000:]
 
 
 def test_old_import_name_says_the_new_one():
