@@ -9,13 +9,14 @@ writes, from any GSTLoRA file or folder `load_gstlora` reads (the release's name
   the release ships it: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` (r, d_in) and
   `.lora_B.weight` (d_out, r); q, k and v are separate LoRAs. diffusers'
   `FluxKontextPipeline.load_lora_weights` + `set_adapters([name], [alpha])` loads it.
-- (b) `gstlora_comfyui.safetensors`: the kohya single-file naming that ComfyUI's LoRA loader maps onto
-  FLUX's BFL weights: `lora_unet_<BFL module, dots as underscores>.lora_down.weight` (r, d_in),
-  `.lora_up.weight` (d_out, r) and `.alpha` (a scalar; the update is scaled by alpha / r). A fused BFL
-  projection takes one LoRA: q, k and v stacked, `lora_down` = [A_q; A_k; A_v] (3r, d_in) and
-  `lora_up` block-diagonal, so up @ down = [B_q A_q; B_k A_k; B_v A_v] exactly; in the single blocks
-  `linear1`'s MLP rows get zero rows of `lora_up` (ComfyUI patches the whole weight). alpha = the
-  LoRA's rank, so alpha / r = 1.
+- (b) `gstlora_comfyui.safetensors`: the same tensors under the same names, for ComfyUI. Its LoRA loader
+  maps a FLUX LoRA's diffusers names onto its fused BFL weights, q, k and v as row slices of `qkv` and of
+  the single blocks' `linear1` (comfy.utils.flux_to_diffusers), so every projection keeps its rank-r LoRA.
+  Kohya names (`lora_unet_<BFL module>`) cannot say that for `linear1`: diffusers' kohya converter splits
+  it into q, k, v and the MLP (`proj_mlp`), so a fused rank-3r LoRA with zero MLP rows would load there as
+  four rank-3r LoRAs per single block, one of them all zero (3x the LoRA compute); and in a file that
+  mixes kohya and diffusers names, that converter keeps only the diffusers names. `--from-comfyui` reads
+  this file and kohya files other tools write.
 
 Sign convention. Both tools add strength * (B A) to the weight: W' = W + s * B A, exactly our
 slider's y = W x + alpha * B (A x) on every token. So a ComfyUI LoRA strength (strength_model) s, or a
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -103,7 +103,7 @@ def read_gstlora(path: str | Path) -> Parts:
 
 
 # ---------------------------------------------------------------------------------------------------
-# (a) diffusers / PEFT and (b) kohya / ComfyUI
+# Writing (diffusers / PEFT names, both files) and reading kohya files
 # ---------------------------------------------------------------------------------------------------
 
 def diffusers_state_dict(weights: Parts) -> dict[str, Tensor]:
@@ -118,40 +118,6 @@ def diffusers_state_dict(weights: Parts) -> dict[str, Tensor]:
     return out
 
 
-def _mlp_width(weights: Parts) -> int:
-    """The FLUX MLP width, read from a double block's img_mlp.0 LoRA (out rows); linear1 = 3 hidden + it."""
-    for module, parts in weights.items():
-        if module.endswith("img_mlp.0") and "all" in parts:
-            return parts["all"][1].shape[0]
-    raise ExportError("cannot tell linear1's MLP width: the GSTLoRA has no img_mlp.0 LoRA")
-
-
-def kohya_state_dict(weights: Parts) -> dict[str, Tensor]:
-    """One LoRA per BFL module: lora_unet_<module>.lora_down.weight, .lora_up.weight and .alpha (= rank)."""
-    out = {}
-    mlp = None
-    for module, parts in weights.items():
-        if is_fused_qkv(module):
-            a = torch.cat([parts[p][0] for p in "qkv"])  # (3r, d_in)
-            blocks = [parts[p][1] for p in "qkv"]  # each (hidden, r)
-            rows = sum(b.shape[0] for b in blocks)
-            if module.endswith("linear1"):
-                mlp = _mlp_width(weights) if mlp is None else mlp
-                rows += mlp
-            b = torch.zeros(rows, a.shape[0], dtype=a.dtype)
-            row = col = 0
-            for block in blocks:  # block-diagonal: q's B sees only A_q's rows, and so on
-                b[row:row + block.shape[0], col:col + block.shape[1]] = block
-                row, col = row + block.shape[0], col + block.shape[1]
-        else:
-            a, b = parts["all"]
-        name = KOHYA_PREFIX + module.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = a.float().clone(memory_format=torch.contiguous_format)
-        out[f"{name}.lora_up.weight"] = b.float().clone(memory_format=torch.contiguous_format)
-        out[f"{name}.alpha"] = torch.tensor(float(a.shape[0]))
-    return out
-
-
 _KOHYA_KEY = re.compile(r"lora_unet_(double_blocks|single_blocks)_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)")
 
 
@@ -162,10 +128,11 @@ def _bfl_module(root: str, index: str, inner: str) -> str:
 
 
 def from_kohya(tensors: dict[str, Tensor], where: str) -> Parts:
-    """The inverse of kohya_state_dict for any kohya FLUX LoRA on the GSTLoRA's layers.
+    """A kohya FLUX LoRA on the GSTLoRA's layers (as other tools write them), as parts.
 
-    A fused projection is split back into q, k and v: exactly into rank-r LoRAs when lora_up is
-    block-diagonal (as written here), else each part keeps the whole lora_down (rank 3r, still exact).
+    A fused projection is split into q, k and v: exactly into rank-r LoRAs when lora_up is block-diagonal
+    ([A_q; A_k; A_v] and B_q, B_k, B_v on the diagonal), else each part keeps the whole lora_down (rank 3r,
+    still exact).
     """
     halves: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -206,23 +173,28 @@ def _save(tensors: dict[str, Tensor], path: Path) -> Path:
 
 
 def export_gstlora(source: str | Path, out: str | Path, formats: tuple[str, ...] = ("diffusers", "comfyui")) -> list[Path]:
-    """Write out/pytorch_lora_weights.safetensors (diffusers/PEFT) and/or out/gstlora_comfyui.safetensors."""
-    weights = read_gstlora(source)
+    """Write out/pytorch_lora_weights.safetensors (diffusers/PEFT) and/or out/gstlora_comfyui.safetensors.
+
+    Both hold the same tensors: per-projection rank-r LoRAs under diffusers names, the one layout that
+    diffusers and ComfyUI both load without a LoRA on linear1's MLP rows (see the module docstring)."""
+    tensors = diffusers_state_dict(read_gstlora(source))
     out = Path(out)
-    written = []
-    if "diffusers" in formats:
-        written.append(_save(diffusers_state_dict(weights), out / DIFFUSERS_FILE))
-    if "comfyui" in formats:
-        written.append(_save(kohya_state_dict(weights), out / COMFYUI_FILE))
-    return written
+    files = {"diffusers": DIFFUSERS_FILE, "comfyui": COMFYUI_FILE}
+    return [_save(tensors, out / files[name]) for name in files if name in formats]
 
 
 def import_comfyui(source: str | Path, out: str | Path) -> Path:
-    """A kohya/ComfyUI FLUX LoRA on the GSTLoRA's layers -> out/pytorch_lora_weights.safetensors."""
+    """A ComfyUI FLUX LoRA on the GSTLoRA's layers -> out/pytorch_lora_weights.safetensors: kohya names
+    (lora_unet_..., as other tools write them), or the names export_gstlora writes."""
     source = Path(source).expanduser()
     if not source.is_file():
         raise ExportError(f"{source}: no such LoRA file")
-    return _save(diffusers_state_dict(from_kohya(read_tensors(source), str(source))), Path(out) / DIFFUSERS_FILE)
+    tensors = read_tensors(source)
+    if any(key.startswith(KOHYA_PREFIX) for key in tensors):
+        weights = from_kohya(tensors, str(source))
+    else:
+        weights = read_gstlora(source)
+    return _save(diffusers_state_dict(weights), Path(out) / DIFFUSERS_FILE)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -232,7 +204,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--format", choices=("both", "diffusers", "comfyui"), default="both",
                         help="diffusers: pytorch_lora_weights.safetensors; comfyui: gstlora_comfyui.safetensors "
-                             "(kohya names); both (default)")
+                             "(the same tensors, for ComfyUI's LoRA loader); both (default)")
     parser.add_argument("--from-comfyui", type=Path, metavar="FILE",
                         help="import instead: a kohya/ComfyUI FLUX LoRA -> OUT/pytorch_lora_weights.safetensors")
     args = parser.parse_args(argv)

@@ -1,9 +1,12 @@
-"""python -m slideredit.export: a GSTLoRA as (a) diffusers/PEFT and (b) kohya/ComfyUI files. Each loads back
-through our loaders to exactly the same adapter; (a) loads into diffusers + peft to the same edit; (b),
-merged into the weights the way ComfyUI's LoRA loader does it (written here from its documented key
-mapping), gives the same transformer output at strength s as our slider at alpha s. STLoRA is refused."""
+"""python -m slideredit.export: a GSTLoRA as (a) diffusers/PEFT and (b) ComfyUI files, both in the release's
+diffusers names (one rank-r LoRA per projection). Each loads back through our loaders to exactly the same
+adapter; each loads into diffusers + peft as one rank-r LoRA per adapted module (none on linear1's MLP rows)
+with our slider's output, and (a) edits as our pipeline does; (b), merged into the weights the way ComfyUI's
+LoRA loader does it (written here from its key mapping), gives the same transformer output at strength s as
+our slider at alpha s. kohya files import exactly. STLoRA is refused."""
 from __future__ import annotations
 
+import re
 import stat
 from collections import OrderedDict
 
@@ -11,41 +14,60 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from slideredit import FluxParams, load_flux
 from slideredit.export import COMFYUI_FILE, DIFFUSERS_FILE, ExportError, export_gstlora, import_comfyui, main
 from slideredit.slider_checkpoints import adapter_state_dict, diffusers_name, load_adapter
 from slideredit.sliders import GSTLORA, STLORA, set_slider_scale
-from test_sliders import PARAMS, double_inputs, forward, release_checkpoint, tiny_model
+from test_sliders import PARAMS, RANK, double_inputs, forward, release_checkpoint, tiny_model
+from test_transformer import diffusers_flux, diffusers_forward
 from tolerances import assert_close_ulps
 
 
-def bfl_checkpoint(release: dict[str, torch.Tensor], params=PARAMS) -> dict[str, torch.Tensor]:
+# ComfyUI's map for a FLUX LoRA under diffusers names (comfy.utils.flux_to_diffusers): diffusers module in a
+# block -> (BFL weight in the block, row block of hidden_size rows: 0, 1, 2 = q, k, v of a fused projection;
+# None = all rows). Written from ComfyUI, independently of the library's tables.
+COMFYUI_FLUX_MAP = {
+    "transformer_blocks": {
+        "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+        "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+        "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.to_out.0": ("img_attn.proj", None),
+        "attn.to_add_out": ("txt_attn.proj", None), "ff.net.0.proj": ("img_mlp.0", None),
+        "ff.net.2": ("img_mlp.2", None), "ff_context.net.0.proj": ("txt_mlp.0", None),
+        "ff_context.net.2": ("txt_mlp.2", None)},
+    "single_transformer_blocks": {
+        "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2)},
+}
+BFL_ROOT = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}
+
+
+def bfl_target(lora: str) -> tuple[str, int | None]:
+    """A release LoRA ("transformer.<diffusers module>") -> (BFL module, row block) by ComfyUI's map."""
+    root, index, inner = lora.removeprefix("transformer.").split(".", 2)
+    module, block = COMFYUI_FLUX_MAP[root][inner]
+    return f"{BFL_ROOT[root]}.{index}.{module}", block
+
+
+def release_loras(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The LoRA (module) names of a file in the release's naming."""
+    return [key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")]
+
+
+def bfl_checkpoint(release: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same adapter under BFL-style names: q, k, v fused into one LoRA per projection.
 
     A = [A_q; A_k; A_v] and B block-diagonal, the rank tripled; the other layers keep their LoRA."""
+    by_module: dict[str, dict] = {}
+    for lora in release_loras(release):
+        module, block = bfl_target(lora)
+        by_module.setdefault(module, {})[block] = (release[f"{lora}.lora_A.weight"], release[f"{lora}.lora_B.weight"])
     out = {}
-    hidden = params.hidden_size
-    blocks = [(f"double_blocks.{i}.{s}_attn.qkv", "transformer_blocks", i, prefix)
-              for i in range(params.depth) for s, prefix in (("img", ""), ("txt", "add_"))]
-    blocks += [(f"single_blocks.{i}.linear1", "single_transformer_blocks", i, "")
-               for i in range(params.depth_single_blocks)]
-    used = set()
-    for module, root, i, prefix in blocks:
-        names = [f"transformer.{root}.{i}.attn.{'to_' if not prefix else prefix}{p}{'_proj' if prefix else ''}"
-                 for p in "qkv"]
-        a = torch.cat([release[f"{n}.lora_A.weight"] for n in names])
-        b = torch.block_diag(*[release[f"{n}.lora_B.weight"] for n in names])
-        assert b.shape == (3 * hidden, a.shape[0])
+    for module, blocks in by_module.items():
+        if None in blocks:
+            a, b = blocks[None]
+        else:
+            a = torch.cat([blocks[i][0] for i in range(3)])
+            b = torch.block_diag(*[blocks[i][1] for i in range(3)])
         out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = a, b
-        used |= {f"{n}.lora_{h}.weight" for n in names for h in "AB"}
-    for bfl, diffusers in [("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
-                           ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
-                           ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2")]:
-        for i in range(params.depth):
-            for h in "AB":
-                key = f"transformer.transformer_blocks.{i}.{diffusers}.lora_{h}.weight"
-                out[f"double_blocks.{i}.{bfl}.lora_{h}.weight"] = release[key]
-                used.add(key)
-    assert used == set(release)
     return out
 
 
@@ -82,56 +104,37 @@ def test_diffusers_export_is_the_release_file_and_loads_back_exactly(tmp_path, r
         assert_close_ulps(got[b_name] @ got[a_name], want[b_name] @ want[a_name], ulps=8)
 
 
-def test_comfyui_export_names_shapes_and_round_trip(tmp_path, release):
+def test_comfyui_export_is_the_diffusers_layout_and_round_trips(tmp_path, release):
+    """The ComfyUI file holds the release's tensors (one rank-r LoRA per projection, diffusers names: no fused
+    linear1 LoRA with zero MLP rows); imported back, it is exactly the original adapter."""
     (path,) = export_gstlora(tmp_path / "src", tmp_path / "c", ("comfyui",))
     assert path.name == COMFYUI_FILE
     tensors = load_file(path)
-    hidden, mlp, r = PARAMS.hidden_size, PARAMS.mlp_hidden_dim, 4
-    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
-    assert len(modules) == PARAMS.depth * 8 + PARAMS.depth_single_blocks and len(tensors) == 3 * len(modules)
-    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (3 * r, hidden)
-    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (3 * hidden, 3 * r)
-    assert tensors["lora_unet_double_blocks_1_txt_mlp_2.lora_up.weight"].shape == (hidden, r)
-    up = tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"]
-    assert up.shape == (3 * hidden + mlp, 3 * r) and not up[3 * hidden:].any()  # linear1's MLP rows: untouched
-    assert tensors["lora_unet_single_blocks_0_linear1.alpha"].item() == 3 * r
-    assert tensors["lora_unet_double_blocks_0_img_mlp_0.alpha"].item() == r
-    k_rows = up[hidden:2 * hidden]  # k's rows see only k's rank block
-    assert torch.equal(k_rows[:, r:2 * r], release["transformer.single_transformer_blocks.0.attn.to_k.lora_B.weight"])
-    assert not k_rows[:, :r].any() and not k_rows[:, 2 * r:].any()
+    assert set(tensors) == set(release) and all(torch.equal(tensors[k], release[k]) for k in release)
 
-    # Import back to the release's names: exactly the original adapter.
     back = import_comfyui(path, tmp_path / "back")
     _, want = loaded(tmp_path / "src")
     _, got = loaded(back)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def comfyui_merge(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength: float) -> set[str]:
-    """ComfyUI's LoRA loader for FLUX, by its documented rule: the BFL weight `diffusion_model.<k>.weight`
-    takes the LoRA named `lora_unet_<k with dots as underscores>` (lora_up, lora_down, alpha) and becomes
-    W + strength * (alpha / rank) * up @ down. Returns the LoRA names it used."""
-    used = set()
+def comfyui_merge(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength: float) -> None:
+    """ComfyUI's LoRA loader on a FLUX LoRA under diffusers names: each LoRA's B A, times strength (a file
+    without alpha scales by 1), is added to the rows of the BFL weight that ComfyUI's map names."""
+    hidden = model.params.hidden_size
     with torch.no_grad():
-        for key, weight in model.state_dict(keep_vars=True).items():
-            if not key.endswith(".weight"):
-                continue
-            name = "lora_unet_" + key[:-len(".weight")].replace(".", "_")
-            if f"{name}.lora_up.weight" in lora:
-                up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
-                scale = lora[f"{name}.alpha"].item() / down.shape[0]
-                weight += strength * scale * (up @ down).reshape(weight.shape)
-                used.add(name)
-    return used
+        for name in release_loras(lora):
+            module, block = bfl_target(name)
+            rows = slice(None) if block is None else slice(block * hidden, (block + 1) * hidden)
+            update = lora[f"{name}.lora_B.weight"] @ lora[f"{name}.lora_A.weight"]
+            model.get_submodule(module).weight[rows] += strength * update
 
 
 @pytest.mark.parametrize("strength", [0.7, -1.0])
 def test_comfyui_strength_is_our_alpha(tmp_path, release, strength):
     (path,) = export_gstlora(tmp_path / "src", tmp_path / "c", ("comfyui",))
-    lora = load_file(path)
     merged = tiny_model(torch.float32)
-    used = comfyui_merge(merged, lora, strength)
-    assert {f"{name}.{half}" for name in used for half in ("lora_up.weight", "lora_down.weight", "alpha")} == set(lora)
+    comfyui_merge(merged, load_file(path), strength)
 
     ours = tiny_model(torch.float32)
     load_adapter(ours, GSTLORA, tmp_path / "src")
@@ -240,7 +243,7 @@ def test_diffusers_export_loads_into_diffusers_and_peft(tmp_path, tiny_kontext_d
     from test_pipeline_sliders import PROMPT, edit, image
 
     source = tmp_path / "bfl.safetensors"
-    save_file(bfl_checkpoint(release_checkpoint("gstlora", TINY, seed=4), TINY), source)
+    save_file(bfl_checkpoint(release_checkpoint("gstlora", TINY, seed=4)), source)
     export_gstlora(source, tmp_path / "a", ("diffusers",))
 
     alpha = 0.6
@@ -259,3 +262,61 @@ def test_diffusers_export_loads_into_diffusers_and_peft(tmp_path, tiny_kontext_d
     base = edit(pipe)
     assert (got - expected).abs().max() <= 1e-4
     assert (got - base).abs().max() > 1e-3
+
+
+def lora_layers(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, bool]]:
+    """{module: (rank, B A all zero)} for each LoRA in a state dict: diffusers' converted file
+    (`<module>.lora_A.weight`) or a model peft injected (`<module>.lora_A.<adapter>.weight`)."""
+    layers = {}
+    for key, a in tensors.items():
+        if m := re.fullmatch(r"(.+)\.lora_A(\.\w+)?\.weight", key):
+            b = tensors[key.replace(".lora_A", ".lora_B")]
+            layers[m.group(1)] = (a.shape[0], not (b @ a).any())
+    return layers
+
+
+@pytest.mark.parametrize("file", [DIFFUSERS_FILE, COMFYUI_FILE])
+def test_exports_load_into_diffusers_as_one_rank_r_lora_per_projection(tmp_path, release, file):
+    """Each exported file, loaded as FluxKontextPipeline.load_lora_weights loads it (its lora_state_dict
+    converter, then peft), adapts exactly the modules the release adapts, each with a rank-r LoRA that is not
+    all zero: no LoRA on the single blocks' MLP (proj_mlp), no rank 3r. diffusers' output at adapter weight
+    alpha is our slider's at alpha."""
+    from diffusers import FluxKontextPipeline
+
+    export_gstlora(tmp_path / "src", tmp_path / "x")
+    reference = diffusers_flux(PARAMS, seed=5)
+    reference.save_pretrained(tmp_path / "model")
+    converted = FluxKontextPipeline.lora_state_dict(tmp_path / "x", weight_name=file)
+    reference.load_lora_adapter(converted, adapter_name="gst", prefix="transformer")
+    layers = lora_layers(reference.state_dict())
+    assert layers == {lora.removeprefix("transformer."): (RANK, False) for lora in release_loras(release)}
+    assert not any("proj_mlp" in module for module in layers)
+
+    alpha = 0.7
+    reference.set_adapters("gst", weights=alpha)
+    expected = diffusers_forward(reference.double(), double_inputs())
+    ours = load_flux(tmp_path / "model", dtype=torch.float64)
+    load_adapter(ours, GSTLORA, tmp_path / "src")
+    set_slider_scale(ours, GSTLORA, alpha)
+    got = forward(ours, double_inputs())
+    set_slider_scale(ours, GSTLORA, 0.0)
+    base = forward(ours, double_inputs())
+    # float64 except the float32 adapters (the same values on both sides) and diffusers' float32 timestep
+    # embedding (3e-8, see test_bfl_layouts.py); a layout slip (a q/k/v swap, a lost LoRA) is of order 0.1
+    assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()
+    assert (got - base).abs().max() > 1e-2 * base.abs().max()
+
+
+def test_flux_width_exports_convert_to_rank_r_loras_in_diffusers(tmp_path):
+    """At FLUX.1's widths (diffusers' kohya converter hard-codes linear1's split: 3 x 3072 q, k, v rows and
+    12288 MLP rows), on one double and one single block: diffusers converts each exported file to one
+    rank-r LoRA per adapted module, none all zero and none on proj_mlp, as peft then builds them."""
+    from diffusers import FluxKontextPipeline
+
+    release = release_checkpoint("gstlora", FluxParams(depth=1, depth_single_blocks=1), rank=2, seed=6)
+    (tmp_path / "src").mkdir()
+    save_file(release, tmp_path / "src" / DIFFUSERS_FILE)
+    export_gstlora(tmp_path / "src", tmp_path / "x")
+    for file in (DIFFUSERS_FILE, COMFYUI_FILE):
+        converted = FluxKontextPipeline.lora_state_dict(tmp_path / "x", weight_name=file)
+        assert lora_layers(converted) == {lora: (2, False) for lora in release_loras(release)}, file
