@@ -46,11 +46,6 @@ class AutoEncoderParams:
         """The autoencoder of FLUX.1 (dev, schnell, Kontext): 83,819,683 parameters."""
         return cls()
 
-    @classmethod
-    def tiny(cls) -> AutoEncoderParams:
-        """A test-sized model: four levels of 32 channels (GroupNorm's 32 groups need multiples of 32)."""
-        return cls(ch=32, ch_mult=(1, 1, 1, 1))
-
 
 # ---------------------------------------------------------------------------------------------------
 # Building blocks

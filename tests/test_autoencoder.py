@@ -12,14 +12,13 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from flux_sizes import TINY_AUTOENCODER
 from slideredit import autoencoder as ae_module
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams, diffusers_vae_to_bfl, load_autoencoder
 from slideredit.checkpoint import CheckpointError
 
 # Copies of the reference manifests (exact names and shapes of the official files).
 MANIFESTS = Path(__file__).parent / "manifests"
-
-TINY = AutoEncoderParams.tiny()
 
 
 def manifest(name: str) -> dict:
@@ -30,7 +29,7 @@ def manifest(name: str) -> dict:
 
 
 def tiny_diffusers_vae() -> AutoencoderKL:
-    """diffusers' version of AutoEncoderParams.tiny(), every parameter randomised.
+    """diffusers' version of TINY_AUTOENCODER, every parameter randomised.
 
     A fresh model has GroupNorm scales of one and biases of zero, which would hide a swapped norm.
     """
@@ -85,7 +84,7 @@ def test_sharded_diffusers_folder_matches_diffusers(reference):
     vae_dir = reference["root"] / "vae"
     assert (vae_dir / "diffusion_pytorch_model.safetensors.index.json").is_file(), "the fixture should be sharded"
     model = load_autoencoder(vae_dir, dtype=torch.float32)
-    assert model.params == TINY
+    assert model.params == TINY_AUTOENCODER
     check_against_reference(model, reference)
 
 
@@ -99,7 +98,7 @@ def test_bfl_file_matches_diffusers(reference, tmp_path):
     save_file(bfl_state_dict(reference["vae"]), str(path))
     from_file = load_autoencoder(path, dtype=torch.float32)
     from_folder = load_autoencoder(tmp_path, dtype=torch.float32)  # a folder holding ae.safetensors
-    assert from_file.params == TINY  # sizes read off the tensor shapes
+    assert from_file.params == TINY_AUTOENCODER  # sizes read off the tensor shapes
     check_against_reference(from_file, reference)
     check_against_reference(from_folder, reference)
 
@@ -152,7 +151,7 @@ def test_loaded_model_is_frozen_and_was_never_randomly_initialised(reference, mo
     for name in ("kaiming_uniform_", "uniform_", "normal_", "ones_", "zeros_"):
         monkeypatch.setattr(torch.nn.init, name, guard(getattr(torch.nn.init, name)))
     with pytest.raises(AssertionError, match="kaiming_uniform_"):  # the guard does fire off the meta device
-        AutoEncoder(TINY)
+        AutoEncoder(TINY_AUTOENCODER)
     model = load_autoencoder(reference["root"], dtype=torch.float32)
     assert not any(p.is_meta or p.requires_grad for p in model.parameters())
     assert not model.training
@@ -274,7 +273,7 @@ def test_other_formats_and_missing_paths(tmp_path):
 
 def test_encode_rejects_bad_shapes():
     with torch.device("meta"):
-        model = AutoEncoder(TINY)
+        model = AutoEncoder(TINY_AUTOENCODER)
     with pytest.raises(ValueError, match=r"multiples of 8, got shape \(1, 3, 50, 64\)"):
         model.encode(torch.zeros(1, 3, 50, 64, device="meta"))
     with pytest.raises(ValueError, match=r"latents \(B, 16, h, w\), got shape \(1, 4, 6, 8\)"):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flux_sizes import SMALL_FLUX
+from flux_sizes import SMALL_FLUX, TINY_AUTOENCODER
 from slideredit import Flux, FluxParams, load_autoencoder, load_flux
-from slideredit.autoencoder import AutoEncoder, AutoEncoderParams
+from slideredit.autoencoder import AutoEncoder
 from slideredit.slider_checkpoints import load_adapter
 from slideredit.sliders import GSTLORA, STLORA, TARGETS, set_slider_scale
 from test_transformer import diffusers_forward, kontext_inputs
@@ -88,7 +88,7 @@ def test_bfl_autoencoder_file_matches_diffusers_ldm_vae_conversion(tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     path = tmp_path / "ae.safetensors"
-    save_file({k: v.contiguous() for k, v in randomize_(AutoEncoder(AutoEncoderParams.tiny()), 22).state_dict().items()},
+    save_file({k: v.contiguous() for k, v in randomize_(AutoEncoder(TINY_AUTOENCODER), 22).state_dict().items()},
               path)
     reference = AutoencoderKL(**VAE_CONFIG)
     reference.load_state_dict(convert_ldm_vae_checkpoint(dict(load_file(path)), VAE_CONFIG), strict=True)

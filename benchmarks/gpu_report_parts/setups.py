@@ -71,7 +71,8 @@ def real_setup(device: str) -> Setup:
 def smoke_setup() -> Setup:
     flux = FluxParams(vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=2,
                       axes_dim=(4, 14, 14))  # one double and two single blocks of width 64: every path, tiny
-    return Setup("smoke (tiny shapes, CPU; numbers mean nothing)", "cpu", flux, AutoEncoderParams.tiny(),
+    autoencoder = AutoEncoderParams(ch=32, ch_mult=(1, 1, 1, 1))  # four levels of 32 channels (GroupNorm's 32 groups)
+    return Setup("smoke (tiny shapes, CPU; numbers mean nothing)", "cpu", flux, autoencoder,
                  text_tokens=8, edit_px=32, train_px=(32,), edit_steps=2, kernel_tokens=(24, 8), ks=(1, 2),
                  ranks=(4,), dtypes=(torch.bfloat16, torch.float16), repeats=1, rank=4,
                  kernel_layers=("attn.proj",), compile_backend="aot_eager")
