@@ -62,17 +62,28 @@ class ExportError(ValueError):
 # Reading a GSTLoRA
 # ---------------------------------------------------------------------------------------------------
 
-def _split_qkv(weights: Parts) -> Parts:
-    """A fused "qkv" LoRA (BFL-style names) as three LoRAs sharing A: B's row blocks for q, k and v."""
+def _split_fused(module: str, a: Tensor, b: Tensor, where: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """A fused q/k/v LoRA (A (rank, hidden), B (rows, rank)) as q, k and v LoRAs: exactly rank-r ones when B
+    is block-diagonal (A = [A_q; A_k; A_v], B_q, B_k, B_v on the diagonal), else each keeps the whole A
+    (rank 3r, still exact). Rows past q, k, v (linear1's MLP) must be zero: a GSTLoRA does not adapt them."""
+    hidden = a.shape[1]  # the fused projections take the hidden state: d_in = hidden
+    if b[3 * hidden:].any():
+        raise ExportError(f"{where}: {module} adapts the rows past q, k, v (linear1's MLP); a GSTLoRA does not")
+    rank = a.shape[0]
+    r = rank // 3
+    diagonal = rank % 3 == 0 and all(
+        not b[i * hidden:(i + 1) * hidden, j * r:(j + 1) * r].any() for i in range(3) for j in range(3) if i != j)
+    return {p: (a[i * r:(i + 1) * r], b[i * hidden:(i + 1) * hidden, i * r:(i + 1) * r]) if diagonal
+            else (a, b[i * hidden:(i + 1) * hidden]) for i, p in enumerate("qkv")}
+
+
+def _split_qkv(weights: Parts, where: Path) -> Parts:
+    """BFL-style names: each fused "qkv" LoRA as q, k and v LoRAs (_split_fused)."""
     out: Parts = {}
     for module, parts in weights.items():
         out[module] = {}
         for part, (a, b) in parts.items():
-            if part == "qkv":
-                hidden = b.shape[0] // 3
-                out[module] |= {p: (a, b[i * hidden:(i + 1) * hidden]) for i, p in enumerate("qkv")}
-            else:
-                out[module][part] = (a, b)
+            out[module] |= _split_fused(module, a, b, where) if part == "qkv" else {part: (a, b)}
     return out
 
 
@@ -99,7 +110,7 @@ def read_gstlora(path: str | Path) -> Parts:
         raise ExportError(f"{path}: no LoRA tensors")
     if all(module.startswith("double_blocks.") and ".txt_" in module for module in weights):
         raise ExportError(STLORA_REFUSAL.format(path=path))  # only the text stream: an STLoRA under another name
-    return _split_qkv(weights)
+    return _split_qkv(weights, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,12 +139,8 @@ def _bfl_module(root: str, index: str, inner: str) -> str:
 
 
 def from_kohya(tensors: dict[str, Tensor], where: str) -> Parts:
-    """A kohya FLUX LoRA on the GSTLoRA's layers (as other tools write them), as parts.
-
-    A fused projection is split into q, k and v: exactly into rank-r LoRAs when lora_up is block-diagonal
-    ([A_q; A_k; A_v] and B_q, B_k, B_v on the diagonal), else each part keeps the whole lora_down (rank 3r,
-    still exact).
-    """
+    """A kohya FLUX LoRA on the GSTLoRA's layers (as other tools write them), as parts; a fused projection
+    is split into q, k and v by _split_fused."""
     halves: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KOHYA_KEY.fullmatch(key)
@@ -146,19 +153,8 @@ def from_kohya(tensors: dict[str, Tensor], where: str) -> Parts:
         if "lora_down" not in pair or "lora_up" not in pair:
             raise ExportError(f"{where}: {module} needs both lora_down and lora_up")
         a, b = pair["lora_down"].float(), pair["lora_up"].float()
-        rank = a.shape[0]
-        b = b * (float(pair["alpha"]) / rank) if "alpha" in pair else b
-        if not is_fused_qkv(module):
-            weights[module] = {"all": (a, b)}
-            continue
-        hidden = a.shape[1]  # the fused projections take the hidden state: d_in = hidden
-        if b[3 * hidden:].any():
-            raise ExportError(f"{where}: {module} adapts the rows past q, k, v (linear1's MLP); a GSTLoRA does not")
-        r = rank // 3
-        diagonal = rank % 3 == 0 and all(
-            not b[i * hidden:(i + 1) * hidden, j * r:(j + 1) * r].any() for i in range(3) for j in range(3) if i != j)
-        weights[module] = {p: (a[i * r:(i + 1) * r], b[i * hidden:(i + 1) * hidden, i * r:(i + 1) * r]) if diagonal
-                           else (a, b[i * hidden:(i + 1) * hidden]) for i, p in enumerate("qkv")}
+        b = b * (float(pair["alpha"]) / a.shape[0]) if "alpha" in pair else b  # the update is scaled by alpha / rank
+        weights[module] = _split_fused(module, a, b, where) if is_fused_qkv(module) else {"all": (a, b)}
     return weights
 
 

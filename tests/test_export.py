@@ -91,17 +91,25 @@ def test_diffusers_export_is_the_release_file_and_loads_back_exactly(tmp_path, r
     exported = load_file(written)
     assert set(exported) == set(release) and all(torch.equal(exported[k], release[k]) for k in release)
 
-    # From BFL-style names (fused q/k/v, rank 3r), the export writes the release's names; the adapter
-    # keeps every part's update B A (the fused B is block-diagonal: B_q [A_q; A_k; A_v] = B_q A_q).
-    save_file(bfl_checkpoint(release), tmp_path / "bfl.safetensors")
-    (from_bfl,) = export_gstlora(tmp_path / "bfl.safetensors", tmp_path / "b", ("diffusers",))
-    assert set(load_file(from_bfl)) == set(release)
-    _, want = loaded(tmp_path / "src")
-    _, got = loaded(from_bfl)
-    assert set(got) == set(want)
-    for a_name in (name for name in want if name.endswith("lora_A.weight")):
-        b_name = a_name.replace("lora_A", "lora_B")
-        assert_close_ulps(got[b_name] @ got[a_name], want[b_name] @ want[a_name], ulps=8)
+
+def test_a_bfl_named_source_exports_as_the_release_file(tmp_path, release):
+    """From BFL-style names (fused q/k/v: A = [A_q; A_k; A_v] of rank 3r, B block-diagonal), the export
+    writes the release's rank-r LoRAs exactly (not three rank-3r ones sharing A), with or without linear1's
+    zero MLP rows in B; non-zero MLP rows are refused, naming the file."""
+    bfl = bfl_checkpoint(release)
+    with_mlp_rows = dict(bfl)
+    for name in (name for name in bfl if name.endswith("linear1.lora_B.weight")):
+        with_mlp_rows[name] = torch.cat([bfl[name], torch.zeros(PARAMS.mlp_hidden_dim, bfl[name].shape[1])])
+    for i, source in enumerate([bfl, with_mlp_rows]):
+        save_file(source, tmp_path / f"bfl{i}.safetensors")
+        (written,) = export_gstlora(tmp_path / f"bfl{i}.safetensors", tmp_path / f"out{i}", ("diffusers",))
+        exported = load_file(written)
+        assert set(exported) == set(release) and all(torch.equal(exported[k], release[k]) for k in release)
+
+    with_mlp_rows["single_blocks.1.linear1.lora_B.weight"][-1, 0] = 1.0
+    save_file(with_mlp_rows, tmp_path / "mlp.safetensors")
+    with pytest.raises(ExportError, match=r"mlp\.safetensors: single_blocks\.1\.linear1 adapts the rows past q, k, v"):
+        export_gstlora(tmp_path / "mlp.safetensors", tmp_path / "out")
 
 
 def test_comfyui_export_is_the_diffusers_layout_and_round_trips(tmp_path, release):
@@ -150,25 +158,28 @@ def test_comfyui_strength_is_our_alpha(tmp_path, release, strength):
 
 def fused_kohya_lora(module: str, up_blocks: str, alpha: float, seed: int, mlp: int = 0) -> dict[str, torch.Tensor]:
     """A kohya LoRA on a fused q/k/v projection, rank 3r = 6, whose lora_up's (q|k|v) x (rank block) blocks
-    are "dense" (all non-zero) or "lower" (non-zero on and below the block diagonal, as another tool may
-    write), with `mlp` zero rows below (linear1's MLP)."""
+    are "diagonal" (non-zero on the block diagonal only), "dense" (all non-zero) or "lower" (non-zero on and
+    below the block diagonal, as another tool may write), with `mlp` zero rows below (linear1's MLP)."""
     hidden, r = PARAMS.hidden_size, 2
     g = torch.Generator().manual_seed(seed)
     up = torch.randn(3 * hidden + mlp, 3 * r, generator=g)
     up[3 * hidden:] = 0
-    if up_blocks == "lower":
-        for i in range(3):
+    for i in range(3):
+        if up_blocks in ("lower", "diagonal"):
             up[i * hidden:(i + 1) * hidden, (i + 1) * r:] = 0
+        if up_blocks == "diagonal":
+            up[i * hidden:(i + 1) * hidden, :i * r] = 0
     name = "lora_unet_" + module.replace(".", "_")
     return {f"{name}.lora_down.weight": torch.randn(3 * r, hidden, generator=g), f"{name}.lora_up.weight": up,
             f"{name}.alpha": torch.tensor(alpha)}
 
 
-@pytest.mark.parametrize("up_blocks", ["dense", "lower"])
-def test_comfyui_import_of_a_fused_lora_that_is_not_block_diagonal_is_exact(tmp_path, up_blocks):
-    """Such a lora_up mixes q, k and v's rank blocks, so no rank-r split exists: each of q, k, v must keep
-    the whole lora_down (rank 3r). Against float64: the written parts' B (A x) equal the rows of the dense
-    update (alpha / rank) * up @ down @ x (alpha 3 over rank 6: the scale 0.5 is exact in float32)."""
+@pytest.mark.parametrize("up_blocks", ["diagonal", "dense", "lower"])
+def test_comfyui_import_of_a_fused_kohya_lora_is_exact(tmp_path, up_blocks):
+    """A block-diagonal lora_up splits into rank-r LoRAs for q, k and v; one that mixes their rank blocks
+    has no rank-r split, so each of q, k, v must keep the whole lora_down (rank 3r). Against float64: the
+    written parts' B (A x) equal the rows of the dense update (alpha / rank) * up @ down @ x (alpha 3 over
+    rank 6: the scale 0.5 is exact in float32)."""
     modules = {"double_blocks.1.txt_attn.qkv": 0, "single_blocks.2.linear1": PARAMS.mlp_hidden_dim}
     kohya = {}
     for seed, (module, mlp) in enumerate(modules.items()):
@@ -185,6 +196,7 @@ def test_comfyui_import_of_a_fused_lora_that_is_not_block_diagonal_is_exact(tmp_
         for i, part in enumerate("qkv"):
             lora = f"transformer.{diffusers_name(module, part)}"
             a, b = written[f"{lora}.lora_A.weight"].double(), written[f"{lora}.lora_B.weight"].double()
+            assert a.shape[0] == (2 if up_blocks == "diagonal" else 6)
             # float64 both sides, sums of 6 and 96 products in another order: ~1e-15 relative
             assert_close_ulps(b @ (a @ x), dense[i * hidden:(i + 1) * hidden], ulps=64)
 
