@@ -28,6 +28,14 @@ mean strength of the prompt's other edits ("toy_others": how much the slider dis
 the toy model (its flux1-toy.safetensors), else "pretrained":
 
     python eval.py --sweep outputs/sweep            # the toy demo's sweep, offline
+
+Model mode on several GPUs (or CPU processes): torchrun splits the (case, alpha) cells over the ranks,
+one GPU per rank; rank 0 writes every file, then scores every image as one process does (same numbers):
+
+    torchrun --nproc_per_node 8 eval.py --model ... --cases cases.jsonl
+
+A rerun after a kill makes only the cells the killed run did not finish (--out/sweeps/manifest.json,
+removed when the evaluation is complete), with any number of processes.
 """
 from __future__ import annotations
 
@@ -43,13 +51,16 @@ import torch
 from PIL import Image
 
 from slideredit.atomic import atomic_path
-from slideredit.cli import join_alphas, parse_alphas, writable_problem
+from slideredit.cli import join_alphas, parse_alphas, torchrun_rank, writable_problem
 from slideredit.explorer import write_explorer
+from slideredit.grids import save_png
 from slideredit.image import load_image, to_rgb
 from slideredit.evaluation import (ArcFaceDistance, BlipItmScore, ClipScore, DinoDistance, HubUnreachableError,
                                    LpipsDistance, SiglipScore, Sweep, SweepCell, ToyEditStrength, check_hub_source,
                                    continuity_score, draw_curves, is_toy_model, monotonicity_score,
                                    other_instructions, read_sweep, write_sweep)
+from slideredit.evaluation.sharding import CellManifest, digest, file_digest, from_main, rank_device, render_in_rounds
+from slideredit.training.distributed import Distributed, cleanup_distributed, setup_distributed
 
 TEXT_METRICS = ("clip", "siglip", "blip")        # scored against the case's attribute phrase
 DISTANCE_METRICS = ("dino", "lpips", "arcface")  # measured against the sweep's source image
@@ -62,6 +73,7 @@ TITLES = {"toy": "toy: edit strength (0 = source, 1 = edit)", "toy_others": "toy
           "lpips": "lpips: LPIPS distance to source", "arcface": "arcface: identity distance to source"}
 MODEL_MODE_ONLY = ("model", "gstlora", "stlora", "cases", "alphas", "seed", "steps", "guidance", "dtype")
 SWEEP_MODE_ONLY = ("sweep", "attribute")
+MANIFEST = "manifest.json"  # in --out/sweeps: the cells made so far, while model mode runs
 
 
 @dataclass
@@ -163,8 +175,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.scorer == "toy" and args.metrics is not None:
         parser.error("--metrics chooses the pretrained scorers; --scorer toy always reports toy,toy_others")
-    problem = writable_problem(args.out / "metrics.csv")  # found now, not after scoring everything
-    if problem:
+    rank, processes = torchrun_rank()
+    if processes > 1 and args.model is None:
+        parser.error(f"torchrun's {processes} processes split model mode's cells (--model); --sweep only scores, "
+                     "in one process: run it without torchrun")
+    problem = writable_problem(args.out / "metrics.csv") if rank == 0 else None  # rank 0 alone writes
+    if problem:  # found now, not after scoring everything
         parser.error(f"--out {args.out}: {problem}")
     return args
 
@@ -259,35 +275,94 @@ def cell_alphas(alphas: list[float], sliders: int) -> list[tuple[float, ...]]:
     return list(dict.fromkeys(cells))
 
 
-def generate_sweeps(args: argparse.Namespace, specs: list[CaseSpec]) -> list[Path]:
-    """Edit every case at every alpha with the slider pipeline; write one sweep folder per case."""
-    dtype = {"auto": torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    pipe = pipeline_class().from_pretrained(args.model, torch_dtype=dtype, device=args.device)
+def cell_name(alphas: tuple[float, ...]) -> str:
+    return "cells/" + "_".join(f"{a:+.3f}" for a in alphas) + ".png"
+
+
+def method_name(args: argparse.Namespace) -> str:
+    return "gstlora" if args.gstlora is not None else "stlora"
+
+
+def adapter_path(args: argparse.Namespace) -> Path:
+    return args.gstlora if args.gstlora is not None else args.stlora
+
+
+def manifest_path(out: Path) -> Path:
+    return out / "sweeps" / MANIFEST
+
+
+def generation_dtype(args: argparse.Namespace) -> torch.dtype:
+    return {"auto": torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32,
+            "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+
+
+def cell_keys(args: argparse.Namespace, specs: list[CaseSpec], cells: list[tuple[int, tuple[float, ...]]]) -> dict:
+    """Per cell (case index, alphas), the key of everything its image is made from (CellManifest)."""
+    settings = {"model": args.model, "adapter": file_digest(adapter_path(args)), "method": method_name(args),
+                "dtype": str(generation_dtype(args)), "seed": args.seed, "steps": args.steps, "guidance": args.guidance}
+    images = {index: file_digest(spec.image) for index, spec in enumerate(specs)}
+    return {(index, alphas): digest({**settings, "image": images[index], "prompt": specs[index].prompt,
+                                     "subprompts": specs[index].subprompts, "alphas": list(alphas)})
+            for index, alphas in cells}
+
+
+def load_pipeline(args: argparse.Namespace, ranks: Distributed):
+    with ranks.main_process_first():  # a hub download happens once, on rank 0; the others read its cache
+        pipe = pipeline_class().from_pretrained(args.model, torch_dtype=generation_dtype(args),
+                                                device=rank_device(args.device, ranks))
     if args.gstlora is not None:
         pipe.load_gstlora(args.gstlora)
     else:
         pipe.load_stlora(args.stlora)
-    folders = []
-    for index, spec in enumerate(specs):
-        folder = args.out / "sweeps" / f"case{index:03d}"
-        (folder / "cells").mkdir(parents=True, exist_ok=True)
-        source = load_rgb(spec.image)
-        source.save(folder / "source.png")
-        cells = []
-        for alphas in cell_alphas(args.alphas, len(spec.subprompts) if spec.subprompts else 1):
+    return pipe
+
+
+def generate_sweeps(args: argparse.Namespace, specs: list[CaseSpec], ranks: Distributed) -> list[Path]:
+    """Edit every case at every alpha with the slider pipeline; write one sweep folder per case.
+
+    Under torchrun each rank makes its share of the cells and rank 0 writes them all (sharding.py). Each
+    cell is written atomically and recorded in the manifest: a rerun after a kill makes only the others.
+    """
+    folders = [args.out / "sweeps" / f"case{index:03d}" for index in range(len(specs))]
+    cells = [(index, alphas) for index, spec in enumerate(specs)
+             for alphas in cell_alphas(args.alphas, len(spec.subprompts) if spec.subprompts else 1)]
+    todo = None
+    if ranks.is_main:
+        for folder, spec in zip(folders, specs):
+            (folder / "cells").mkdir(parents=True, exist_ok=True)
+            save_png(load_rgb(spec.image), folder / "source.png")
+        manifest, keys = CellManifest(manifest_path(args.out)), cell_keys(args, specs, cells)
+        todo = [(index, alphas) for index, alphas in cells
+                if not manifest.is_done(f"{folders[index].name}/{cell_name(alphas)}", keys[index, alphas])]
+        if len(todo) < len(cells):
+            print(f"eval.py: {len(cells) - len(todo)} of {len(cells)} cells were made by an interrupted run "
+                  f"({manifest.path}); making the other {len(todo)}", file=sys.stderr)
+    todo = from_main(todo, ranks)
+    if todo:
+        pipe = load_pipeline(args, ranks)
+        sources = {}  # case index -> its source image, read once per rank
+
+        def render(cell: tuple[int, tuple[float, ...]]) -> Image.Image:
+            index, alphas = cell
+            spec = specs[index]
+            if index not in sources:
+                sources[index] = load_rgb(spec.image)
+            source = sources[index]
             print(f"case {index}: alphas {list(alphas)}", file=sys.stderr)
             sliders = ({"slider_alpha": alphas[0]} if args.gstlora is not None else
                        {"subprompts_list": spec.subprompts, "slider_alpha_list": list(alphas)})
-            edited = pipe(image=source, prompt=spec.prompt, generator=torch.Generator().manual_seed(args.seed),
-                          num_inference_steps=args.steps, guidance_scale=args.guidance, **sliders).images[0]
-            name = "cells/" + "_".join(f"{a:+.3f}" for a in alphas) + ".png"
-            edited.save(folder / name)
-            cells.append(SweepCell(alphas, name))
-        write_sweep(folder, Sweep(source_image="source.png", prompt=spec.prompt, subprompts=spec.subprompts,
-                                  seed=args.seed, method="gstlora" if args.gstlora is not None else "stlora",
-                                  model=str(args.model), steps=args.steps, guidance=args.guidance, cells=cells))
-        folders.append(folder)
+            return pipe(image=source, prompt=spec.prompt, generator=torch.Generator().manual_seed(args.seed),
+                        num_inference_steps=args.steps, guidance_scale=args.guidance, **sliders).images[0]
+
+        for (index, alphas), image in render_in_rounds(todo, render, ranks):  # rank 0 only: the others get none
+            save_png(image, folders[index] / cell_name(alphas))
+            manifest.record(f"{folders[index].name}/{cell_name(alphas)}", keys[index, alphas])
+    if ranks.is_main:
+        for index, (folder, spec) in enumerate(zip(folders, specs)):
+            made = [SweepCell(alphas, cell_name(alphas)) for case, alphas in cells if case == index]
+            write_sweep(folder, Sweep(source_image="source.png", prompt=spec.prompt, subprompts=spec.subprompts,
+                                      seed=args.seed, method=method_name(args),
+                                      model=str(args.model), steps=args.steps, guidance=args.guidance, cells=made))
     return folders
 
 
@@ -434,15 +509,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:  # cheap checks before any model is loaded
         specs = read_cases(args.cases, stlora=args.stlora is not None)
         pipeline_class()
-        adapter = args.gstlora if args.gstlora is not None else args.stlora
-        if not adapter.exists():
-            raise FileNotFoundError(f"adapter weights {adapter} do not exist")
+        if not adapter_path(args).exists():
+            raise FileNotFoundError(f"adapter weights {adapter_path(args)} do not exist")
         choose_scorer(args, [(args.model, None)])
         if args.scorer == "toy":
             check_toy_cases(specs, args.cases)
         check_hub_source(args.model, "FLUX.1 Kontext (--model)", filename="model_index.json")
-        evaluators = build_evaluators(args)
-        folders = generate_sweeps(args, specs)
+        ranks = setup_distributed()  # torchrun's processes (NCCL on GPUs, gloo on CPUs), or this one alone
+        try:
+            evaluators = build_evaluators(args) if ranks.is_main else {}
+            folders = generate_sweeps(args, specs, ranks)
+        finally:
+            cleanup_distributed(ranks)
+        if not ranks.is_main:
+            return 0  # rank 0 scores every image, as one process does: the numbers do not depend on the split
         groups = [sweep_cases(folder, read_sweep(folder), spec.attributes) for folder, spec in zip(folders, specs)]
     else:
         names = [folder.resolve().name for folder in args.sweep]
@@ -467,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"eval.py: note: {folder / 'index.html'} is not updated: {problem}", file=sys.stderr)
         else:
             explorers.append(write_explorer(folder, scores))
+    if args.model is not None:  # complete: a rerun makes every cell again, as a first run does
+        manifest_path(args.out).unlink(missing_ok=True)
     pages_text = f" and the explorer page(s) {', '.join(map(str, explorers))}" if explorers else ""
     print(f"wrote {args.out / 'metrics.csv'}, {args.out / 'summary.json'}, {args.out / 'curves.png'}{pages_text}",
           file=sys.stderr)

@@ -28,6 +28,10 @@ infer.py warns once (the edit turns to noise). Every cell of a sweep uses the sa
 encoded once per sweep. A sweep is written into a hidden temporary folder beside --out and swapped in when
 it is complete: an interrupted sweep (Ctrl-C) leaves the previous sweep in --out as it was. An existing
 --out folder is replaced only if it holds nothing but a previous sweep's files.
+
+A sweep on several GPUs (or CPU processes): torchrun splits its cells (in --batch-size batches) over the
+ranks, one GPU per rank, and rank 0 writes the sweep folder, the same files as one process:
+    torchrun --nproc_per_node 4 infer.py --model ... --image face.png --stlora ... --subprompts ... --alphas ...
 """
 from __future__ import annotations
 
@@ -39,9 +43,13 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from slideredit.cli import finite_float, join_alphas, parse_alphas, positive_int, writable_problem
+from slideredit.cli import finite_float, join_alphas, parse_alphas, positive_int, torchrun_rank, writable_problem
 from slideredit.grids import IMAGE_FORMATS
+
+if TYPE_CHECKING:
+    from slideredit.training.distributed import Distributed
 
 TOY_MODEL = Path(__file__).resolve().parent / "assets" / "toy-kontext"
 DEFAULT_MODEL = str(TOY_MODEL)  # the embedded default; the real model: black-forest-labs/FLUX.1-Kontext-dev
@@ -147,7 +155,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompt = " and ".join(args.subprompts)
     args.sweep = bool(args.gstlora or args.stlora) and (args.slider_alphas is None or args.sweep_slider is not None)
     args.out = Path(args.out or ("outputs/sweep" if args.sweep else "outputs/edit.png"))
-    problem = sweep_out_problem(args.out) if args.sweep else edit_out_problem(args.out, args.overwrite)
+    rank, processes = torchrun_rank()
+    if processes > 1 and not args.sweep:
+        parser.error(f"torchrun's {processes} processes split a sweep's cells; one edit runs in one process: "
+                     "run it without torchrun")
+    problem = None
+    if rank == 0:  # rank 0 alone writes: torchrun's other ranks may run on machines without --out's folder
+        problem = sweep_out_problem(args.out) if args.sweep else edit_out_problem(args.out, args.overwrite)
     if problem:
         parser.error(f"--out {args.out}: {problem}")
     far = [f"{alpha:g}" for alpha in dict.fromkeys((args.alphas if args.sweep else []) + (args.slider_alphas or []))
@@ -389,11 +403,13 @@ def frame_caption(args: argparse.Namespace, alphas: tuple[float, ...]) -> str:
     return "\n".join(lines + ["base edit" if not any(alphas) else ""])
 
 
-def run_sweep(pipe, args: argparse.Namespace, source) -> Path:
-    """Every cell of the sweep into a temporary folder, swapped in for args.out when all is written."""
+def run_sweep(pipe, args: argparse.Namespace, source, ranks: Distributed) -> Path:
+    """Every cell of the sweep into a temporary folder, swapped in for args.out when all is written. Under
+    torchrun the ranks render the batches of cells in turn and rank 0 writes them (evaluation/sharding.py)."""
     from tqdm.auto import tqdm
 
     from slideredit.atomic import atomic_folder
+    from slideredit.evaluation.sharding import from_main, render_in_rounds
     from slideredit.evaluation.sweep import Sweep, SweepCell, write_sweep
     from slideredit.explorer import write_explorer
     from slideredit.grids import cell_scale, enlarge, motion_order, save_gif, save_png, with_caption
@@ -401,16 +417,22 @@ def run_sweep(pipe, args: argparse.Namespace, source) -> Path:
     method = "stlora" if args.stlora else "gstlora"
     embeds, pooled = pipe.encode_prompt(args.prompt)  # once for the whole sweep
     pipe.set_progress_bar_config(disable=True)  # one bar over the cells instead of one per cell
+    todo = sweep_cells(args)
+    batch = from_main(resolve_batch_size(pipe, args), ranks)  # rank 0's batches: the calls one process makes
+    chunks = [todo[start:start + batch] for start in range(0, len(todo), batch)]
+    rendered = render_in_rounds(chunks, lambda chunk: edit(pipe, args, source, chunk, prompt_embeds=embeds,
+                                                           pooled_prompt_embeds=pooled), ranks)
+    if not ranks.is_main:
+        for _ in rendered:  # this rank's share of the rounds; the images go to rank 0, which writes them
+            pass
+        return args.out
     with atomic_folder(args.out) as folder:
         (folder / "cells").mkdir()
         save_png(source, folder / "source.png")
         images, cells = {}, []
-        todo, batch = sweep_cells(args), resolve_batch_size(pipe, args)
         with tqdm(total=len(todo), desc="sweep", unit="cell") as bar:
-            for start in range(0, len(todo), batch):
-                chunk = todo[start:start + batch]
-                for alphas, image in zip(chunk, edit(pipe, args, source, chunk, prompt_embeds=embeds,
-                                                     pooled_prompt_embeds=pooled), strict=True):
+            for chunk, chunk_images in rendered:
+                for alphas, image in zip(chunk, chunk_images, strict=True):
                     name = "cells/" + "_".join(f"{a:+.2f}" for a in alphas) + ".png"
                     save_png(image, folder / name)
                     images[alphas] = image
@@ -434,15 +456,29 @@ def main(argv: list[str] | None = None) -> Path:
     args.device = check_device(args.device)
     import torch  # the slow imports, after every argument is checked
 
-    from slideredit.grids import save_image
     from slideredit.image import load_image, to_rgb
-    from slideredit.pipelines import SliderEditFluxKontextPipeline
+    from slideredit.training.distributed import cleanup_distributed, setup_distributed
 
     source = to_rgb(load_image(args.image))  # a bad image fails before the model loads
+    ranks = setup_distributed()  # torchrun's processes (NCCL on GPUs, gloo on CPUs), or this one alone
+    try:
+        return edit_or_sweep(args, source, ranks)
+    finally:
+        cleanup_distributed(ranks)
+
+
+def edit_or_sweep(args: argparse.Namespace, source, ranks: Distributed) -> Path:
+    """Load the pipeline and its adapter on this rank's device, then make the edit or the sweep."""
+    from slideredit.evaluation.sharding import rank_device
+    from slideredit.grids import save_image
+    from slideredit.pipelines import SliderEditFluxKontextPipeline
+
     dtype = resolve_dtype(args.dtype, args.device)
-    pipe = SliderEditFluxKontextPipeline.from_pretrained(args.model, torch_dtype=dtype, device=args.device,
-                                                         offload=args.offload, quantize=args.quantize,
-                                                         t5_quantize=args.t5_quantize)
+    with ranks.main_process_first():  # a hub download happens once, on rank 0; the others read its cache
+        pipe = SliderEditFluxKontextPipeline.from_pretrained(args.model, torch_dtype=dtype,
+                                                             device=rank_device(args.device, ranks),
+                                                             offload=args.offload, quantize=args.quantize,
+                                                             t5_quantize=args.t5_quantize)
     if pipe.device.type == "cuda":
         print(device_memory_report(pipe), file=sys.stderr)
     auto_resize = pipe.defaults.auto_resize if args.auto_resize is None else args.auto_resize
@@ -456,7 +492,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.compile:
         pipe.compile()  # after the adapters are on: their stacks are part of the compiled blocks' inputs
     if args.sweep:
-        out = run_sweep(pipe, args, source)
+        out = run_sweep(pipe, args, source, ranks)
     else:
         image, = edit(pipe, args, source, None if args.slider_alphas is None else [tuple(args.slider_alphas)])
         out = save_image(image, args.out)

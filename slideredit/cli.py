@@ -101,3 +101,9 @@ def writable_problem(path: Path) -> str | None:
     if not os.access(base, os.W_OK | os.X_OK):
         return f"cannot write into {base} (permission denied)"
     return None
+
+
+def torchrun_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as torchrun sets them, (0, 1) without torchrun; read
+    from the environment, so the scripts can check their arguments per rank before torch is imported."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -8,6 +8,7 @@
     sweep.py       the sweep folder format shared with infer.py: read_sweep, write_sweep
     plot.py        draw_curves: slider-response curves with PIL
     release.py     the SliderEdit release's evaluation API (CLIPEvaluator, ..., chi_square_1d), over the above
+    sharding.py    eval.py's and infer.py's cells split over torchrun's ranks; a killed evaluation's manifest
 """
 from .continuity import average_ranks, continuity_score, monotonicity_score, spearman
 from .distances import ArcFaceDistance, DinoDistance, LpipsDistance
