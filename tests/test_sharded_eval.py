@@ -106,9 +106,16 @@ def torchrun(launch: list[str], script: str, argv: list[str], env: dict[str, str
 
 
 def finish(*runs: subprocess.Popen) -> None:
-    for run in runs:
-        _, err = run.communicate(timeout=300)
-        assert run.returncode == 0, err[-3000:]
+    """Wait for the launches; past the timeout (a rendezvous nobody joins) stop them all."""
+    try:
+        for run in runs:
+            _, err = run.communicate(timeout=300)
+            assert run.returncode == 0, err[-3000:]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.terminate()  # torchrun passes it on to its workers (a kill would leave them running)
+                run.wait(timeout=60)
 
 
 def two_processes(tmp_path: Path, script: str, argv: list[str]) -> dict[int, list]:
