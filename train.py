@@ -5,6 +5,7 @@
     python train.py --config stlora_faces.yaml --resume latest      # continue a run that was stopped
     python train.py --config stlora_faces.yaml --overwrite          # replace the earlier run in output_dir
     torchrun --nproc_per_node 8 train.py --config gstlora_hqedit.yaml
+    torchrun --nproc_per_node 4 train.py --config gstlora_hqedit.yaml --sharding fsdp   # each GPU holds 1/4
 
 A fresh run refuses an output_dir holding an earlier run's checkpoints, final adapter or validation
 grids: --resume latest continues it, --overwrite removes what a run writes there (checkpoint-N/, the

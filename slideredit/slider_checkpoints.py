@@ -178,20 +178,22 @@ def load_adapter(model: Flux, kind: str, path: str | os.PathLike, lora_rank: int
 # Writing (the release's naming)
 # ---------------------------------------------------------------------------------------------------
 
-def adapter_state_dict(model: Flux, kind: str) -> dict[str, Tensor]:
-    """The adapter's tensors under the release's names (fp32, contiguous, on the CPU)."""
+def adapter_state_dict(model: Flux, kind: str, parameters: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The adapter's tensors under the release's names (fp32, contiguous, on the CPU). `parameters`: whole
+    tensors standing in for adapter_parameters(model, kind) where the model holds shards of them (FSDP)."""
     out = {}
-    for name, param in adapter_parameters(model, kind).items():
+    for name, param in (adapter_parameters(model, kind) if parameters is None else parameters).items():
         module, part, half = name.rsplit(".", 2)
         out[f"{RELEASE_PREFIX[kind]}{diffusers_name(module, part)}.{half}.weight"] = \
             param.detach().float().contiguous().cpu()
     return out
 
 
-def save_adapter(model: Flux, kind: str, folder: str | os.PathLike) -> Path:
+def save_adapter(model: Flux, kind: str, folder: str | os.PathLike,
+                 parameters: dict[str, Tensor] | None = None) -> Path:
     """Write `folder/pytorch_lora_weights.safetensors` (GSTLoRA) or `folder/selective_lora.safetensors`
-    (STLoRA), atomically."""
+    (STLoRA), atomically; `parameters` as in adapter_state_dict."""
     path = Path(folder) / FILE_NAMES[kind][0]
     with atomic_path(path) as tmp:
-        save_file(adapter_state_dict(model, kind), tmp)
+        save_file(adapter_state_dict(model, kind, parameters), tmp)
     return path

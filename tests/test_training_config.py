@@ -30,6 +30,7 @@ def test_reads_the_release_fields(config_file):
     config = load_config(config_file)
     assert config.images_dataset_path == "data/faces" and config.max_train_steps == 2000
     assert config.validation_lora_scales == [-1.5, 0.0, 1.5] and config.seed == 42
+    assert config.sharding == "ddp"  # not a release field: several processes hold the whole model by default
     assert (config.adam_beta1, config.adam_beta2, config.adam_weight_decay, config.adam_epsilon) == (0.9, 0.999, 1e-4, 1e-8)
 
 
@@ -59,6 +60,9 @@ def test_unknown_fields_are_named_with_the_closest_known_one(tmp_path):
     ({"lora_rank": 2.5}, "'lora_rank' must be a whole number"),
     ({"gradient_checkpointing": "maybe"}, "'gradient_checkpointing' must be true or false"),
     ({"seed": None}, "'seed' must not be empty"),
+    ({"sharding": "fsd"}, r"sharding must be 'ddp' or 'fsdp', got 'fsd' \(did you mean 'fsdp'\?\)"),
+    ({"sharding": "FSDP"}, r"got 'FSDP' \(did you mean 'fsdp'\?\)"),
+    ({"sharding": "zero3"}, r"sharding must be 'ddp' or 'fsdp', got 'zero3'$"),
 ])
 def test_bad_values_are_clear_errors(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -78,11 +82,11 @@ def test_command_line_overrides_every_field_with_its_type(config_file):
     config = train_script.parse_config([
         "--config", str(config_file), "--learning_rate", "1e-4", "--max_train_steps", "10", "--method", "gstlora",
         "--validation_lora_scales", "-1", "0", "1", "--resume", "latest", "--offload", "--gradient_checkpointing",
-        "false", "--cache_dir", "none", "--validation_prompts", "a", "b"])
+        "false", "--cache_dir", "none", "--validation_prompts", "a", "b", "--sharding", "fsdp"])
     assert config.learning_rate == 1e-4 and config.max_train_steps == 10 and config.method == "gstlora"
     assert config.validation_lora_scales == [-1.0, 0.0, 1.0] and config.validation_prompts == ["a", "b"]
     assert config.resume_from_checkpoint == "latest" and config.offload is True
-    assert config.gradient_checkpointing is False and config.cache_dir is None
+    assert config.gradient_checkpointing is False and config.cache_dir is None and config.sharding == "fsdp"
     assert config.seed == 42  # untouched fields keep the file's values
 
 

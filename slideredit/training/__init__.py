@@ -6,7 +6,7 @@
     encoding.py     the frozen VAE and text encoders, offloaded or cached on disk
     checkpoints.py  checkpoint-N folders written atomically, and resuming
     outputs.py      what a run writes under output_dir: refusing to mix runs, --overwrite
-    distributed.py  torchrun / DistributedDataParallel
+    distributed.py  torchrun: DistributedDataParallel, or FSDP sharding the model
     validation.py   slider-sweep grids during training
     loop.py         the loop
 

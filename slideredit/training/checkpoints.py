@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..atomic import atomic_folder
 from ..checkpoint import CheckpointError
@@ -58,13 +59,15 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
     return path
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, model: Flux, method: str, state: dict) -> Path:
+def save_checkpoint(output_dir: str | os.PathLike, step: int, model: Flux, method: str, state: dict,
+                    parameters: dict[str, Tensor] | None = None) -> Path:
     """Write checkpoint-{step} atomically; an existing checkpoint of that step (a resumed run passing the
-    same step again) is replaced."""
+    same step again) is replaced. `parameters`: the adapter's whole tensors when the model holds shards
+    (slider_checkpoints.save_adapter)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     with atomic_folder(final) as tmp:  # a hidden .checkpoint-N.*.tmp until complete
-        save_adapter(model, method, tmp)
+        save_adapter(model, method, tmp, parameters)
         torch.save(state, tmp / STATE_FILE)
     return final
 

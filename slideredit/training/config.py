@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 GSTLORA, STLORA = "gstlora", "stlora"  # slideredit.sliders' method names, without importing torch from there
+DDP, FSDP = "ddp", "fsdp"  # the `sharding` values (training.distributed)
 NEUTRAL_PROMPT = "keep the image the same"
 
 
@@ -55,6 +56,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # "bf16": frozen model in bf16, adapters fp32; "no": everything fp32
     quantize: str | None = None  # "fp8": QLoRA-style, the frozen block linears in fp8 (mixed_precision the rest)
     gradient_checkpointing: bool = True
+    sharding: str = DDP  # several processes: "ddp" (each holds the whole model) or "fsdp" (each holds 1/N of it)
     offload: bool = False  # keep the text encoders and the VAE on the CPU except while they encode
     seed: int = 0
     # --- outputs -------------------------------------------------------------------------------------
@@ -208,6 +210,9 @@ def check(c: TrainConfig) -> None:
         problems.append(f"mixed_precision must be 'no' or 'bf16', got {c.mixed_precision!r}")
     if c.quantize not in (None, "fp8"):
         problems.append(f"quantize must be 'fp8' or null (no quantization), got {c.quantize!r}")
+    if c.sharding not in (DDP, FSDP):
+        hint = did_you_mean(c.sharding.lower(), (DDP, FSDP))
+        problems.append(f"sharding must be {DDP!r} or {FSDP!r}, got {c.sharding!r}{hint}")
     if c.report_to not in ("none", "wandb"):
         problems.append(f"report_to must be 'none' or 'wandb', got {c.report_to!r}")
     if c.validation_prompts and not c.validation_lora_scales:

@@ -10,13 +10,12 @@ only the step and the number of samples drawn.
 Per micro-step: the VAE and the text encoders run once (frozen, no_grad; the student's and the
 teacher's prompts in one call), then the teacher pass (no_grad) and the student pass with its backward.
 The loop never waits for the GPU except every `logging_steps` steps (loss and NaN check) and when it
-writes a checkpoint.
+writes a checkpoint. Several processes hold the model whole (DDP) or sharded (FSDP): distributed.py.
 """
 from __future__ import annotations
 
 import logging
 import random
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +23,11 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..checkpoint import CheckpointError
 from ..grids import save_png
 from ..image import load_image, to_rgb
 from ..pipelines import SliderEditFluxKontextPipeline
@@ -35,9 +36,10 @@ from ..sliders import STLORA, adapter_parameters, init_adapter
 from ..sampling import latent_ids, text_ids
 from .checkpoints import (checkpoints, global_rng_state, load_training_state, prune_checkpoints, resolve_resume,
                           save_checkpoint, set_global_rng_state)
-from .config import ConfigError, TrainConfig
+from .config import FSDP, ConfigError, TrainConfig
 from .data import DataError, DataOrder, UnreadableImage, center_crop, decode_image, derived_seed, open_dataset, to_pixels
-from .distributed import Distributed, cleanup_distributed, setup_distributed
+from .distributed import (Distributed, cleanup_distributed, full_optimizer_state, full_tensor, gradient_sync,
+                          local_parameter_bytes, setup_distributed, shard_model, shard_optimizer_state)
 from .encoding import EncodingCache, FrozenEncoders, Source
 from .losses import (DistillationBatch, DistillationPrompts, distillation_prompts, draw_sigmas, draw_suppressed,
                      self_distillation_loss, stlora_token_scales)
@@ -80,11 +82,15 @@ class Trainer:
         self.device = d.device
         self.tracker = start_wandb(c) if c.report_to == "wandb" and d.is_main else None
         dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
+        self.sharded = c.sharding == FSDP and d.enabled
+        # FSDP loads on the CPU (memory-mapped where the file needs no conversion) and moves only this
+        # process's shards to the device: the whole transformer never sits on one GPU.
+        load_device = torch.device("cpu") if self.sharded else self.device
         with d.main_process_first():  # hub downloads happen once, on rank 0
             self.dataset = open_dataset(c)
             check_validation_image(c)  # before the model loads, not at the first validation step
             self.pipe = SliderEditFluxKontextPipeline.from_pretrained(
-                c.pretrained_model_name_or_path, torch_dtype=dtype, device=self.device, offload=c.offload,
+                c.pretrained_model_name_or_path, torch_dtype=dtype, device=load_device, offload=c.offload,
                 quantize=c.quantize)
         self.model = self.pipe.transformer
         self.model.gradient_checkpointing = c.gradient_checkpointing
@@ -99,25 +105,22 @@ class Trainer:
         self.txt_ids = text_ids(1, self.encoders.max_length, self.device, dtype)
         self.step, self.samples, self.unreadable = 0, 0, set()
         self._validation_image: Image.Image | None = None
+        self.student: nn.Module = self.model  # the module the student pass runs through (distribute())
         self.params, self.optimizer = self.start_or_resume()
-        # Every rank built the same model from the same files and seed: skip DDP's initial broadcast,
-        # which would send all 12 B frozen parameters. Only the adapter (requires_grad) is reduced.
-        if d.enabled:
-            device_ids = [self.device] if self.device.type == "cuda" else None
-            self.student = DistributedDataParallel(self.model, device_ids=device_ids, init_sync=False)
-        else:
-            self.student = self.model
 
     # --- setup ----------------------------------------------------------------------------------------
 
     def start_or_resume(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-        """A fresh adapter and optimizer, or both (and the step, data position, RNGs) from a checkpoint."""
+        """A fresh adapter and optimizer, or both (and the step, data position, RNGs) from a checkpoint.
+        In between, the model with its adapter is spread over the processes (distribute): under FSDP the
+        optimizer then holds this process's shards, and a checkpoint's whole moments are split to match."""
         c = self.config
         random.seed(c.seed)
         np.random.seed(c.seed)
         torch.manual_seed(c.seed)
         latest_of_removed_run = self.overwrite and c.resume_from_checkpoint == "latest"
         resume = None if latest_of_removed_run else resolve_resume(c.output_dir, c.resume_from_checkpoint)
+        check_same_checkpoint(resume, c, self.dist)
         self.resumed_from = resume
         state = load_training_state(resume) if resume is not None else None
         if state is not None:
@@ -126,20 +129,42 @@ class Trainer:
         else:
             init_adapter(self.model, c.method, c.lora_rank,
                          generator=torch.Generator().manual_seed(derived_seed(c.seed, "adapter")))
-        params = list(adapter_parameters(self.model, c.method).values())
-        for p in params:
+        for p in adapter_parameters(self.model, c.method).values():
             p.requires_grad_(True)  # fp32, whatever the model's dtype
+        self.student = self.distribute()
+        params = list(adapter_parameters(self.model, c.method).values())  # after FSDP: the shards
         optimizer = torch.optim.AdamW(params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                       weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], params))
             self.step, self.samples = state["step"], state["samples"]  # the data position: samples drawn
             self.unreadable = set(state["unreadable"].tolist())
             set_global_rng_state(state["rng"])
         return params, optimizer
 
+    def distribute(self) -> nn.Module:
+        """Spread the model, its adapter attached, over the processes; -> the module the student pass runs
+        through (the model itself, or its DistributedDataParallel wrapper)."""
+        d = self.dist
+        if not d.enabled:
+            return self.model
+        if self.sharded:
+            shard_model(self.model, self.device)
+            self.pipe.to(self.device)  # the VAE and text encoders, loaded on the CPU beside the transformer
+            return self.model
+        # Every rank built the same model from the same files and seed: skip DDP's initial broadcast,
+        # which would send all 12 B frozen parameters. Only the adapter (requires_grad) is reduced.
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids, init_sync=False)
+
     def log_start(self) -> None:
-        c = self.config
+        c, d = self.config, self.dist
+        held = d.gather(local_parameter_bytes(self.model))  # every process takes part
+        whole = sum(p.numel() * p.element_size() for p in self.model.parameters())  # DTensors: the whole shape
+        how = "FSDP shards" if self.sharded else "the whole model"
+        per_rank = ", ".join(f"rank {r} {n} bytes ({n / 1e9:.3g} GB)" for r, n in enumerate(held))
+        logger.info("parameters held per process (%s): %s; the model's parameters: %d bytes (%.3g GB)", how,
+                    per_rank, whole, whole / 1e9)
         if self.resumed_from is None:
             if c.resume_from_checkpoint == "latest":
                 logger.info("no checkpoint in %s yet: starting from scratch", c.output_dir)
@@ -223,8 +248,7 @@ class Trainer:
         for m in range(accumulation):
             batch = self.micro_batch(self.samples + (m * d.world_size + d.rank) * b, b)
             # Reduce the adapter's gradients across processes only on the last micro-step.
-            sync = m == accumulation - 1 or not d.enabled
-            with nullcontext() if sync else self.student.no_sync():
+            with gradient_sync(self.student, enabled=m == accumulation - 1):
                 loss = self.micro_loss(batch)
                 (loss / accumulation).backward()
             total += loss.detach()
@@ -267,7 +291,7 @@ class Trainer:
                     self.log(last_loss, bar)
                 if checkpoint_now:
                     self.save()
-                if validate_now and d.is_main:
+                if validate_now and (d.is_main or self.sharded):  # FSDP: every process runs each block
                     self.validate()
         except KeyboardInterrupt:
             logger.info("interrupted by Ctrl-C after step %d", self.step)  # in train.log: where the run stopped
@@ -283,8 +307,13 @@ class Trainer:
             raise TrainingDiverged(f"the loss became NaN or infinite at step {step}; training stopped without "
                                    f"saving anything after it. {self.last_good()} Lower learning_rate or check the data.")
 
-    def check_adapter_finite(self) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+    def whole_adapter(self) -> dict[str, Tensor]:
+        """The adapter's parameters as whole tensors (under FSDP gathered: every process takes part)."""
+        parameters = adapter_parameters(self.model, self.config.method)
+        return {name: full_tensor(p.detach()) for name, p in parameters.items()}
+
+    def check_adapter_finite(self, adapter: dict[str, Tensor]) -> None:
+        if not all(bool(torch.isfinite(t).all()) for t in adapter.values()):
             raise TrainingDiverged(f"the adapter weights became NaN or infinite at step {self.step}; not saved. "
                                    f"{self.last_good()}")
 
@@ -301,14 +330,16 @@ class Trainer:
 
     def save(self) -> None:
         c, d = self.config, self.dist
-        unreadable = d.union(self.unreadable)  # every process takes part
+        # every process takes part: the union, and under FSDP the gathering of the shards
+        unreadable, adapter = d.union(self.unreadable), self.whole_adapter()
+        optimizer = full_optimizer_state(self.optimizer)
         if not d.is_main:
             return
-        self.check_adapter_finite()
-        state = {"step": self.step, "samples": self.samples, "optimizer": self.optimizer.state_dict(),
+        self.check_adapter_finite(adapter)
+        state = {"step": self.step, "samples": self.samples, "optimizer": optimizer,
                  "rng": global_rng_state(), "unreadable": torch.tensor(sorted(unreadable), dtype=torch.int64),
                  "method": c.method, "lora_rank": c.lora_rank}
-        path = save_checkpoint(c.output_dir, self.step, self.model, c.method, state)
+        path = save_checkpoint(c.output_dir, self.step, self.model, c.method, state, adapter)
         logger.info("saved %s", path)
         if c.checkpoints_total_limit is not None:
             for old in prune_checkpoints(c.output_dir, c.checkpoints_total_limit, newest=self.step):
@@ -326,12 +357,15 @@ class Trainer:
             self._validation_image = center_crop(image, c.resolution)
         return self._validation_image
 
-    def validate(self) -> Path:
+    def validate(self) -> Path | None:
+        """Render and (rank 0) write the validation grid; under FSDP every process renders it with rank 0."""
         c = self.config
         with self.encoders.autoencoder_on_device():
             grid = validation_grid(self.pipe, c.method, self.validation_image(), c.validation_prompts,
                                    c.validation_lora_scales, steps=c.validation_num_inference_steps,
                                    guidance=c.guidance_scale, seed=c.seed)
+        if not self.dist.is_main:
+            return None
         path = save_png(grid, Path(c.output_dir) / "validation" / f"step-{self.step}.png")
         logger.info("validation grid: %s", path)
         if self.tracker is not None:
@@ -342,10 +376,10 @@ class Trainer:
 
     def finish(self, loss: float | None) -> TrainResult:
         c, d = self.config, self.dist
-        unreadable = d.union(self.unreadable)
+        unreadable, adapter = d.union(self.unreadable), self.whole_adapter()  # every process takes part
         if d.is_main:
-            self.check_adapter_finite()
-            path = save_adapter(self.model, c.method, c.output_dir)
+            self.check_adapter_finite(adapter)
+            path = save_adapter(self.model, c.method, c.output_dir, adapter)
             logger.info("done: %d steps, adapter saved to %s; %d unreadable image(s) skipped", self.step, path,
                         len(unreadable))
         if self.tracker is not None:
@@ -368,6 +402,17 @@ def check_validation_image(c: TrainConfig) -> None:
         if not path.is_file():
             raise ConfigError(f"validation_image not found: {c.validation_image}")
         load_image(path)  # a clear error now if it cannot be read
+
+
+def check_same_checkpoint(resume: Path | None, c: TrainConfig, d: Distributed) -> None:
+    """Every process must resume from the same checkpoint (or none). Nodes that do not share output_dir
+    would not: each would look for checkpoints in its own folder."""
+    found = d.gather(None if resume is None else resume.name)
+    if len(set(found)) > 1:
+        seen = ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(found))
+        raise CheckpointError(f"the processes found different checkpoints to resume from in output_dir "
+                              f"{c.output_dir} ({seen}): every node must see the same output_dir (a shared "
+                              "filesystem), or copy the checkpoint to each node's output_dir first")
 
 
 def check_resumable(state: dict, c: TrainConfig, folder: Path) -> None:
