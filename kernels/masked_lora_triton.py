@@ -33,10 +33,11 @@ unless torch allows TF32 matmuls (torch.backends.cuda.matmul.allow_tf32). fp8 (f
 tiles are converted to x's dtype in the main loop (exact: e4m3 has 3 mantissa bits); in dX = dY W, where
 the row scale runs along the reduction, each tile is dequantized (times its scales, rounded to x's dtype).
 
-Autotuning: the key holds every build flag and M's power-of-two bucket; configs that cannot fit the
-device's shared memory are pruned before they are compiled; IEEE fp32 dots get small FMA tiles (the
-dispatch sends fp32 to PyTorch unless Triton is forced); results are cached on disk by Triton where it
-supports `cache_results` (Triton >= 3.3; ~/.triton/cache).
+Autotuning: the key holds every build flag and M's power-of-two bucket; configs whose builds would not
+fit the device's shared memory or would spill registers are pruned before they are compiled (the
+estimates are checked against real builds for sm_80-sm_90: benchmarks/aot_builds.py); IEEE fp32 dots
+get small FMA tiles (the dispatch sends fp32 to PyTorch unless Triton is forced); results are cached on
+disk by Triton where it supports `cache_results` (Triton >= 3.3; ~/.triton/cache).
 
 Under TRITON_INTERPRET=1 (CPU, NumPy) bfloat16 `tl.dot` is wrong, so bf16 operands are upcast to fp32
 there (the UPCAST flag); on a GPU the dots stay bf16. The interpreter also gets a single autotune config.
@@ -44,6 +45,7 @@ there (the UPCAST flag); on a GPU the dots stay bf16. The interpreter also gets 
 import functools
 import inspect
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -53,7 +55,6 @@ from .dispatch import m_bucket  # the autotune key's token count: one tuning per
 
 # Read once, like triton.jit does when it decides to build interpreted kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEFAULT_SMEM_LIMIT = 232_448  # bytes of shared memory one block may opt in to on an H100 / H200
 
 # The GEMM's W_SCALE build flag: how it applies an fp8 weight's fp32 scales. tl.constexpr globals, so the
 # kernel compares W_SCALE against these names and is still built (and autotuned) once per value.
@@ -97,40 +98,102 @@ else:
 _DISK_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-def smem_limit(device: torch.device) -> int:
-    """Shared memory one block may use on `device` (queried on CUDA, the H100/H200 figure elsewhere)."""
-    if device.type == "cuda":
-        return _cuda_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_SMEM_LIMIT
+# Shared memory one block may opt in to, by compute capability (sm_86 -> 86), in bytes: what Triton's
+# launcher checks a build against (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SMEM_LIMITS = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+# Where torch does not report the limit (ROCm, some older builds) and the card is not in the table:
+# 64 KB, what any GPU Triton builds for gives one block (AMD's LDS, NVIDIA's sm_75).
+CONSERVATIVE_SMEM_LIMIT = 65_536
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    """What the pruning needs to know about a card: its compute capability (86 for sm_86; None when
+    unknown: then every estimate takes its larger case) and the shared memory one block may opt in to."""
+
+    arch: int | None
+    smem_limit: int
+
+
+def device_target(device: torch.device) -> GpuTarget:
+    """The card behind `device`; off CUDA (the interpreter, which never prunes) an unknown, small one."""
+    if device.type != "cuda":
+        return GpuTarget(None, CONSERVATIVE_SMEM_LIMIT)
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _cuda_smem_limit(index: int) -> int:
+def _cuda_target(index: int) -> GpuTarget:
     props = torch.cuda.get_device_properties(index)
-    return getattr(props, "shared_memory_per_block_optin", DEFAULT_SMEM_LIMIT)
+    arch = None if torch.version.hip else props.major * 10 + props.minor  # ROCm's "major" is not an sm_
+    limit = getattr(props, "shared_memory_per_block_optin", None) or SMEM_LIMITS.get(arch, CONSERVATIVE_SMEM_LIMIT)
+    return GpuTarget(arch, limit)
 
 
-# Shared-memory estimates, upper bounds: each pipeline stage buffers one tile of every operand the main
-# loop loads, in the dtype it is loaded in (the copies are asynchronous, before any conversion); the
-# low-rank tiles of the GEMM are loaded outside the loop and reuse that memory. Every sm_90 build checked
-# (Triton 3.9, launch-like specialisation, M = 8704, d = 3072, K*r = 32 and 128) allocated at most this:
-# exactly this for the bf16 GEMM (147,456 B for 128 x 256 x 64, 3 stages), 114,688-115,200 B against
-# 131,072 for the fp8-weight GEMM. At the H100's limit it rejects every config whose build exceeds it
-# (TF32 GEMM configs 0-2, the fp32-adapter shrink 64 x 128 at K*r = 128: 294,912 B) and one that fits
-# (the fp32-adapter shrink 32 x 128, 4 stages, at K*r = 128: 221,184 B; two other configs remain).
+# Shared-memory estimates. They equal Triton 3.9's allocation for every build benchmarks/aot_builds.py
+# makes (the FLUX grid on sm_80, sm_86, sm_89 and sm_90: bf16 and fp8 weights, bf16 and fp32 adapters).
+# The software-pipelined main loop keeps, for each tile it loads:
+#   - with mma.sync (sm_80 to sm_89; sm_90 dots of fewer than 64 rows): num_stages - 1 buffers, in the
+#     dtype the tile is loaded in; conversions (fp8 W, fp32 adapters) happen in registers;
+#   - with wgmma (sm_90): num_stages buffers when the dot reads the tile as it was loaded; a tile that
+#     is converted first goes through registers: num_stages - 1 buffers as loaded, plus one converted
+#     tile in the dot's dtype, from which wgmma reads;
+#   - a load that feeds no dot (the dX's fp8 weight scales): num_stages - 1 buffers.
+# The GEMM's low-rank tiles are loaded outside the loop and reuse that memory. A card not measured gets
+# the wgmma case, the larger. Examples (bf16 x): the 128 x 256 x 64, 3-stage GEMM takes 147,456 B on
+# sm_90 and 98,304 B on sm_8x with bf16 W; 114,688 B and 65,536 B with fp8 W.
 
-def shrink_smem_bytes(config: triton.Config, block_r: int, x_bytes: int, a_bytes: int) -> int:
+def uses_wgmma(arch: int | None, block_m: int) -> bool:
+    """Whether a dot of block_m rows is estimated as wgmma on `arch` (see above)."""
+    measured_mma_sync = arch is not None and (80 <= arch < 90 or (arch == 90 and block_m % 64 != 0))
+    return not measured_mma_sync
+
+
+def _tile_buffers(stages: int, elements: int, loaded: torch.dtype, dot: torch.dtype, wgmma: bool) -> int:
+    """Bytes of shared memory for one tile of a pipelined dot operand (the rules above)."""
+    if not wgmma:
+        return (stages - 1) * elements * loaded.itemsize
+    if loaded == dot:
+        return stages * elements * loaded.itemsize
+    return (stages - 1) * elements * loaded.itemsize + elements * dot.itemsize
+
+
+def shrink_smem_bytes(config: triton.Config, arch: int | None, block_r: int, x_dtype: torch.dtype,
+                      a_dtype: torch.dtype) -> int:
     bm, bd = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_D"]
-    return config.num_stages * (bm * bd * x_bytes + bd * block_r * a_bytes)
+    wgmma = uses_wgmma(arch, bm)
+    return (_tile_buffers(config.num_stages, bm * bd, x_dtype, x_dtype, wgmma)
+            + _tile_buffers(config.num_stages, bd * block_r, a_dtype, x_dtype, wgmma))
 
 
-def gemm_smem_bytes(config: triton.Config, block_r: int, x_bytes: int, w_bytes: int) -> int:
+def gemm_smem_bytes(config: triton.Config, arch: int | None, block_r: int, x_dtype: torch.dtype,
+                    w_dtype: torch.dtype, w_scale: int = W_SCALE_NONE.value) -> int:
     bm, bn, bd = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
-    main_loop = config.num_stages * (bm * bd * x_bytes + bd * bn * w_bytes)
-    if w_bytes < x_bytes:  # fp8 W: the tile converted to x's dtype goes back to shared memory for wgmma
-        main_loop += bd * bn * x_bytes
-    low_rank = (bm * block_r + block_r * bn) * x_bytes  # H~ and B^T tiles, in the dot dtype
+    stages, wgmma = config.num_stages, uses_wgmma(arch, bm)
+    main_loop = (_tile_buffers(stages, bm * bd, x_dtype, x_dtype, wgmma)
+                 + _tile_buffers(stages, bd * bn, w_dtype, x_dtype, wgmma))
+    if w_scale == W_SCALE_REDUCTION.value:  # fp32 scales of each W tile, loaded beside it
+        main_loop += (stages - 1) * bd * torch.float32.itemsize
+    low_rank = (bm * block_r + block_r * bn) * x_dtype.itemsize  # H~ and B^T tiles, in the dot dtype
     return max(main_loop, low_rank)
+
+
+def accumulators_per_thread(config: triton.Config) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+
+
+def gemm_spills(config: triton.Config, arch: int | None, w_scale: int, has_lora: bool, block_r: int) -> bool:
+    """Whether the GEMM's build spills registers: tiles of 128 fp32 accumulators per thread (128 x 256 with
+    8 warps, 128 x 128 with 4) beside extra live values, measured with benchmarks/aot_builds.py. Tiles
+    of 64 accumulators never spilled. Unknown cards (None) drop every tile that spills somewhere."""
+    if accumulators_per_thread(config) <= 64:
+        return False
+    if w_scale == W_SCALE_OUTPUTS.value and has_lora and block_r >= 128:
+        # fp8 forward: the low-rank tiles come after the loop, beside the accumulator (sm_90: 48-248 B)
+        return True
+    # fp8 dX dequantizes each W tile in fp32 registers: 255 registers and 64-104 B of spills on sm_89's
+    # mma.sync; sm_90's wgmma builds stay at 250-254 registers
+    return w_scale == W_SCALE_REDUCTION.value and arch != 90
 
 
 def _fitting(configs: list, size, limit: int) -> list:
@@ -140,29 +203,42 @@ def _fitting(configs: list, size, limit: int) -> list:
     return fits or [min(configs, key=size)]
 
 
-def prune_shrink_configs(configs, named_args, **kwargs) -> list:
-    """early_config_prune for the shrink kernel: drop configs that cannot fit shared memory."""
+def keep_shrink_configs(configs, named_args, target: GpuTarget, **kwargs) -> list:
+    """The shrink kernel's configs that fit `target`'s shared memory (named_args: the kernel's arguments by
+    name, tensors or stand-ins with their dtypes; kwargs: its keyword arguments, as early_config_prune
+    gets them)."""
     x, a = named_args["x_ptr"], named_args["a_ptr"]
-    size = lambda c: shrink_smem_bytes(c, kwargs["BLOCK_R"], x.element_size(), a.element_size())
-    return _fitting(list(configs), size, smem_limit(x.device))
+    size = lambda c: shrink_smem_bytes(c, target.arch, kwargs["BLOCK_R"], x.dtype, a.dtype)
+    return _fitting(list(configs), size, target.smem_limit)
 
 
-def accumulators_per_thread(config: triton.Config) -> int:
-    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+def prune_shrink_configs(configs, named_args, **kwargs) -> list:
+    """early_config_prune for the shrink kernel: keep_shrink_configs on the card x lives on."""
+    return keep_shrink_configs(configs, named_args, device_target(named_args["x_ptr"].device), **kwargs)
+
+
+def gemm_family(configs, x_dtype: torch.dtype, input_precision: str) -> list:
+    """The GEMM configs the pruning chooses among: the FMA tiles for IEEE fp32 dots, the tensor-core tiles
+    otherwise."""
+    fma = input_precision == "ieee" and x_dtype == torch.float32
+    return [c for c in configs if any(c is f for f in FMA_GEMM_CONFIGS) == fma] or list(configs)
+
+
+def keep_gemm_configs(configs, named_args, target: GpuTarget, **kwargs) -> list:
+    """The GEMM's configs for `target` (arguments as keep_shrink_configs): its family, less those whose
+    build spills or cannot fit shared memory."""
+    x, w = named_args["x_ptr"], named_args["w_ptr"]
+    w_scale, block_r = kwargs.get("W_SCALE", W_SCALE_NONE.value), kwargs["BLOCK_R"]
+    family = gemm_family(configs, x.dtype, kwargs["INPUT_PRECISION"])
+    family = [c for c in family if not gemm_spills(c, target.arch, w_scale, kwargs.get("HAS_LORA", False), block_r)
+              ] or family
+    size = lambda c: gemm_smem_bytes(c, target.arch, block_r, x.dtype, w.dtype, w_scale)
+    return _fitting(family, size, target.smem_limit)
 
 
 def prune_gemm_configs(configs, named_args, **kwargs) -> list:
-    """early_config_prune for the GEMM: the FMA tiles for IEEE fp32 dots, the tensor-core tiles otherwise,
-    then drop those that would spill or cannot fit shared memory."""
-    x, w = named_args["x_ptr"], named_args["w_ptr"]
-    fma = kwargs["INPUT_PRECISION"] == "ieee" and x.dtype == torch.float32
-    family = [c for c in configs if any(c is f for f in FMA_GEMM_CONFIGS) == fma] or list(configs)
-    if kwargs.get("HAS_LORA") and kwargs.get("W_SCALE") == W_SCALE_OUTPUTS.value and kwargs["BLOCK_R"] >= 128:
-        # fp8 forward: the low-rank tiles come after the loop, beside the accumulator; at K*r > 64 the
-        # tiles with 128 accumulators per thread spill in sm_90 builds (48-248 B), those with 64 do not
-        family = [c for c in family if accumulators_per_thread(c) <= 64] or family
-    size = lambda c: gemm_smem_bytes(c, kwargs["BLOCK_R"], x.element_size(), w.element_size())
-    return _fitting(family, size, smem_limit(x.device))
+    """early_config_prune for the GEMM: keep_gemm_configs on the card x lives on."""
+    return keep_gemm_configs(configs, named_args, device_target(named_args["x_ptr"].device), **kwargs)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """kernels.masked_lora_triton's build decisions, as pure functions: config pruning and autotune keys.
 
-The GPU config lists are pruned here with CPU stand-ins for the kernel arguments (the hook reads only
-dtypes and the device). The byte counts quoted are from sm_90 builds of these kernels (Triton 3.9 on a
-CPU machine, launch-like specialisation); the H100 / H200 limit is 232,448 B.
+The GPU config lists are pruned here for explicit cards (GpuTarget: compute capability and shared-memory
+limit) with CPU stand-ins for the kernel arguments (the pruning reads only their dtypes). The byte
+counts are those of real builds: `python benchmarks/aot_builds.py --arch 80 86 89 90 --json FILE`
+(Triton 3.9 on this CPU, the launcher's own specialisation at FLUX.1 Kontext's shapes; 398 builds, every
+one equal to the estimate).
 """
 import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,83 +15,189 @@ import triton
 
 from slideredit.kernels import masked_lora_triton as T
 
-H100 = T.DEFAULT_SMEM_LIMIT
+BF16, FP32, FP8 = torch.bfloat16, torch.float32, torch.float8_e4m3fn
+CARDS = {arch: T.GpuTarget(arch, limit) for arch, limit in T.SMEM_LIMITS.items()}
+H100, RTX4090, RTX3090, A100 = CARDS[90], CARDS[89], CARDS[86], CARDS[80]
+OUTPUTS, REDUCTION, NONE = T.W_SCALE_OUTPUTS.value, T.W_SCALE_REDUCTION.value, T.W_SCALE_NONE.value
+ALL_GEMM = T.GPU_GEMM_CONFIGS + T.FMA_GEMM_CONFIGS
 
 
-def args(x_dtype, w_dtype=None, a_dtype=torch.float32):
+def args(x_dtype, w_dtype=None, a_dtype=FP32):
     empty = lambda dtype: torch.empty(0, dtype=dtype)
     return {"x_ptr": empty(x_dtype), "w_ptr": empty(w_dtype or x_dtype), "a_ptr": empty(a_dtype)}
 
 
-def test_gemm_estimate_matches_the_sm90_build():
-    # 128 x 256 x 64, 3 stages, bf16: three stages of a 128x64 X tile and a 64x256 W tile
-    assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[0], 16, 2, 2) == 3 * (128 * 64 + 64 * 256) * 2 == 147_456
+def kept_gemm(target, x_dtype=BF16, w_dtype=None, block_r=16, precision="tf32", **flags) -> list[int]:
+    kept = T.keep_gemm_configs(ALL_GEMM, args(x_dtype, w_dtype), target, BLOCK_R=block_r, INPUT_PRECISION=precision,
+                               **flags)
+    return [ALL_GEMM.index(c) for c in kept]
 
 
-def test_fp8_gemm_estimate_covers_the_sm90_builds():
-    # sm_90 builds of the fp8-weight GEMM (bf16 x), forward and dX: 114,688 and 115,200 B for config 0,
-    # 106,496 and 107,264 B for config 1 (the converted W tile is staged once more)
-    assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[0], 32, 2, 1) >= 115_200
-    assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[1], 32, 2, 1) >= 107_264
-    kept = T.prune_gemm_configs(T.GPU_GEMM_CONFIGS + T.FMA_GEMM_CONFIGS,
-                                args(torch.bfloat16, torch.float8_e4m3fn), BLOCK_R=32, INPUT_PRECISION="tf32")
-    assert kept == T.GPU_GEMM_CONFIGS
+def kept_shrink(target, x_dtype, a_dtype, block_r) -> list[int]:
+    kept = T.keep_shrink_configs(T.GPU_SHRINK_CONFIGS, args(x_dtype, a_dtype=a_dtype), target, BLOCK_R=block_r)
+    return [T.GPU_SHRINK_CONFIGS.index(c) for c in kept]
+
+
+# (arch, GEMM config index, weight dtype, W_SCALE, shared bytes of the build); x bf16, K*r = 16 and 32 alike
+GEMM_BUILDS = [
+    (90, 0, BF16, NONE, 147_456), (89, 0, BF16, NONE, 98_304), (86, 0, BF16, NONE, 98_304), (80, 0, BF16, NONE, 98_304),
+    (90, 1, BF16, NONE, 131_072), (86, 1, BF16, NONE, 98_304), (90, 3, BF16, NONE, 98_304), (86, 3, BF16, NONE, 73_728),
+    # fp8 forward: sm_90 converts W through registers into a bf16 tile for wgmma, sm_89 converts in registers
+    (90, 0, FP8, OUTPUTS, 114_688), (89, 0, FP8, OUTPUTS, 65_536), (90, 1, FP8, OUTPUTS, 106_496),
+    (89, 1, FP8, OUTPUTS, 73_728), (90, 3, FP8, OUTPUTS, 73_728), (89, 3, FP8, OUTPUTS, 49_152),
+    (90, 4, FP8, OUTPUTS, 86_016), (89, 4, FP8, OUTPUTS, 61_440),
+    # fp8 dX: and the fp32 scales of each W tile
+    (90, 0, FP8, REDUCTION, 115_200), (89, 0, FP8, REDUCTION, 66_048), (90, 1, FP8, REDUCTION, 107_264),
+    (89, 1, FP8, REDUCTION, 74_496), (90, 3, FP8, REDUCTION, 74_496), (89, 4, FP8, REDUCTION, 62_208),
+]
+# (arch, shrink config index, adapter dtype, BLOCK_R, shared bytes of the build); x bf16
+SHRINK_BUILDS = [
+    (90, 1, BF16, 16, 81_920), (89, 1, BF16, 16, 61_440), (90, 1, FP32, 32, 122_880), (89, 1, FP32, 32, 98_304),
+    (80, 1, FP32, 32, 98_304), (90, 2, FP32, 16, 34_816), (89, 2, FP32, 16, 24_576), (90, 3, BF16, 32, 61_440),
+    (86, 3, BF16, 32, 40_960),
+    # 32 rows are too few for wgmma: sm_90 builds mma.sync, with sm_8x's buffers
+    (90, 0, FP32, 32, 73_728), (89, 0, FP32, 32, 73_728), (90, 0, BF16, 16, 36_864),
+]
+
+
+@pytest.mark.parametrize("arch,index,w_dtype,w_scale,built", GEMM_BUILDS)
+def test_gemm_estimate_equals_the_build(arch, index, w_dtype, w_scale, built):
+    for block_r in (16, 32):
+        assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[index], arch, block_r, BF16, w_dtype, w_scale) == built
+
+
+@pytest.mark.parametrize("arch,index,a_dtype,block_r,built", SHRINK_BUILDS)
+def test_shrink_estimate_equals_the_build(arch, index, a_dtype, block_r, built):
+    assert T.shrink_smem_bytes(T.GPU_SHRINK_CONFIGS[index], arch, block_r, BF16, a_dtype) == built
+
+
+def test_estimates_by_hand():
+    # sm_86 keeps num_stages - 1 = 2 buffers of the 128x64 X tile and the 64x256 W tile (bf16)
+    assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[0], 86, 16, BF16, BF16) == 2 * (128 * 64 + 64 * 256) * 2
+    # sm_90, fp8 W: 3 buffers of X, 2 of the fp8 W tile as loaded, one bf16 W tile converted for wgmma
+    assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[0], 90, 16, BF16, FP8, OUTPUTS) == (
+        3 * 128 * 64 * 2 + 2 * 64 * 256 + 64 * 256 * 2)
+
+
+@pytest.mark.parametrize("card", [RTX3090, RTX4090])
+def test_99kb_cards_keep_every_bf16_gemm_tile(card):
+    # the sm_90 estimate kept only the two 98,304 B tiles (3 and 4) there; the builds need at most 98,304 B
+    for block_r in (16, 32, 128):
+        assert kept_gemm(card, block_r=block_r, HAS_LORA=True, W_SCALE=NONE) == [0, 1, 2, 3, 4]
+    assert kept_gemm(card, torch.float16) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("card", [RTX3090, RTX4090, A100])
+def test_fp8_dx_drops_the_tiles_that_spill_on_mma_sync_cards(card):
+    # sm_89: the 128-accumulator tiles (0: 128x256 with 8 warps, 2: 128x128 with 4) spill 64-104 B
+    for has_lora in (True, False):
+        assert kept_gemm(card, BF16, FP8, block_r=32, HAS_LORA=has_lora, W_SCALE=REDUCTION) == [1, 3, 4]
+    assert kept_gemm(card, BF16, FP8, block_r=32, HAS_LORA=True, W_SCALE=OUTPUTS) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("block_r,has_lora,w_scale,kept", [
-    (128, True, T.W_SCALE_OUTPUTS, [1, 3, 4]),  # fp8 forward with a wide stack: no 128-accumulator tiles (they spill)
-    (64, True, T.W_SCALE_OUTPUTS, [0, 1, 2, 3, 4]),
-    (128, True, T.W_SCALE_REDUCTION, [0, 1, 2, 3, 4]),  # dX: the low-rank tiles come before the loop
-    (128, False, T.W_SCALE_OUTPUTS, [0, 1, 2, 3, 4]),  # fp8_linear
+    (128, True, OUTPUTS, [1, 3, 4]),  # fp8 forward with a wide stack: no 128-accumulator tiles (they spill)
+    (64, True, OUTPUTS, [0, 1, 2, 3, 4]),
+    (128, True, REDUCTION, [0, 1, 2, 3, 4]),  # dX on sm_90: 250-254 registers, no spill
+    (128, False, OUTPUTS, [0, 1, 2, 3, 4]),  # fp8_linear
 ])
-def test_fp8_forward_with_wide_stacks_drops_tiles_that_spill(block_r, has_lora, w_scale, kept):
-    got = T.prune_gemm_configs(T.GPU_GEMM_CONFIGS + T.FMA_GEMM_CONFIGS, args(torch.bfloat16, torch.float8_e4m3fn),
-                               BLOCK_R=block_r, INPUT_PRECISION="tf32", HAS_LORA=has_lora, W_SCALE=w_scale.value)
-    assert [T.GPU_GEMM_CONFIGS.index(c) for c in got] == kept
+def test_fp8_on_the_h100_keeps_every_tile_that_does_not_spill(block_r, has_lora, w_scale, kept):
+    assert kept_gemm(H100, BF16, FP8, block_r=block_r, HAS_LORA=has_lora, W_SCALE=w_scale) == kept
 
 
 @pytest.mark.parametrize("precision", ["tf32", "ieee"])
 def test_fp32_gemm_configs(precision):
-    kept = T.prune_gemm_configs(T.GPU_GEMM_CONFIGS + T.FMA_GEMM_CONFIGS, args(torch.float32), BLOCK_R=16,
-                                INPUT_PRECISION=precision)
+    kept = kept_gemm(H100, FP32, precision=precision)
     if precision == "tf32":
         # configs 0-2 need 294,912 / 262,144 B as TF32 builds: the OutOfResources of the issue
-        assert [T.GPU_GEMM_CONFIGS.index(c) for c in kept] == [3, 4]
+        assert kept == [3, 4]
     else:
         # IEEE fp32: only the small FMA tiles (the tensor-core tiles spill)
-        assert kept == T.FMA_GEMM_CONFIGS
+        assert [ALL_GEMM[i] for i in kept] == T.FMA_GEMM_CONFIGS
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_gemm_keeps_every_tensor_core_config(dtype):
-    for block_r in (16, 128):
-        kept = T.prune_gemm_configs(T.GPU_GEMM_CONFIGS + T.FMA_GEMM_CONFIGS, args(dtype), BLOCK_R=block_r,
-                                    INPUT_PRECISION="tf32")
-        assert kept == T.GPU_GEMM_CONFIGS
+def test_shrink_pruning_depends_on_the_card_the_adapter_dtype_and_rank():
+    assert kept_shrink(H100, BF16, FP32, 16) == [0, 1, 2, 3]
+    assert kept_shrink(H100, BF16, BF16, 128) == [0, 1, 2, 3]
+    # fp32 adapters beside bf16 x at K*r = 128: config 1 buffers 64 KB of A per stage (sm_90 build: 294,912 B);
+    # config 0 (32 rows: mma.sync, 3 buffers) needs 221,184 B and fits
+    assert kept_shrink(H100, BF16, FP32, 128) == [0, 2, 3]
+    assert kept_shrink(H100, FP32, FP32, 128) == [2, 3]
+    # a 4090 at K*r = 32: config 1's fp32-adapter build needs 98,304 B of its 101,376 (kept; the sm_90
+    # estimate, 131,072 B, dropped it)
+    assert kept_shrink(RTX4090, BF16, FP32, 32) == [0, 1, 2, 3]
+    assert kept_shrink(RTX4090, BF16, FP32, 64) == [2, 3]
 
 
-def test_shrink_pruning_depends_on_the_adapter_dtype_and_rank():
-    prune = lambda x, a, r: [T.GPU_SHRINK_CONFIGS.index(c)
-                             for c in T.prune_shrink_configs(T.GPU_SHRINK_CONFIGS, args(x, a_dtype=a), BLOCK_R=r)]
-    assert prune(torch.bfloat16, torch.float32, 16) == [0, 1, 2, 3]
-    assert prune(torch.bfloat16, torch.bfloat16, 128) == [0, 1, 2, 3]
-    # fp32 adapters beside bf16 x at K*r = 128: the 4-stage, 128-deep configs buffer 64 KB of A per stage
-    # (config 1's sm_90 build needs 294,912 B; config 0's 221,184 B would fit: the estimate is an upper bound)
-    assert prune(torch.bfloat16, torch.float32, 128) == [2, 3]
-    assert prune(torch.float32, torch.float32, 128) == [2, 3]
+def test_a_smaller_device_limit_prunes_more_and_never_returns_nothing():
+    assert kept_gemm(T.GpuTarget(90, 100_000)) == [3, 4]  # 98,304 B each
+    kept = kept_gemm(T.GpuTarget(90, 1_000))
+    assert len(kept) == 1 and T.gemm_smem_bytes(ALL_GEMM[kept[0]], 90, 16, BF16, BF16) == 98_304  # its build fails
 
 
-def test_a_smaller_device_limit_prunes_more_and_never_returns_nothing(monkeypatch):
-    monkeypatch.setattr(T, "smem_limit", lambda device: 100_000)
-    kept = T.prune_gemm_configs(T.GPU_GEMM_CONFIGS, args(torch.bfloat16), BLOCK_R=16, INPUT_PRECISION="tf32")
-    assert kept == [T.GPU_GEMM_CONFIGS[3], T.GPU_GEMM_CONFIGS[4]]  # 98,304 B each
-    monkeypatch.setattr(T, "smem_limit", lambda device: 1_000)
-    kept = T.prune_gemm_configs(T.GPU_GEMM_CONFIGS, args(torch.bfloat16), BLOCK_R=16, INPUT_PRECISION="tf32")
-    assert len(kept) == 1 and T.gemm_smem_bytes(kept[0], 16, 2, 2) == 98_304  # the smallest: its build fails
+def test_an_unknown_card_gets_the_larger_estimates_and_drops_every_tile_that_spills_somewhere():
+    for config in T.GPU_GEMM_CONFIGS:
+        for w_dtype, w_scale in ((BF16, NONE), (FP8, OUTPUTS), (FP8, REDUCTION)):
+            known = max(T.gemm_smem_bytes(config, arch, 32, BF16, w_dtype, w_scale) for arch in CARDS)
+            assert T.gemm_smem_bytes(config, None, 32, BF16, w_dtype, w_scale) >= known
+            for has_lora, block_r in ((True, 32), (True, 128), (False, 16)):
+                spills = any(T.gemm_spills(config, arch, w_scale, has_lora, block_r) for arch in CARDS)
+                assert T.gemm_spills(config, None, w_scale, has_lora, block_r) >= spills
+    for config in T.GPU_SHRINK_CONFIGS:
+        known = max(T.shrink_smem_bytes(config, arch, 32, BF16, FP32) for arch in CARDS)
+        assert T.shrink_smem_bytes(config, None, 32, BF16, FP32) >= known
 
 
-def test_smem_limit_off_cuda_is_the_h100_figure():
-    assert T.smem_limit(torch.device("cpu")) == 232_448
+@pytest.fixture()
+def cuda_cards(monkeypatch):
+    """Fakes torch.cuda's cards: cuda_cards({index: (major, minor, opt-in limit or None)}, hip=None)."""
+    def install(cards, hip=None):
+        def properties(index):
+            major, minor, optin = cards[index]
+            optional = {} if optin is None else {"shared_memory_per_block_optin": optin}
+            return SimpleNamespace(major=major, minor=minor, **optional)
+
+        monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        T._cuda_target.cache_clear()
+
+    yield install
+    T._cuda_target.cache_clear()  # no fake card outlives the test
+
+
+def test_device_target_reads_each_cards_own_limit(cuda_cards):
+    cuda_cards({0: (9, 0, 232_448), 1: (8, 6, 101_376)})
+    assert T.device_target(torch.device("cuda")) == T.GpuTarget(90, 232_448)
+    assert T.device_target(torch.device("cuda", 1)) == T.GpuTarget(86, 101_376)
+
+
+def test_device_target_without_the_property_is_never_the_h100_figure(cuda_cards):
+    cuda_cards({0: (8, 9, None), 1: (12, 0, None)})
+    assert T.device_target(torch.device("cuda", 0)) == T.GpuTarget(89, 101_376)  # a card of the table
+    assert T.device_target(torch.device("cuda", 1)) == T.GpuTarget(120, 65_536)  # unknown: 64 KB
+
+
+def test_device_target_on_rocm_has_no_sm_arch(cuda_cards):
+    cuda_cards({0: (9, 4, None)}, hip="6.2")  # an MI300: "9.4" is gfx942, not sm_94
+    assert T.device_target(torch.device("cuda", 0)) == T.GpuTarget(None, 65_536)
+
+
+def test_device_target_off_cuda_is_unknown_and_small():
+    assert T.device_target(torch.device("cpu")) == T.GpuTarget(None, 65_536)
+
+
+def test_prune_hooks_prune_for_the_card_x_lives_on(monkeypatch):
+    seen = []
+    monkeypatch.setattr(T, "device_target", lambda device: seen.append(device) or RTX4090)
+    named = args(BF16, FP8, a_dtype=FP32)
+    gemm = T.prune_gemm_configs(ALL_GEMM, named, BLOCK_R=32, INPUT_PRECISION="ieee", HAS_LORA=True, W_SCALE=REDUCTION)
+    assert gemm == T.keep_gemm_configs(ALL_GEMM, named, RTX4090, BLOCK_R=32, INPUT_PRECISION="ieee", HAS_LORA=True,
+                                       W_SCALE=REDUCTION)
+    assert [ALL_GEMM.index(c) for c in gemm] == [1, 3, 4]
+    shrink = T.prune_shrink_configs(T.GPU_SHRINK_CONFIGS, named, BLOCK_R=64)
+    assert shrink == T.keep_shrink_configs(T.GPU_SHRINK_CONFIGS, named, RTX4090, BLOCK_R=64)
+    assert seen == [named["x_ptr"].device] * 2
 
 
 @pytest.mark.parametrize("kernel", [T._scaled_shrink_kernel, T._fused_linear_kernel])
