@@ -367,10 +367,35 @@ def model_notes(row: dict, estimate: int) -> list[str]:
     return notes
 
 
-def _config_text(config: dict) -> str:
+def summary(rows: list[dict]) -> list[str]:
+    """A markdown table, one line per card, kernel and weight dtype: the tiles kept among the candidates, the
+    builds kept and how many of them compile, and the kept builds' largest register count, spills and
+    shared memory."""
+    lines = ["| card | kernel | weight | tiles kept | builds kept | kept ok | registers | spill bytes "
+             "| shared bytes / limit | mma |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["arch"], row["kernel"], row["weight_dtype"]), []).append(row)
+    for (arch, kernel, weight), group in groups.items():
+        kept = [r for r in group if r["kept"]]
+        built = [r for r in kept if r["ok"]]
+        tiles = lambda some: len({_tile_text(r["config"]) for r in some})
+        most = lambda key: max((r[key] for r in built), default="-")
+        mma = ", ".join(sorted({r["mma"] for r in built})) or "-"
+        lines.append(f"| sm_{arch} | {kernel} | {weight} | {tiles(kept)} / {tiles(group)} | {len(kept)} / {len(group)} "
+                     f"| {len(built)} | {most('registers')} | {most('spill_bytes')} "
+                     f"| {most('shared_bytes')} / {group[0]['smem_limit']} | {mma} |")
+    return lines
+
+
+def _tile_text(config: dict) -> str:
     tile = "x".join(str(config[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in config)
+    return f"{tile} w{config['num_warps']} s{config['num_stages']}"
+
+
+def _config_text(config: dict) -> str:
     rank = f" K*r={config['stacked_rank']} {config['adapter_dtype']}" if config["stacked_rank"] else ""
-    return f"{tile} w{config['num_warps']} s{config['num_stages']}{rank}"
+    return _tile_text(config) + rank
 
 
 def _print_row(row: dict) -> None:
@@ -419,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = problems(rows)
     for line in bad:
         print(f"aot_builds: {line}", file=sys.stderr)
+    print("\n".join(["", *summary(rows), ""]))
     print(f"{len(rows)} builds, {sum(r['kept'] for r in rows)} kept, {len(bad)} kept builds unfit; wrote {args.json}")
     return 1 if bad else 0
 

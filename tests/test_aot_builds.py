@@ -160,3 +160,16 @@ def test_kernel_and_weight_dtype_select_a_subset():
     assert aot_builds.selected(launches, "gemm_dx", None) == launches[:2]
     assert aot_builds.selected(launches, None, "float8_e4m3fn") == launches[1:3]
     assert aot_builds.selected(launches, "gemm_dx", "float8_e4m3fn") == [launches[1]]
+
+
+def test_summary_counts_tiles_and_builds_per_card_kernel_and_weight():
+    rank32 = row()
+    rank16 = row(registers=210, shared_bytes=70_500, config={**row()["config"], "stacked_rank": 16})
+    pruned = row(kept=False, spill_bytes=104, registers=255, config={**row()["config"], "BLOCK_N": 256, "num_warps": 8})
+    failed = row(kernel="gemm_forward", ok=False, error="CompilationError", registers=None, spill_bytes=None,
+                 shared_bytes=None, mma=None)
+    lines = aot_builds.summary([rank32, rank16, pruned, failed])
+    assert lines[2:] == [
+        "| sm_89 | gemm_dx | float8_e4m3fn | 1 / 2 | 2 / 3 | 2 | 210 | 0 | 70500 / 101376 | mma.sync |",
+        "| sm_89 | gemm_forward | float8_e4m3fn | 1 / 1 | 1 / 1 | 0 | - | - | - / 101376 | - |",
+    ]
