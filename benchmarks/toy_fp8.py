@@ -5,7 +5,7 @@ float32 (the toy folder's dtype, what benchmarks/toy_sliders.py and the model ca
 quantize="fp8" (block linears in float8_e4m3fn with per-row scales, float32 activations); optionally
 bfloat16 too (`--variants float32 bfloat16 fp8`: slow on CPUs without bf16 convolutions).
 - Edit accuracy: 20 one-edit and 20 two-edit held-out examples (the model card's stream and rule,
-  slideredit/toy/recipe.py `evaluate_edits`): a colour edit is correct when the read colour's nearest
+  slideredit/toy/edit_evaluation.py `evaluate_edits`): a colour edit is correct when the read colour's nearest
   palette colour is the target, a size or brightness edit when its edit strength is over 1/2. Also: how many edits
   change verdict against float32, and the mean |strength difference| per edit.
 - Slider curves: benchmarks/toy_sliders.py's sweeps on the demo prompt "make the square darker and make
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from slideredit.pipelines import SliderEditFluxKontextPipeline  # noqa: E402
 from slideredit.toy.models import GUIDANCE  # noqa: E402
-from slideredit.toy.recipe import EVAL_SEED  # noqa: E402
+from slideredit.toy.recipe_common import EVAL_SEED  # noqa: E402
 from slideredit.toy.shapes import edit_strength, make_example, nearest_color, read_shape, render_image  # noqa: E402
 from toy_sliders import ALPHAS, DARKER, LARGER, scenes, sweep  # noqa: E402
 

@@ -101,6 +101,7 @@ def test_wheel_installs_kernels_under_slideredit_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "slideredit/kernels/masked_lora.py" in names and "slideredit/kernels/dispatch.py" in names
     assert not [n for n in names if n.startswith("kernels/")], names
+    assert {"slideredit/toy/model_card.md", "slideredit/toy/model_card_sliders.md"} <= set(names)  # package-data
 
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:  # what pip's install of a pure-Python wheel lays down

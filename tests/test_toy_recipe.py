@@ -11,6 +11,10 @@ import yaml
 import train as train_script
 from slideredit.pipelines import SliderEditFluxKontextPipeline
 from slideredit.toy import recipe, slider_data, slider_recipe
+from slideredit.toy.autoencoder_training import autoencoder_batch
+from slideredit.toy.model_card import write_model_card
+from slideredit.toy.recipe_common import RecipeConfig, lr_at, recipe_command
+from slideredit.toy.transformer_training import EDITED_TOKEN_MSE, flux_batch, token_weights
 from slideredit.training import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,10 +22,10 @@ SHIPPED = REPO / "assets" / "toy-kontext" / "sliders"
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    assert recipe.lr_at(0, 100, 1.0, 10) == 0.1
-    assert recipe.lr_at(9, 100, 1.0, 10) == 1.0
-    assert recipe.lr_at(10, 100, 1.0, 10) == 1.0
-    assert abs(recipe.lr_at(100, 100, 1.0, 10) - 0.1) < 1e-12
+    assert lr_at(0, 100, 1.0, 10) == 0.1
+    assert lr_at(9, 100, 1.0, 10) == 1.0
+    assert lr_at(10, 100, 1.0, 10) == 1.0
+    assert abs(lr_at(100, 100, 1.0, 10) - 0.1) < 1e-12
 
 
 def test_token_weights_count_edited_tokens_more_by_hand():
@@ -29,18 +33,18 @@ def test_token_weights_count_edited_tokens_more_by_hand():
     weight, linear between."""
     cond = torch.zeros(1, 4, 2)
     x0 = cond.clone()
-    x0[0, 1] = (recipe.EDITED_TOKEN_MSE / 2) ** 0.5  # half the threshold
+    x0[0, 1] = (EDITED_TOKEN_MSE / 2) ** 0.5  # half the threshold
     x0[0, 2] = 1.0  # far over it
-    weights = recipe.token_weights(x0, cond, edit_weight=4.0)
+    weights = token_weights(x0, cond, edit_weight=4.0)
     assert torch.allclose(weights, torch.tensor([[1.0, 2.5, 4.0, 1.0]]))
-    assert torch.equal(recipe.token_weights(x0, cond, edit_weight=1.0), torch.ones(1, 4))
+    assert torch.equal(token_weights(x0, cond, edit_weight=1.0), torch.ones(1, 4))
 
 
 def test_autoencoder_batches_switch_to_whole_images_for_the_last_third():
-    cfg = recipe.RecipeConfig(ae_steps=30, ae_batch=8, ae_crop=64)
-    assert recipe.autoencoder_batch(cfg, 0).shape == (8, 3, 64, 64)
-    assert recipe.autoencoder_batch(cfg, 20).shape == (2, 3, 128, 128)
-    assert torch.equal(recipe.autoencoder_batch(cfg, 3), recipe.autoencoder_batch(cfg, 3))
+    cfg = RecipeConfig(ae_steps=30, ae_batch=8, ae_crop=64)
+    assert autoencoder_batch(cfg, 0).shape == (8, 3, 64, 64)
+    assert autoencoder_batch(cfg, 20).shape == (2, 3, 128, 128)
+    assert torch.equal(autoencoder_batch(cfg, 3), autoencoder_batch(cfg, 3))
 
 
 def test_recipe_runs_resumes_and_writes_a_loadable_folder(tmp_path):
@@ -66,13 +70,80 @@ def test_recipe_runs_resumes_and_writes_a_loadable_folder(tmp_path):
 
     # The batch of a step depends on the step only, so a resumed run trains on the same data.
     pool = torch.load(tmp_path / "work" / "pool.pt", weights_only=True)
-    cfg = recipe.RecipeConfig(flux_batch=4)
-    a, b = recipe.flux_batch(cfg, pool, 7), recipe.flux_batch(cfg, pool, 7)
+    cfg = RecipeConfig(flux_batch=4)
+    a, b = flux_batch(cfg, pool, 7), flux_batch(cfg, pool, 7)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     recipe.main(args)
     log = (tmp_path / "work" / "log.txt").read_text()
     assert "autoencoder: done earlier" in log and "transformer: done earlier" in log and "pool: loaded" in log
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model card: the template model_card.md filled from the recorded run
+# ---------------------------------------------------------------------------------------------------
+
+EXPECTED_CARDS = Path(__file__).parent / "toy_model_cards"
+
+
+def _summary(count: int, accuracy=None, strength=None, rgb=None, px=None) -> dict:
+    """One entry of evaluate_edits' metrics: accuracy and strength for edited attributes, the errors each
+    attribute has (colour edits no size error, size edits no colour error)."""
+    out = {"count": count}
+    if accuracy is not None:
+        out.update(accuracy=accuracy, mean_strength=strength)
+    if rgb is not None:
+        out["mean_rgb_error"] = rgb
+    if px is not None:
+        out["mean_size_error_px"] = px
+    return out
+
+
+def _record_a_run(cfg: RecipeConfig) -> tuple[dict, dict]:
+    """The files a finished run leaves in its work and model folders, with fixed numbers; returns the
+    measured edits and the sliders' results the recipe passes to the card."""
+    cfg.workdir.mkdir()
+    torch.save({"seconds": 1176.4, "history": [[50, 0.3]]}, cfg.workdir / "ae.pt")
+    history = [[50 * (k + 1), 2.5 / (k + 1)] for k in range(20)]
+    torch.save({"seconds": 2406.2, "history": history}, cfg.workdir / "flux.pt")
+    (cfg.workdir / "autoencoder.json").write_text(
+        '{"psnr_db": 35.04, "max_abs_error_8bit": 139.6, "latent_mean": -0.004, "latent_std": 0.9712}')
+    torch.save({"pair_source": torch.arange(4800) // 4, "texts": [f"prompt {k}" for k in range(763)]},
+               cfg.workdir / "pool.pt")
+    (cfg.out / "sub").mkdir(parents=True)
+    (cfg.out / "weights.bin").write_bytes(bytes(10_000))
+    (cfg.out / "sub" / "more.bin").write_bytes(bytes(4_337))
+    metrics = {"scenes": 80, "steps": 12, "guidance": 2.5,
+               "edited": _summary(120, 0.875, 0.8123, 17.25, 1.375),
+               "edited_color": _summary(40, 0.9, 0.95, rgb=12.04),
+               "edited_size": _summary(50, 0.82, 0.7049, px=1.375),
+               "edited_brightness": _summary(0),
+               "edited_one_edit_prompts": _summary(40, 1.0, 0.99, 10.0, 0.5),
+               "edited_two_edit_prompts": _summary(80, 0.8125, 0.7, 20.55, 2.0),
+               "two_edit_color": _summary(30, 0.8, 0.9, rgb=14.0),
+               "two_edit_size": _summary(50, 0.82, 0.7049, px=1.375),
+               "two_edit_brightness": _summary(0),
+               "untouched": _summary(200, rgb=3.456, px=0.125)}
+    sliders = {"gstlora": {"steps": 800, "loss": 0.012345, "minutes": 6.54},
+               "stlora": {"steps": 800, "loss": None, "minutes": None}}
+    return metrics, sliders
+
+
+@pytest.mark.parametrize("name", ["without_sliders", "with_sliders"])
+def test_the_model_card_is_the_text_the_f_string_wrote(tmp_path, monkeypatch, name):
+    """A round-trip guard for the move of the card from a 95-line f-string in recipe.py to the templates
+    model_card.md and model_card_sliders.md: tests/toy_model_cards/ holds what the f-string wrote for the
+    run recorded above (generated once, by the code before the move), and the template must write the
+    same bytes. The numbers reach every branch of the card: a table row that measured nothing, rows
+    without a colour or a size error, a slider run whose loss was not recorded, flags that differ from
+    their defaults, the sliders section present and absent. A deliberate change of the card's text
+    regenerates these files (and says so in its commit)."""
+    monkeypatch.chdir(tmp_path)  # relative folders, as the card quotes --out as given
+    cfg = RecipeConfig(out=Path("model"), workdir=Path("work"), seed=3, ae_steps=1500, flux_lr=3e-4,
+                       identity_fraction=0.125, slider_steps=400)
+    metrics, sliders = _record_a_run(cfg)
+    write_model_card(cfg, metrics, sliders if name == "with_sliders" else None)
+    assert (cfg.out / "README.md").read_bytes().decode() == (EXPECTED_CARDS / f"{name}.md").read_bytes().decode()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,9 +196,9 @@ def test_the_shipped_model_is_rewritten_only_when_asked(tmp_path, monkeypatch, c
     assert {p: p.stat().st_mtime_ns for p in SHIPPED.parent.rglob("*")} == before
 
     # The model card's command remakes the model where it is: with the flag for the shipped one.
-    assert recipe.recipe_command(recipe.RecipeConfig(out=Path("assets/toy-kontext"), flux_steps=3)) == \
+    assert recipe_command(RecipeConfig(out=Path("assets/toy-kontext"), flux_steps=3)) == \
         "python -m slideredit.toy.recipe --out assets/toy-kontext --replace-shipped --flux-steps 3"
-    assert recipe.recipe_command(recipe.RecipeConfig(out=tmp_path / "m")) == \
+    assert recipe_command(RecipeConfig(out=tmp_path / "m")) == \
         f"python -m slideredit.toy.recipe --out {tmp_path / 'm'}"
 
 
