@@ -2,7 +2,8 @@
 
 Every launch the kernels make for FLUX.1 Kontext [dev] is replayed on meta tensors through the real
 launcher (kernels/masked_lora.py's autograd function, forward and backward, with the Triton kernels'
-launches intercepted), so the builds have exactly the launcher's specialisation and build flags. Each
+launches intercepted and the card answering the launcher's `device_target`), so the builds have exactly
+the launcher's arguments, specialisation and build flags on each card. Each
 launch is then compiled with Triton for every candidate config of its autotuner (kept or pruned for the
 card, as the launcher's pruning decides) and each build is checked with Triton's bundled ptxas:
 registers, spill bytes, shared memory against the card's limit, and the tensor-core instruction used.
@@ -76,8 +77,10 @@ KEEP = {"gemm": T.keep_gemm_configs, "shrink": T.keep_shrink_configs}
 
 @dataclass
 class Launch:
-    """One kernel launch as the launcher makes it: the autotuner's positional and keyword arguments."""
+    """One kernel launch as the launcher makes it for a card: the autotuner's positional and keyword
+    arguments."""
 
+    target: T.GpuTarget
     kernel: str  # one of KERNELS
     weight_dtype: torch.dtype
     adapter_dtype: torch.dtype | None
@@ -97,9 +100,10 @@ class Launch:
             return T.gemm_family(self.tuner.configs, self.named_args["x_ptr"].dtype, self.kwargs["INPUT_PRECISION"])
         return list(self.tuner.configs)
 
-    def kept(self, arch: int) -> list[triton.Config]:
+    def kept(self) -> list[triton.Config]:
+        """The configs the launcher's pruning keeps on the card."""
         keep = KEEP["gemm" if self.tuner is T._fused_linear_kernel else "shrink"]
-        return keep(self.tuner.configs, self.named_args, T.GpuTarget(arch, T.SMEM_LIMITS[arch]), **self.kwargs)
+        return keep(self.tuner.configs, self.named_args, self.target, **self.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,26 +123,31 @@ def flux_layers() -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
 
 
 class _Recorder:
-    """Replaces the kernels' `run` while active: each launch is recorded under the current phase."""
+    """While active, the launcher sees `target` as the device's card, and the kernels' launches are
+    recorded (under the current phase) instead of run."""
 
-    def __init__(self):
+    def __init__(self, target: T.GpuTarget):
+        self.target = target
         self.launches: list[tuple[str, object, tuple, dict]] = []
         self.phase = ""
 
     def __enter__(self):
+        self.device_target = T.device_target
+        T.device_target = lambda device: self.target
         for tuner in (T._scaled_shrink_kernel, T._fused_linear_kernel):
             tuner.run = lambda *args, grid, warmup, _tuner=tuner, **kwargs: self.launches.append(
                 (self.phase, _tuner, args, kwargs))
         return self
 
     def __exit__(self, *exc):
+        T.device_target = self.device_target
         for tuner in (T._scaled_shrink_kernel, T._fused_linear_kernel):
             del tuner.run  # back to the class's method
 
 
-def _record_layer(d_in: int, d_out: int, tokens: int, weight_dtype: torch.dtype, adapter_dtype: torch.dtype | None,
-                  stacked_rank: int | None, backward: bool) -> list[Launch]:
-    """The launches of one adapted (or, with adapter_dtype None, plain fp8) layer's forward and dX."""
+def _record_layer(target: T.GpuTarget, d_in: int, d_out: int, tokens: int, weight_dtype: torch.dtype,
+                  adapter_dtype: torch.dtype | None, stacked_rank: int | None, backward: bool) -> list[Launch]:
+    """The launches of one adapted (or, with adapter_dtype None, plain fp8) layer's forward and dX on `target`."""
     meta = lambda *shape, dtype=X_DTYPE, grad=False: torch.empty(*shape, dtype=dtype, device="meta",
                                                                   requires_grad=grad)
     x = meta(tokens, d_in, grad=backward)
@@ -148,7 +157,7 @@ def _record_layer(d_in: int, d_out: int, tokens: int, weight_dtype: torch.dtype,
     if adapter_dtype is not None:
         lora = (meta(stacked_rank, d_in, dtype=adapter_dtype), meta(d_out, stacked_rank, dtype=adapter_dtype),
                 meta(tokens, ADAPTERS, dtype=torch.float32), stacked_rank // ADAPTERS)
-    with _Recorder() as recorder:
+    with _Recorder(target) as recorder:
         recorder.phase = "forward"
         y = _MaskedLoraLinear.apply(x, weight, weight_scale, bias, lora[0], lora[1], lora[2], lora[3], "triton")
         if backward:
@@ -163,21 +172,23 @@ def _record_layer(d_in: int, d_out: int, tokens: int, weight_dtype: torch.dtype,
         else:
             kernel = "gemm_forward" if phase == "forward" else "gemm_dx"
         operand = adapter_dtype if tuner is T._scaled_shrink_kernel else weight_dtype
-        launches.append(Launch(kernel, operand, adapter_dtype, stacked_rank, tokens, tuner, args, kwargs))
+        launches.append(Launch(target, kernel, operand, adapter_dtype, stacked_rank, tokens, tuner, args, kwargs))
     return launches
 
 
-def flux_launches() -> list[Launch]:
-    """Every distinct launch of the grid (see the module's docstring), in a stable order."""
+def flux_launches(arch: int) -> list[Launch]:
+    """Every distinct launch of the grid (see the module's docstring) on sm_`arch`, in a stable order."""
+    target = T.GpuTarget(arch, T.SMEM_LIMITS[arch])
     adapted, plain = flux_layers()
     launches = []
     for weight_dtype in WEIGHT_DTYPES:
         for adapter_dtype in ADAPTER_DTYPES:
             for rank in STACKED_RANKS:
                 for d_in, d_out in adapted:
-                    launches += _record_layer(d_in, d_out, TOKENS, weight_dtype, adapter_dtype, rank, backward=True)
+                    launches += _record_layer(target, d_in, d_out, TOKENS, weight_dtype, adapter_dtype, rank,
+                                              backward=True)
     for d_in, d_out, tokens in plain:
-        launches += _record_layer(d_in, d_out, tokens, torch.float8_e4m3fn, None, None,
+        launches += _record_layer(target, d_in, d_out, tokens, torch.float8_e4m3fn, None, None,
                                   backward=tokens == TOKENS)  # modulation: vec never needs a gradient
     distinct = {}
     for launch in launches:
@@ -207,9 +218,9 @@ def _launch_kwargs(launch: Launch, config: triton.Config) -> dict:
     return kwargs
 
 
-def _source(launch: Launch, config: triton.Config, arch: int) -> tuple[ASTSource, GPUTarget, dict]:
-    """What JITFunction.run hands the compiler for this launch on `arch`: source, target and options."""
-    target = GPUTarget("cuda", arch, 32)
+def _source(launch: Launch, config: triton.Config) -> tuple[ASTSource, GPUTarget, dict]:
+    """What JITFunction.run hands the compiler for this launch on its card: source, target and options."""
+    target = GPUTarget("cuda", launch.target.arch, 32)
     backend = make_backend(target)
     fn = _jit_function(launch.tuner)
     kwargs = _launch_kwargs(launch, config)
@@ -220,9 +231,8 @@ def _source(launch: Launch, config: triton.Config, arch: int) -> tuple[ASTSource
 
 
 def _build_identity(launch: Launch) -> tuple:
-    """Two launches with the same identity compile to the same builds (the specialisation, checked for
-    sm_90: alignment and divisibility do not depend on the card)."""
-    source, _, options = _source(launch, launch.tuner.configs[0], 90)
+    """Two launches with the same identity compile to the same builds."""
+    source, _, options = _source(launch, launch.tuner.configs[0])
     return launch.kernel, str(source.signature), str(source.attrs), str(sorted(launch.kwargs.items())), str(options)
 
 
@@ -267,9 +277,9 @@ def wgmmas_in_flight(ptx: str) -> int | None:
     return min(waits) if waits else None
 
 
-def compile_launch(launch: Launch, config: triton.Config, arch: int):
-    """Triton's compiled kernel for this launch and config on sm_`arch` (raises as the launcher would)."""
-    source, target, options = _source(launch, config, arch)
+def compile_launch(launch: Launch, config: triton.Config):
+    """Triton's compiled kernel for this launch and config on its card (raises as the launcher would)."""
+    source, target, options = _source(launch, config)
     return triton.compile(source, target=target, options=options)
 
 
@@ -277,18 +287,19 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: " + " ".join(str(error).split())
 
 
-def build(launch: Launch, config: triton.Config, arch: int, kept: bool) -> dict:
+def build(launch: Launch, config: triton.Config, kept: bool) -> dict:
     """One row of the JSON: compile, then read the build's resources."""
+    arch = launch.target.arch
     row = {
         "arch": arch, "kernel": launch.kernel, "weight_dtype": str(launch.weight_dtype).removeprefix("torch."),
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
                    "adapter_dtype": str(launch.adapter_dtype).removeprefix("torch.") if launch.adapter_dtype else None,
                    "stacked_rank": launch.stacked_rank, "tokens": launch.tokens},
         "kept": kept, "ok": False, "error": None, "registers": None, "spill_bytes": None, "shared_bytes": None,
-        "smem_limit": T.SMEM_LIMITS[arch], "mma": None,
+        "smem_limit": launch.target.smem_limit, "mma": None,
     }
     try:
-        kernel = compile_launch(launch, config, arch)
+        kernel = compile_launch(launch, config)
     except Exception as error:  # a build that fails is a result here, reported in the row
         row["error"] = _one_line(error)
         return row
@@ -308,29 +319,29 @@ def selected(launches: list[Launch], kernel: str | None, weight_dtype: str | Non
             if kernel in (None, ln.kernel) and weight_dtype in (None, str(ln.weight_dtype).removeprefix("torch."))]
 
 
-def planned_builds(launches: list[Launch], arch: int, quick: bool) -> Iterator[tuple[Launch, triton.Config, bool]]:
-    """(launch, config, kept) to build on `arch`: every candidate; with quick, per kernel and weight dtype
-    only the kept build that needs the most shared memory, the one closest to the card's limit."""
+def planned_builds(launches: list[Launch], quick: bool) -> Iterator[tuple[Launch, triton.Config, bool]]:
+    """(launch, config, kept) to build: every candidate; with quick, per kernel and weight dtype only the
+    kept build that needs the most shared memory, the one closest to the card's limit."""
     if not quick:
         for launch in launches:
-            kept = launch.kept(arch)
+            kept = launch.kept()
             for config in launch.candidates():
                 yield launch, config, any(config is k for k in kept)
         return
     families: dict[tuple, tuple[Launch, triton.Config]] = {}
     for launch in launches:
-        for config in launch.kept(arch):
+        for config in launch.kept():
             family = (launch.kernel, launch.weight_dtype)
             best = families.get(family)
-            if best is None or _smem_estimate(launch, config, arch) > _smem_estimate(*best, arch):
+            if best is None or _smem_estimate(launch, config) > _smem_estimate(*best):
                 families[family] = (launch, config)
     for launch, config in families.values():
         yield launch, config, True
 
 
-def _smem_estimate(launch: Launch, config: triton.Config, arch: int) -> int:
+def _smem_estimate(launch: Launch, config: triton.Config) -> int:
     """The pruning's estimate of the build's shared memory."""
-    named = launch.named_args
+    named, arch = launch.named_args, launch.target.arch
     if launch.tuner is T._fused_linear_kernel:
         return T.gemm_smem_bytes(config, arch, launch.kwargs["BLOCK_R"], named["x_ptr"].dtype, named["w_ptr"].dtype,
                                  launch.kwargs["W_SCALE"])
@@ -367,10 +378,22 @@ def model_notes(row: dict, estimate: int) -> list[str]:
     return notes
 
 
-def summary(rows: list[dict]) -> list[str]:
-    """A markdown table, one line per card, kernel and weight dtype: the tiles kept among the candidates, the
-    builds kept and how many of them compile, and the kept builds' largest register count, spills and
-    shared memory."""
+def tiles_kept(launches: list[Launch]) -> dict[tuple, tuple[int, int]]:
+    """(arch, kernel, weight dtype) -> (distinct tiles the pruning keeps, distinct candidate tiles), over
+    the launches' adapter dtypes and ranks: what --quick does not build, counted all the same."""
+    counts: dict[tuple, tuple[set, set]] = {}
+    for launch in launches:
+        kept, candidates = counts.setdefault(
+            (launch.target.arch, launch.kernel, str(launch.weight_dtype).removeprefix("torch.")), (set(), set()))
+        kept.update(str(c) for c in launch.kept())
+        candidates.update(str(c) for c in launch.candidates())
+    return {group: (len(kept), len(candidates)) for group, (kept, candidates) in counts.items()}
+
+
+def summary(rows: list[dict], tiles: dict[tuple, tuple[int, int]]) -> list[str]:
+    """A markdown table, one line per card, kernel and weight dtype: the tiles the pruning keeps among the
+    candidates (`tiles_kept`), the builds made and kept and how many of those compile, and the kept
+    builds' largest register count, spills and shared memory."""
     lines = ["| card | kernel | weight | tiles kept | builds kept | kept ok | registers | spill bytes "
              "| shared bytes / limit | mma |", "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
@@ -379,10 +402,10 @@ def summary(rows: list[dict]) -> list[str]:
     for (arch, kernel, weight), group in groups.items():
         kept = [r for r in group if r["kept"]]
         built = [r for r in kept if r["ok"]]
-        tiles = lambda some: len({_tile_text(r["config"]) for r in some})
         most = lambda key: max((r[key] for r in built), default="-")
         mma = ", ".join(sorted({r["mma"] for r in built})) or "-"
-        lines.append(f"| sm_{arch} | {kernel} | {weight} | {tiles(kept)} / {tiles(group)} | {len(kept)} / {len(group)} "
+        tiles_in, tiles_of = tiles[arch, kernel, weight]
+        lines.append(f"| sm_{arch} | {kernel} | {weight} | {tiles_in} / {tiles_of} | {len(kept)} / {len(group)} "
                      f"| {len(built)} | {most('registers')} | {most('spill_bytes')} "
                      f"| {most('shared_bytes')} / {group[0]['smem_limit']} | {mma} |")
     return lines
@@ -431,12 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     if T.INTERPRET:
         raise SystemExit("aot_builds: slideredit.kernels was imported with TRITON_INTERPRET=1; run this script "
                          "directly (it unsets the variable) to build for GPUs")
-    launches = selected(flux_launches(), args.kernel, args.weight_dtype)
-    rows, notes = [], []
+    rows, notes, tiles = [], [], {}
     for arch in args.arch:
-        for launch, config, kept in planned_builds(launches, arch, args.quick):
-            rows.append(build(launch, config, arch, kept))
-            notes += model_notes(rows[-1], _smem_estimate(launch, config, arch))
+        launches = selected(flux_launches(arch), args.kernel, args.weight_dtype)
+        tiles.update(tiles_kept(launches))
+        for launch, config, kept in planned_builds(launches, args.quick):
+            rows.append(build(launch, config, kept))
+            notes += model_notes(rows[-1], _smem_estimate(launch, config))
             _print_row(rows[-1])
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
     for line in notes:
@@ -444,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = problems(rows)
     for line in bad:
         print(f"aot_builds: {line}", file=sys.stderr)
-    print("\n".join(["", *summary(rows), ""]))
+    print("\n".join(["", *summary(rows, tiles), ""]))
     print(f"{len(rows)} builds, {sum(r['kept'] for r in rows)} kept, {len(bad)} kept builds unfit; wrote {args.json}")
     return 1 if bad else 0
 

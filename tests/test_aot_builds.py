@@ -49,6 +49,10 @@ def test_quick_run_builds_one_kept_config_per_kernel_family(quick_sm89):
         assert row["mma"] == "mma.sync"  # sm_89 has no wgmma
         assert {"BLOCK_M", "BLOCK_D", "num_warps", "num_stages", "adapter_dtype", "stacked_rank", "tokens"} <= set(
             row["config"])
+    # one build each, but the summary counts every tile the pruning keeps: all five bf16 GEMM tiles fit a
+    # 4090's 99 KB (the sm_90 estimate kept two), three of the fp8 dX tiles (two spill)
+    assert "| sm_89 | gemm_forward | bfloat16 | 5 / 5 | 1 / 1 | 1 |" in run.stdout
+    assert "| sm_89 | gemm_dx | float8_e4m3fn | 3 / 5 | 1 / 1 | 1 |" in run.stdout
 
 
 def independent_estimate(row: dict) -> int:
@@ -153,7 +157,7 @@ def test_refuses_kernels_imported_for_the_interpreter(tmp_path):
 
 
 def test_kernel_and_weight_dtype_select_a_subset():
-    launch = lambda kernel, dtype: aot_builds.Launch(kernel, dtype, None, None, 1, None, (), {})
+    launch = lambda kernel, dtype: aot_builds.Launch(T.GpuTarget(89, 101_376), kernel, dtype, None, None, 1, None, (), {})
     launches = [launch("gemm_dx", torch.bfloat16), launch("gemm_dx", torch.float8_e4m3fn),
                 launch("fp8_linear_dx", torch.float8_e4m3fn), launch("shrink_forward", torch.float32)]
     assert aot_builds.selected(launches, None, None) == launches
@@ -168,8 +172,9 @@ def test_summary_counts_tiles_and_builds_per_card_kernel_and_weight():
     pruned = row(kept=False, spill_bytes=104, registers=255, config={**row()["config"], "BLOCK_N": 256, "num_warps": 8})
     failed = row(kernel="gemm_forward", ok=False, error="CompilationError", registers=None, spill_bytes=None,
                  shared_bytes=None, mma=None)
-    lines = aot_builds.summary([rank32, rank16, pruned, failed])
+    tiles = {(89, "gemm_dx", "float8_e4m3fn"): (3, 5), (89, "gemm_forward", "float8_e4m3fn"): (5, 5)}
+    lines = aot_builds.summary([rank32, rank16, pruned, failed], tiles)
     assert lines[2:] == [
-        "| sm_89 | gemm_dx | float8_e4m3fn | 1 / 2 | 2 / 3 | 2 | 210 | 0 | 70500 / 101376 | mma.sync |",
-        "| sm_89 | gemm_forward | float8_e4m3fn | 1 / 1 | 1 / 1 | 0 | - | - | - / 101376 | - |",
+        "| sm_89 | gemm_dx | float8_e4m3fn | 3 / 5 | 2 / 3 | 2 | 210 | 0 | 70500 / 101376 | mma.sync |",
+        "| sm_89 | gemm_forward | float8_e4m3fn | 5 / 5 | 1 / 1 | 0 | - | - | - / 101376 | - |",
     ]
