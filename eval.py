@@ -22,8 +22,10 @@ evaluated sweep folder gets (or has updated) its explorer page, index.html, show
 Scorers (--scorer): "pretrained" runs the models of --metrics (CLIP, SigLIP, BLIP, DINOv2...: hub ids or
 local folders). "toy" needs no network and no model: for sweeps of the toy model (assets/toy-kontext) it
 reads the edit strength of each slider's instruction with the toy world's attribute readers (metric
-"toy": 0 = the source's attribute, 1 = the base edit's target, see slideredit/toy/shapes.py) and the
-mean strength of the prompt's other edits ("toy_others": how much the slider disturbs them). "auto"
+"toy": 0 = the source's attribute, 1 = the base edit's target, see slideredit/toy/shapes.py), the
+mean strength of the prompt's other edits ("toy_others": how much the slider disturbs them) and each
+image's fidelity to the ideal render of its read strengths ("toy_image_error", "toy_color_error",
+"toy_position_error", "toy_size_error": 0 = faithful, see slideredit/toy/fidelity.py). "auto"
 (default) picks "toy" when every sweep's model (sweep.json's "model", or --model) is a folder holding
 the toy model (its flux1-toy.safetensors), else "pretrained":
 
@@ -56,7 +58,8 @@ from slideredit.explorer import write_explorer
 from slideredit.grids import save_png
 from slideredit.image import load_image, to_rgb
 from slideredit.evaluation import (ArcFaceDistance, BlipItmScore, ClipScore, DinoDistance, HubUnreachableError,
-                                   LpipsDistance, SiglipScore, Sweep, SweepCell, ToyEditStrength, check_hub_source,
+                                   LpipsDistance, SiglipScore, Sweep, SweepCell, TOY_FIDELITY_TITLES, ToyEditStrength,
+                                   ToyFidelity, check_hub_source,
                                    continuity_score, draw_curves, is_toy_model, monotonicity_score,
                                    other_instructions, read_sweep, write_sweep)
 from slideredit.evaluation.sharding import CellManifest, digest, file_digest, from_main, rank_device, render_in_rounds
@@ -65,12 +68,13 @@ from slideredit.training.distributed import Distributed, cleanup_distributed, se
 TEXT_METRICS = ("clip", "siglip", "blip")        # scored against the case's attribute phrase
 DISTANCE_METRICS = ("dino", "lpips", "arcface")  # measured against the sweep's source image
 DEFAULT_METRICS = "clip,siglip,blip,dino"        # the ones that need no optional package
-TOY_METRICS = ("toy", "toy_others")              # --scorer toy: read from the toy world's attributes
+TOY_METRICS = ("toy", "toy_others", *TOY_FIDELITY_TITLES)  # --scorer toy: read from the toy world's attributes
 MODEL_FLAGS = {"clip": "--clip-model", "siglip": "--siglip-model", "blip": "--blip-model", "dino": "--dino-model"}
 TITLES = {"toy": "toy: edit strength (0 = source, 1 = edit)", "toy_others": "toy_others: the other edits' strength",
           "clip": "clip: CLIP cosine", "siglip": "siglip: SigLIP match probability",
           "blip": "blip: BLIP ITM match probability", "dino": "dino: DINOv2 distance to source",
-          "lpips": "lpips: LPIPS distance to source", "arcface": "arcface: identity distance to source"}
+          "lpips": "lpips: LPIPS distance to source", "arcface": "arcface: identity distance to source",
+          **TOY_FIDELITY_TITLES}
 MODEL_MODE_ONLY = ("model", "gstlora", "stlora", "cases", "alphas", "seed", "steps", "guidance", "dtype")
 SWEEP_MODE_ONLY = ("sweep", "attribute")
 MANIFEST = "manifest.json"  # in --out/sweeps: the cells made so far, while model mode runs
@@ -141,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "give it once per slider, in sub-prompt order (default: the sweep's prompt, "
                              "or its sub-prompts for STLoRA)")
     parser.add_argument("--scorer", choices=("auto", "toy", "pretrained"), default="auto",
-                        help="toy: offline edit strength for toy-model sweeps (metrics toy, toy_others); "
+                        help="toy: offline edit strength and fidelity for toy-model sweeps (metrics toy, toy_others, "
+                             "toy_image_error, toy_color_error, toy_position_error, toy_size_error); "
                              "pretrained: the models of --metrics; auto: toy when every sweep was made with "
                              "the toy model, else pretrained (default: auto)")
     parser.add_argument("--metrics", type=parse_metrics, default=None,
@@ -174,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.scorer == "toy" and args.metrics is not None:
-        parser.error("--metrics chooses the pretrained scorers; --scorer toy always reports toy,toy_others")
+        parser.error(f"--metrics chooses the pretrained scorers; --scorer toy always reports {','.join(TOY_METRICS)}")
     rank, processes = torchrun_rank()
     if processes > 1 and args.model is None:
         parser.error(f"torchrun's {processes} processes split model mode's cells (--model); --sweep only scores, "
@@ -413,15 +418,17 @@ def evaluate_sweep(cases: list[Case], evaluators: dict) -> list[list[dict]]:
 
 def toy_scores(prompt: str, attribute: str, images: list[Image.Image], source: Image.Image, scorer: ToyEditStrength,
                where: str) -> dict:
-    """toy: the strength of the attribute's instruction; toy_others: of the prompt's other edits (NaN if none).
-    What the toy readers cannot read is a ValueError starting with `where`."""
+    """toy: the strength of the attribute's instruction; toy_others: of the prompt's other edits (NaN if none);
+    the fidelity metrics of the whole prompt (ToyFidelity). What the toy readers cannot read is a ValueError
+    starting with `where`."""
     try:
         own = scorer(images, source, attribute).tolist()
         others = other_instructions(prompt, attribute)
         rest = scorer(images, source, " and ".join(others)).tolist() if others else [math.nan] * len(images)
+        fidelity = {name: values.tolist() for name, values in ToyFidelity()(images, source, prompt).items()}
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    return {"toy": own, "toy_others": rest}
+    return {"toy": own, "toy_others": rest, **fidelity}
 
 
 def check_toy_cases(specs: list[CaseSpec], cases_file: Path) -> None:
@@ -464,12 +471,14 @@ def summarise(case: Case, rows: list[dict], metrics: list[str]) -> dict:
 
 
 def cell_scores(cases: list[Case], per_case_rows: list[list[dict]], metrics: list[str]) -> dict[str, dict]:
-    """For the explorer page: each cell's scores, a text score once per case ("clip (curly hair)")."""
+    """For the explorer page: each cell's scores, a text score once per case ("clip (curly hair)"); a score
+    of the image alone (a distance, a toy fidelity metric) once."""
     sweep, scores = cases[0].sweep, {}
     for case, rows in zip(cases, per_case_rows):
         for cell, row in zip(sweep.cells, rows):
             for name in metrics:
-                label = name if name in DISTANCE_METRICS else f"{name} ({case.attribute})"
+                per_image = name in DISTANCE_METRICS or name in TOY_FIDELITY_TITLES
+                label = name if per_image else f"{name} ({case.attribute})"
                 scores.setdefault(cell.image, {})[label] = row[name]
     return scores
 

@@ -298,8 +298,9 @@ def test_toy_scorer_is_chosen_for_toy_sweeps_and_reads_the_strengths(tmp_path):
     assert eval_script.main(["--sweep", str(folder), "--out", str(out)]) == 0  # no model flags: nothing to load
     rows, summary, curves = read_outputs(out)
 
-    assert list(rows[0]) == ["case", "attribute", "alpha", "alphas", "image", "toy", "toy_others"]
-    assert summary["inputs"]["scorer"] == "toy" and summary["inputs"]["metrics"] == ["toy", "toy_others"]
+    toy_metrics = ["toy", "toy_others", "toy_image_error", "toy_color_error", "toy_position_error", "toy_size_error"]
+    assert list(rows[0]) == ["case", "attribute", "alpha", "alphas", "image", *toy_metrics]
+    assert summary["inputs"]["scorer"] == "toy" and summary["inputs"]["metrics"] == toy_metrics
     first, second = rows[:9], rows[9:]
     np.testing.assert_allclose([float(r["toy"]) for r in first], [truth[c][0] for c in grid], atol=0.03)
     np.testing.assert_allclose([float(r["toy_others"]) for r in first], [truth[c][1] for c in grid], atol=0.03)
@@ -321,7 +322,8 @@ def test_toy_scorer_is_chosen_for_toy_sweeps_and_reads_the_strengths(tmp_path):
             "toy (make the square red)": float(first[index]["toy"]),
             "toy_others (make the square red)": float(first[index]["toy_others"]),
             "toy (make the circle larger)": float(second[index]["toy"]),
-            "toy_others (make the circle larger)": float(second[index]["toy_others"])}
+            "toy_others (make the circle larger)": float(second[index]["toy_others"]),
+            **{name: float(first[index][name]) for name in toy_metrics[2:]}}  # of the image: shown once
 
     # Explicitly, for a sweep whose model folder is gone (e.g. copied from another machine).
     other = tmp_path / "moved"

@@ -5,6 +5,7 @@
                    (images, sources) -> (N,)
     continuity.py  continuity_score (the release's chi^2 measure), monotonicity_score (Spearman)
     toy.py         ToyEditStrength: (images, source, toy instruction) -> (N,), offline, for toy-model sweeps
+                   ToyFidelity: (images, source, toy prompt) -> {metric: (N,)}, the images against the ideal render
     sweep.py       the sweep folder format shared with infer.py: read_sweep, write_sweep
     plot.py        draw_curves: slider-response curves with PIL
     release.py     the SliderEdit release's evaluation API (CLIPEvaluator, ..., chi_square_1d), over the above
@@ -16,11 +17,12 @@ from .loading import EvaluatorLoadError, HubUnreachableError, MissingExtraError,
 from .plot import draw_curves
 from .scores import BlipItmScore, ClipScore, SiglipScore
 from .sweep import Sweep, SweepCell, SweepFormatError, read_sweep, write_sweep
-from .toy import ToyEditStrength, is_toy_model, other_instructions, read_source_scene
+from .toy import TOY_FIDELITY_TITLES, ToyEditStrength, ToyFidelity, is_toy_model, other_instructions, read_source_scene
 
 __all__ = [
     "ArcFaceDistance", "BlipItmScore", "ClipScore", "DinoDistance", "EvaluatorLoadError", "HubUnreachableError",
     "LpipsDistance", "MissingExtraError", "SiglipScore", "Sweep", "SweepCell", "SweepFormatError", "ToyEditStrength",
+    "TOY_FIDELITY_TITLES", "ToyFidelity",
     "average_ranks", "check_hub_source", "continuity_score", "draw_curves", "is_toy_model", "monotonicity_score",
     "other_instructions", "read_source_scene", "read_sweep", "spearman", "write_sweep",
 ]

@@ -1,9 +1,11 @@
-"""An offline scorer for sweeps of the toy model: edit strength read with the toy world's attribute readers.
+"""Offline scorers for sweeps of the toy model: edit strength and fidelity, read with the toy world's readers.
 
 No network and no learned model: the source scene is measured back from the sweep's source image, and
 each cell is scored with `slideredit.toy.shapes.edit_strength` (0 = the source's attribute, 1 = the
-edit's target, above 1 exaggerated). A sweep made with the toy model is recognised by its model folder
-holding the toy transformer file (`slideredit.toy.models.TRANSFORMER_FILE`, "flux1-toy.safetensors").
+edit's target, above 1 exaggerated) and with `slideredit.toy.fidelity.read_fidelity` (how far the cell
+is from the ideal render of its read strengths: colour leaks, moved shapes, sizes nobody asked to
+change). A sweep made with the toy model is recognised by its model folder holding the toy transformer
+file (`slideredit.toy.models.TRANSFORMER_FILE`, "flux1-toy.safetensors").
 """
 from __future__ import annotations
 
@@ -15,11 +17,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..toy.fidelity import read_fidelity
 from ..toy.shapes import (BACKGROUND, HALF, IMAGE_SIZE, SHAPES, Edit, Scene, Shape, edit_strength,
                           parse_instruction, read_shape)
 from .loading import check_images
 
 TOY_TRANSFORMER_FILE = "flux1-toy.safetensors"  # slideredit.toy.models.TRANSFORMER_FILE, without importing it
+# ToyFidelity's metrics (slideredit.toy.fidelity.FidelityReading's quantities, "toy_" + name) and their titles
+TOY_FIDELITY_TITLES = {
+    "toy_image_error": "toy_image_error: mean |RGB| off the ideal render (0..255)",
+    "toy_color_error": "toy_color_error: worst shape's core colour off the ideal (RGB distance)",
+    "toy_position_error": "toy_position_error: worst shape's centroid offset (px)",
+    "toy_size_error": "toy_size_error: worst shape's |size| off the ideal (px)",
+}
 
 
 def is_toy_model(model: str | os.PathLike, relative_to: Path | None = None) -> bool:
@@ -69,6 +79,17 @@ def other_instructions(prompt: str, instruction: str) -> list[str]:
     return [edit.instruction for edit in parse_instruction(prompt) if edit not in own]
 
 
+def _toy_inputs(images: Sequence[Image.Image], source: Image.Image) -> tuple[list[Image.Image], Scene]:
+    """The images as RGB, checked to be the readers' 128x128, and the source image's scene."""
+    images = check_images(images)
+    scene = read_source_scene(source)
+    for index, image in enumerate(images):
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"images[{index}] is {image.width}x{image.height}; the toy readers need "
+                             f"{IMAGE_SIZE}x{IMAGE_SIZE}")
+    return images, scene
+
+
 class ToyEditStrength:
     """(images, source image, toy instruction) -> (N,) edit strengths, float64.
 
@@ -77,14 +98,28 @@ class ToyEditStrength:
     """
 
     def __call__(self, images: Sequence[Image.Image], source: Image.Image, instruction: str) -> torch.Tensor:
-        images = check_images(images)
         edits: tuple[Edit, ...] = parse_instruction(instruction)
         if not edits:
             raise ValueError(f"{instruction!r} holds no toy edit to measure")
-        scene = read_source_scene(source)
-        for index, image in enumerate(images):
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise ValueError(f"images[{index}] is {image.width}x{image.height}; the toy readers need "
-                                 f"{IMAGE_SIZE}x{IMAGE_SIZE}")
+        images, scene = _toy_inputs(images, source)
         strengths = [[edit_strength(image, scene, edit) for edit in edits] for image in images]
         return torch.tensor(strengths, dtype=torch.float64).mean(dim=1)
+
+
+class ToyFidelity:
+    """(images, source image, toy prompt) -> {metric: (N,) float64}, the metrics of TOY_FIDELITY_TITLES.
+
+    Each image against the ideal render of the prompt's edits (all of them: the ideal is the whole edited
+    scene) at the strengths read from that image, see slideredit/toy/fidelity.py: the image error (mean
+    |RGB|), and the worse shape's core-colour error (RGB distance), centroid offset and |size error| (px).
+    0 is a faithful picture. The source scene is read from the source image, so even an exact render of
+    its edits reads a little above 0 (the readers' size error, about 0.1 px per edge).
+    """
+
+    def __call__(self, images: Sequence[Image.Image], source: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+        edits = parse_instruction(prompt)
+        images, scene = _toy_inputs(images, source)
+        readings = [read_fidelity(image, scene, edits) for image in images]
+        return {name: torch.tensor([getattr(reading, name.removeprefix("toy_")) for reading in readings],
+                                   dtype=torch.float64)
+                for name in TOY_FIDELITY_TITLES}
