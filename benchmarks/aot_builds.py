@@ -3,10 +3,11 @@
 Every launch the kernels make for FLUX.1 Kontext [dev] is replayed on meta tensors through the real
 launcher (kernels/masked_lora.py's autograd function, forward and backward, with the Triton kernels'
 launches intercepted and the card answering the launcher's `device_target`), so the builds have exactly
-the launcher's arguments, specialisation and build flags on each card. Each
-launch is then compiled with Triton for every candidate config of its autotuner (kept or pruned for the
-card, as the launcher's pruning decides) and each build is checked with Triton's bundled ptxas:
-registers, spill bytes, shared memory against the card's limit, and the tensor-core instruction used.
+the launcher's arguments, specialisation and build flags on each card. Each launch is then compiled
+with Triton for every candidate config of its autotuner (kept or pruned for the card, as the launcher's
+pruning decides) and each build is checked with Triton's bundled ptxas: registers, spill bytes, shared
+memory against the card's limit, and the tensor-core instruction used. --quick builds, per card, kernel
+and weight dtype, only the kept config whose build the pruning expects to need the most shared memory.
 
 The grid: the adapted linears (GSTLoRA's targets: double-block qkv, proj, mlp.0, mlp.2 of both streams
 and the single blocks' linear1) at 8704 tokens (a 1024^2 edit), bf16 and fp8 weights, bf16 and fp32
@@ -27,11 +28,16 @@ Each build is one JSON object with exactly these keys:
   shared_bytes  the shared memory the build needs (Triton's metadata.shared); smem_limit: the card's
   mma           wgmma, mma.sync or none: the tensor-core instruction in the PTX
 
-The exit status is 1 when a kept build fails, spills or needs more shared memory than the card has.
+The exit status is 1 when a kept build fails, spills or needs more shared memory than the card has
+(with --require-wgmma-in-flight also when a kept wgmma build's main loop waits for each wgmma before it
+prepares the next tiles: `wgmmas_in_flight` reads that from the PTX). Where the pruning's estimate of a
+build's shared memory is wrong, or it drops a build that would fit without spilling, a note says so.
 
-    python benchmarks/aot_builds.py --arch 80 86 89 90 --json builds.json     # every build (minutes)
+    python benchmarks/aot_builds.py --arch 80 86 89 90 --json builds.json   # ~500 builds, 30 min on 2 cores
     python benchmarks/aot_builds.py --arch 86 90 --quick --json quick.json   # one build per kernel family
     python benchmarks/aot_builds.py --arch 89 --kernel gemm_dx --weight-dtype float8_e4m3fn --json dx.json
+    python benchmarks/aot_builds.py --arch 90 --quick --weight-dtype float8_e4m3fn --require-wgmma-in-flight \
+        --json fp8.json
 """
 from __future__ import annotations
 
@@ -287,8 +293,9 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: " + " ".join(str(error).split())
 
 
-def build(launch: Launch, config: triton.Config, kept: bool) -> dict:
-    """One row of the JSON: compile, then read the build's resources."""
+def build(launch: Launch, config: triton.Config, kept: bool) -> tuple[dict, str | None]:
+    """One row of the JSON (compile, then read the build's resources), and the build's PTX (None if it
+    did not compile)."""
     arch = launch.target.arch
     row = {
         "arch": arch, "kernel": launch.kernel, "weight_dtype": str(launch.weight_dtype).removeprefix("torch."),
@@ -302,11 +309,11 @@ def build(launch: Launch, config: triton.Config, kept: bool) -> dict:
         kernel = compile_launch(launch, config)
     except Exception as error:  # a build that fails is a result here, reported in the row
         row["error"] = _one_line(error)
-        return row
+        return row, None
     ptx = kernel.asm["ptx"]
     row["registers"], row["spill_bytes"] = ptxas_usage(ptx, arch)
     row.update(ok=True, shared_bytes=kernel.metadata.shared, mma=mma_kind(ptx))
-    return row
+    return row, ptx
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,7 +361,7 @@ def problems(rows: list[dict]) -> list[str]:
     for row in rows:
         if not row["kept"]:
             continue
-        where = f"sm_{row['arch']} {row['kernel']} {row['weight_dtype']} {_config_text(row['config'])}"
+        where = _where(row)
         if not row["ok"]:
             out.append(f"{where}: does not compile: {row['error']}")
         elif row["spill_bytes"]:
@@ -364,12 +371,24 @@ def problems(rows: list[dict]) -> list[str]:
     return out
 
 
+def serial_wgmma(row: dict, ptx: str | None) -> list[str]:
+    """--require-wgmma-in-flight: a kept wgmma build whose main loop waits for each wgmma before it
+    prepares the next tiles (as the sm_90 loops that convert a tile through registers do)."""
+    if row["kept"] and row["mma"] == "wgmma" and wgmmas_in_flight(ptx) == 0:
+        return [f"{_where(row)}: the main loop keeps no wgmma in flight (wgmma.wait_group 0)"]
+    return []
+
+
+def _where(row: dict) -> str:
+    return f"sm_{row['arch']} {row['kernel']} {row['weight_dtype']} {_config_text(row['config'])}"
+
+
 def model_notes(row: dict, estimate: int) -> list[str]:
     """Where the pruning's model disagrees with a build: its shared-memory estimate is not the build's, or
     it drops a config whose build compiles without spilling and fits the card."""
     if not row["ok"]:
         return []
-    where = f"sm_{row['arch']} {row['kernel']} {row['weight_dtype']} {_config_text(row['config'])}"
+    where = _where(row)
     notes = []
     if estimate != row["shared_bytes"]:
         notes.append(f"{where}: the pruning estimates {estimate} B of shared memory, the build needs {row['shared_bytes']}")
@@ -437,6 +456,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weight-dtype", help="only this weight dtype, torch's name (bfloat16, float8_e4m3fn, "
                                                "float32 for the shrinks' fp32 adapters)")
     parser.add_argument("--json", type=Path, required=True, metavar="FILE", help="where to write the builds")
+    parser.add_argument("--require-wgmma-in-flight", action="store_true",
+                        help="also fail on a kept wgmma build whose main loop waits for each wgmma (PTX)")
     args = parser.parse_args(argv)
     unknown = [a for a in args.arch if a not in T.SMEM_LIMITS]
     if unknown:
@@ -454,18 +475,20 @@ def main(argv: list[str] | None = None) -> int:
     if T.INTERPRET:
         raise SystemExit("aot_builds: slideredit.kernels was imported with TRITON_INTERPRET=1; run this script "
                          "directly (it unsets the variable) to build for GPUs")
-    rows, notes, tiles = [], [], {}
+    rows, notes, serial, tiles = [], [], [], {}
     for arch in args.arch:
         launches = selected(flux_launches(arch), args.kernel, args.weight_dtype)
         tiles.update(tiles_kept(launches))
         for launch, config, kept in planned_builds(launches, args.quick):
-            rows.append(build(launch, config, kept))
-            notes += model_notes(rows[-1], _smem_estimate(launch, config))
-            _print_row(rows[-1])
+            row, ptx = build(launch, config, kept)
+            rows.append(row)
+            notes += model_notes(row, _smem_estimate(launch, config))
+            serial += serial_wgmma(row, ptx) if args.require_wgmma_in_flight else []
+            _print_row(row)
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
     for line in notes:
         print(f"aot_builds: note: {line}", file=sys.stderr)
-    bad = problems(rows)
+    bad = problems(rows) + serial
     for line in bad:
         print(f"aot_builds: {line}", file=sys.stderr)
     print("\n".join(["", *summary(rows, tiles), ""]))

@@ -178,3 +178,12 @@ def test_summary_counts_tiles_and_builds_per_card_kernel_and_weight():
         "| sm_89 | gemm_dx | float8_e4m3fn | 3 / 5 | 2 / 3 | 2 | 210 | 0 | 70500 / 101376 | mma.sync |",
         "| sm_89 | gemm_forward | float8_e4m3fn | 5 / 5 | 1 / 1 | 0 | - | - | - / 101376 | - |",
     ]
+
+
+def test_require_wgmma_in_flight_flags_kept_wgmma_loops_that_wait_for_each():
+    wgmma = row(arch=90, mma="wgmma", smem_limit=232_448)
+    serial, pipelined = PTX_LOOP.replace("{wait}", "0"), PTX_LOOP.replace("{wait}", "1")
+    assert "keeps no wgmma in flight" in aot_builds.serial_wgmma(wgmma, serial)[0]
+    assert aot_builds.serial_wgmma(wgmma, pipelined) == []
+    assert aot_builds.serial_wgmma({**wgmma, "kept": False}, serial) == []
+    assert aot_builds.serial_wgmma(row(), None) == []  # mma.sync: no wgmma to keep in flight
