@@ -3,8 +3,8 @@
 The first call for a shape key runs the Triton and the PyTorch path on the same inputs, checks that they
 agree, times both with CUDA events and keeps the faster; the choice is cached in the process and on disk,
 so later calls (and later processes on the same GPU and versions) measure nothing: a cached key costs one
-dict lookup. A Triton path that disagrees, fails to compile or fails to launch loses its key to PyTorch,
-with one warning naming the shape and the reason.
+dict lookup and a device guard. A Triton path that disagrees, fails to compile or fails to launch loses its
+key to PyTorch, with one warning naming the shape and the reason.
 
 Which backend a call gets (first match):
   1. the `backend=` argument ("triton", "torch" or "auto"): code that needs one path says so, e.g. the
@@ -22,13 +22,35 @@ at TF32's precision since either side may use TF32 when torch allows it: bf16 2^
 It catches a wrong build (garbage, a missing term, a broken tile); Y's check sees the low-rank term only
 at Y's scale, which is why H~ (the low-rank part alone) is checked too.
 
+Where and when it measures:
+  - on the inputs' device: every call, the measurement and the timing events run under a guard for
+    that device, on its current stream (with `--device cuda:1` the current device may be GPU 0);
+  - timing: up to REPS interleaved samples per backend (at least MIN_REPS), each after a write of twice
+    the GPU's L2 cache (each sample reads its operands from memory, as a layer does in the model), until
+    BUDGET_S of device time has been measured;
+  - never while a CUDA graph is being captured (checking and timing synchronise, which would invalidate
+    the capture): an undecided key takes the PyTorch path there, unsaved, and is decided on a later call;
+  - a choice read from disk is confirmed by its first call, under the lock that guards decisions (Triton
+    autotunes and compiles there); a Triton failure there, or on any later call, hands the key to PyTorch
+    as a failure while measuring does.
+
+Which verdicts are saved: a "faster" decision, a disagreement and a Triton build failure (compile error,
+out of shared memory, ptxas) repeat on every run of the same build, so they go to disk. Anything else
+(out of memory while both paths' outputs are alive, a capture or launch error) may not repeat: the key
+takes PyTorch in this process only and is measured again in the next.
+
 Disk cache: $XDG_CACHE_HOME/slideredit/lora_dispatch.json (default ~/.cache/slideredit/), one section per
-"torch <version> | triton <version>", entries keyed by the shape key (GPU name first). Rewritten
-atomically (temporary file + rename, the mode a plain open() gives) after each new decision, merged with
+versions(): torch, triton, the CUDA runtime and driver, and a hash of the kernels' source (an edit of
+kernels/*.py re-verifies every key). Entries keyed by the shape key (GPU name first). Rewritten
+atomically (temporary file + rename, the mode a plain open() gives) after each saved decision, merged with
 what other processes wrote meanwhile. A corrupt file is ignored (one warning) and rewritten.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import hashlib
 import json
 import os
 import secrets
@@ -46,9 +68,16 @@ ENV_VAR = "SLIDEREDIT_LORA_BACKEND"
 CHOICES = ("auto", "triton", "torch")
 CACHE_FORMAT = 1
 TOLERANCE = {torch.bfloat16: 2.0**-5, torch.float16: 2.0**-8, torch.float32: 2.0**-9}
-REPS = 5  # timed calls per backend, interleaved
+REPS = 20  # at most this many timed samples per backend, interleaved
+MIN_REPS = 3  # at least this many, even past the budget: a median of one or two samples is noise
 BUDGET_S = 0.05  # stop timing a key once this much device time has been measured (after compilation)
 _CHUNK = 1 << 22  # elements compared at a time: the check never holds an fp32 copy of a whole output
+# Triton's build failures: the same on every run of one build on one card, so worth saving to disk.
+# Matched by name, so that this module imports without triton.
+_BUILD_ERRORS = ("CompilationError", "OutOfResources", "PTXASError")
+_KERNELS_DIR = Path(__file__).parent
+
+Timer = Callable[[Callable[[], object], torch.device], float]
 
 
 class Key(NamedTuple):
@@ -77,6 +106,7 @@ class Decision:
     reason: str  # "faster", or why the Triton path lost its key
     ms: dict[str, float] = field(default_factory=dict)  # median time per backend
     source: str = "measured"  # "measured" in this process, or "disk"
+    transient: bool = False  # lost to a failure that may not repeat: kept in this process only
 
 
 def m_bucket(m: int) -> int:
@@ -98,14 +128,32 @@ def resolve(backend: str | None, is_cuda: bool, env: Mapping[str, str] = os.envi
     return forced or "auto"
 
 
-def cuda_event_timer(fn: Callable[[], object]) -> float:
-    """Seconds one call of fn takes on the current CUDA stream."""
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Run launches on `device` (its current stream), not on the current CUDA device: Triton launches on
+    the current device whatever its arguments' device is. No-op for other devices."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def cuda_event_timer(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of fn takes on `device`'s current stream."""
+    stream = torch.cuda.current_stream(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    start.record(stream)
     fn()
-    end.record()
+    end.record(stream)
     end.synchronize()
     return start.elapsed_time(end) / 1e3
+
+
+def l2_flush_bytes(device: torch.device) -> int:
+    """Twice the device's L2 cache: writing this many bytes evicts whatever a timed call left there."""
+    return 2 * torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def flush_l2(device: torch.device) -> None:
+    """Evict the L2 cache of `device` before a timed sample, so that each sample reads its operands from
+    memory (in the model, a layer's weight is not in L2 when the layer runs)."""
+    torch.empty(l2_flush_bytes(device), dtype=torch.uint8, device=device).zero_()
 
 
 def default_cache_path() -> Path:
@@ -113,15 +161,43 @@ def default_cache_path() -> Path:
     return Path(root) / "slideredit" / "lora_dispatch.json"
 
 
+@functools.cache
+def kernels_source_hash(folder: Path = _KERNELS_DIR) -> str:
+    """A hash of the kernels' source (every .py file in `folder`, by name and content), read once."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def cuda_driver_version() -> str:
+    """The CUDA driver's version (cuDriverGetVersion, e.g. 12040), "none" without CUDA: the driver's JIT
+    and its limits change what a build does. torch does not report it, so it is asked directly."""
+    if not torch.cuda.is_available():
+        return "none"
+    for library in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            libcuda = ctypes.CDLL(library)
+        except OSError:
+            continue
+        version = ctypes.c_int()
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return str(version.value)
+    return "unknown"
+
+
 def versions() -> str:
-    """The disk cache's section: a new torch or triton re-measures everything."""
+    """The disk cache's section: new torch, triton, CUDA or driver versions, or an edit of the kernels,
+    re-measure everything."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return f"torch {torch.__version__} | triton {triton_version}"
+    return (f"torch {torch.__version__} | triton {triton_version} | cuda {torch.version.cuda} | "
+            f"driver {cuda_driver_version()} | kernels {kernels_source_hash()}")
 
 
 def disagreement(reference: tuple[torch.Tensor, ...], other: tuple[torch.Tensor, ...], tolerance: float) -> str | None:
@@ -142,68 +218,113 @@ def disagreement(reference: tuple[torch.Tensor, ...], other: tuple[torch.Tensor,
     return None
 
 
-class Dispatcher:
-    """Measures each new key once, then answers from memory. `timer` and `cache_path` are the seams:
-    CUDA events and the user cache file by default; tests give a fake clock and a temporary file."""
+def describe(error: Exception) -> str:
+    """One line naming a failure. Triton's compile errors keep their reason in `error_message`: their
+    text starts with a source excerpt ("at 1:0:")."""
+    text = getattr(error, "error_message", None) or str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
-    def __init__(self, cache_path: Path | None = None, timer: Callable[[Callable[[], object]], float] = cuda_event_timer,
-                 reps: int = REPS, budget_s: float = BUDGET_S):
+
+def is_build_error(error: Exception) -> bool:
+    """Whether `error` is one of Triton's build failures, which repeat on every run of the same build."""
+    return any(cls.__module__.startswith("triton.") and cls.__name__ in _BUILD_ERRORS for cls in type(error).__mro__)
+
+
+class Dispatcher:
+    """Measures each new key once, then answers from memory. `timer`, `flush` and `cache_path` are the
+    seams: CUDA events, an L2 flush and the user cache file by default; tests give a fake clock, a
+    recording flush and a temporary file."""
+
+    def __init__(self, cache_path: Path | None = None, timer: Timer = cuda_event_timer,
+                 flush: Callable[[torch.device], None] = flush_l2, reps: int = REPS, min_reps: int = MIN_REPS,
+                 budget_s: float = BUDGET_S):
         self.cache_path = cache_path
-        self.timer, self.reps, self.budget_s = timer, reps, budget_s
-        self._choices: dict[Key, str] = {}  # the hot path
+        self.timer, self.flush = timer, flush
+        self.reps, self.min_reps, self.budget_s = reps, min_reps, budget_s
+        self._choices: dict[Key, str] = {}  # the hot path: decided, or read from disk and confirmed by a call
         self._records: dict[Key, Decision] = {}
         self._disk: dict[str, dict] | None = None  # this versions() section of the file, read on the first miss
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered when a call under it hands its key to PyTorch
         self._warned_file = False
 
-    def run(self, key: Key, compute: Callable[[str], tuple[torch.Tensor, ...]], tolerance: float) -> tuple:
-        """compute(backend) -> output tensors; the reference is "torch". Returns the chosen backend's outputs."""
-        choice = self._choices.get(key)
-        if choice is not None:
-            return compute(choice)
-        with self._lock:
-            return self._decide(key, compute, tolerance)
+    def run(self, key: Key, compute: Callable[[str], tuple[torch.Tensor, ...]], tolerance: float,
+            device: torch.device) -> tuple:
+        """compute(backend) -> output tensors of inputs on `device`; the reference is "torch". Returns the
+        chosen backend's outputs."""
+        with on_device(device):
+            choice = self._choices.get(key)
+            if choice is not None:
+                return self._call(key, choice, compute)
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return compute("torch")  # deciding would synchronise inside the capture: decide on a later call
+            with self._lock:
+                return self._decide(key, compute, tolerance, device)
 
     def decisions(self) -> list[Decision]:
         return list(self._records.values())
 
-    def _decide(self, key: Key, compute, tolerance: float) -> tuple:
+    def _call(self, key: Key, backend: str, compute) -> tuple:
+        """compute(backend) for a chosen backend. A Triton failure there (the first call of a choice read
+        from disk, which autotunes; a new specialisation that fails to build) hands the key to PyTorch."""
+        try:
+            return compute(backend)
+        except Exception as error:
+            if backend != "triton":
+                raise
+            with self._lock:
+                self._lose(key, describe(error), saved=is_build_error(error))
+            return compute("torch")
+
+    def _decide(self, key: Key, compute, tolerance: float, device: torch.device) -> tuple:
         if key in self._choices:  # another thread decided it while this one waited for the lock
-            return compute(self._choices[key])
+            return self._call(key, self._choices[key], compute)
         stored = self._read_disk().get(key.text())
         if stored is not None and stored.get("backend") in ("triton", "torch"):
-            self._remember(Decision(key, stored["backend"], stored.get("reason", ""), stored.get("ms", {}), "disk"))
-            return compute(stored["backend"])
+            decision = Decision(key, stored["backend"], stored.get("reason", ""), stored.get("ms", {}), "disk")
+            outputs = self._call(key, decision.backend, compute)  # under the lock: Triton autotunes here
+            if key not in self._choices:  # the call succeeded: later calls skip the lock
+                self._remember(decision)
+            return outputs
 
         reference = compute("torch")  # a failure here is the caller's error: let it raise
         try:
             candidate = compute("triton")  # compiles and autotunes
             problem = disagreement(reference, candidate, tolerance)
-            times = None if problem else self._time(compute)
-        except Exception as error:  # a compile or launch failure of the Triton path
-            problem = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            times = None if problem else self._time(compute, device)
+        except Exception as error:  # a compile or launch failure of the Triton path, or out of memory
+            self._lose(key, describe(error), saved=is_build_error(error))
+            return reference
         if problem:
-            decision = Decision(key, "torch", problem)
-            warnings.warn(f"masked_lora_linear: the Triton path is not used for {key.text()}: {problem}; "
-                          f"using the PyTorch path for this shape", RuntimeWarning, stacklevel=4)
-            outputs = reference
-        else:
-            backend = "triton" if times["triton"] < times["torch"] else "torch"
-            decision = Decision(key, backend, "faster", {b: t * 1e3 for b, t in times.items()})
-            outputs = candidate if backend == "triton" else reference
+            self._lose(key, problem, saved=True)
+            return reference
+        backend = "triton" if times["triton"] < times["torch"] else "torch"
+        decision = Decision(key, backend, "faster", {b: t * 1e3 for b, t in times.items()})
         self._remember(decision)
         self._write_disk(decision)
-        return outputs
+        return candidate if backend == "triton" else reference
 
-    def _time(self, compute) -> dict[str, float]:
-        """Median seconds per backend over up to `reps` interleaved rounds, fewer past the budget."""
+    def _lose(self, key: Key, problem: str, saved: bool) -> None:
+        """The key takes PyTorch, with one warning; on disk too if the failure repeats (`saved`)."""
+        scope = "for this shape" if saved else "for this shape in this process (the next one tries again)"
+        warnings.warn(f"masked_lora_linear: the Triton path is not used for {key.text()}: {problem}; "
+                      f"using the PyTorch path {scope}", RuntimeWarning, stacklevel=5)
+        decision = Decision(key, "torch", problem, transient=not saved)
+        self._remember(decision)
+        if saved:
+            self._write_disk(decision)
+
+    def _time(self, compute, device: torch.device) -> dict[str, float]:
+        """Median seconds per backend over interleaved rounds, each sample after an L2 flush: at least
+        `min_reps` rounds, at most `reps`, fewer past the budget."""
         samples = {"triton": [], "torch": []}
         spent = 0.0
-        for _ in range(self.reps):
+        for rounds in range(1, self.reps + 1):
             for backend, times in samples.items():
-                times.append(self.timer(lambda b=backend: compute(b)))
+                self.flush(device)
+                times.append(self.timer(lambda b=backend: compute(b), device))
                 spent += times[-1]
-            if spent >= self.budget_s:
+            if rounds >= self.min_reps and spent >= self.budget_s:
                 break
         return {backend: statistics.median(times) for backend, times in samples.items()}
 
@@ -238,7 +359,7 @@ class Dispatcher:
         if self.cache_path is None:
             return
         record = {"backend": decision.backend, "reason": decision.reason, "ms": decision.ms}
-        self._disk[decision.key.text()] = record
+        self._read_disk()[decision.key.text()] = record
         data = self._load_file()  # merge with what other processes wrote since we read it
         sections = data.get("sections", {})
         sections.setdefault(versions(), {}).update(self._disk)

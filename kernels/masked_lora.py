@@ -154,20 +154,66 @@ def _device_name(device: torch.device) -> str:
 def _compute(backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int,
              **options) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(H~, Y) = path(x, weight, bias, lora_a, lora_b, scale, rank, **options) on `backend`. "auto" asks the
-    dispatcher, keyed by `op` and these operands: the first call of a key runs both paths and compares
-    the outputs the call produces (it takes tensors only: H~ if there are adapters, then Y if needed)."""
-    if backend != "auto":
-        return _path(backend)(x, weight, bias, lora_a, lora_b, scale, rank, **options)
+    """(H~, Y) = path(x, weight, bias, lora_a, lora_b, scale, rank, **options) on `backend`. In a graph
+    being compiled, Triton and "auto" are one opaque op that runs them when the graph runs: the launches
+    and the dispatcher's bookkeeping cannot be traced (each was a graph break)."""
+    if backend == "torch":
+        return _torch_masked_lora(x, weight, bias, lora_a, lora_b, scale, rank, **options)
+    if torch.compiler.is_compiling():
+        outputs = _outside_the_graph(backend, op, x, weight, bias, lora_a, lora_b, scale, rank, **options)
+        return _pair(outputs, lora_a)
+    return _launch(backend, op, x, weight, bias, lora_a, lora_b, scale, rank, **options)
+
+
+def _launch(backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int,
+            **options) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Triton on x's device, or "auto": the dispatcher, keyed by `op` and these operands; the first call
+    of a key runs both paths and compares the outputs the call produces (H~ if there are adapters, then Y
+    if needed)."""
+    if backend == "triton":
+        with dispatch.on_device(x.device):  # Triton launches on the current device, whatever x's is
+            return _path(backend)(x, weight, bias, lora_a, lora_b, scale, rank, **options)
 
     def produced(name: str) -> tuple[torch.Tensor, ...]:
-        outputs = _path(name)(x, weight, bias, lora_a, lora_b, scale, rank, **options)
-        return tuple(t for t in outputs if t is not None)
+        return _tensors(_path(name)(x, weight, bias, lora_a, lora_b, scale, rank, **options))
 
     key = _key(op, x, weight, options.get("weight_scale"), bias, lora_a)
-    chosen = iter(dispatch.dispatcher().run(key, produced, dispatch.TOLERANCE[x.dtype]))
-    h = None if lora_a is None else next(chosen)
-    return h, next(chosen, None)
+    return _pair(dispatch.dispatcher().run(key, produced, dispatch.TOLERANCE[x.dtype], x.device), lora_a)
+
+
+def _tensors(outputs: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, ...]:
+    """(H~, Y) without the Nones: H~ if there are adapters, then Y if needed."""
+    return tuple(t for t in outputs if t is not None)
+
+
+def _pair(tensors, lora_a: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """_tensors' inverse: (H~, Y), H~ None without adapters, Y None if not produced."""
+    tensors = iter(tensors)
+    h = None if lora_a is None else next(tensors)
+    return h, next(tensors, None)
+
+
+@torch.library.custom_op("slideredit::masked_lora", mutates_args=())
+def _outside_the_graph(
+    backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int,
+    weight_scale: torch.Tensor | None = None, weight_scale_dim: int = 0, need_y: bool = True,
+) -> list[torch.Tensor]:
+    """_launch as an op a compiled graph calls without tracing it: _tensors of (H~, Y), H~ in x's dtype
+    (the Triton path keeps it in fp32; both uses of H~ round it to x's dtype), so that the outputs'
+    dtypes do not depend on the backend the dispatcher picks when the graph runs."""
+    h, y = _launch(backend, op, x, weight, bias, lora_a, lora_b, scale, rank, weight_scale=weight_scale,
+                   weight_scale_dim=weight_scale_dim, need_y=need_y)
+    return list(_tensors((None if h is None else h.to(x.dtype), y)))
+
+
+@_outside_the_graph.register_fake
+def _outside_the_graph_shapes(backend, op, x, weight, bias, lora_a, lora_b, scale, rank, weight_scale=None,
+                              weight_scale_dim=0, need_y=True):
+    """What the op returns, without running it, for tracing: empty (H~, Y) of the right shapes and dtype."""
+    h = None if lora_a is None else x.new_empty(x.shape[0], lora_a.shape[0])
+    return list(_tensors((h, x.new_empty(x.shape[0], weight.shape[0]) if need_y else None)))
 
 
 class _MaskedLoraLinear(torch.autograd.Function):
