@@ -32,6 +32,9 @@ is fp32, H~ stays fp32 until it is rounded to x's dtype for the expand dot. fp32
 unless torch allows TF32 matmuls (torch.backends.cuda.matmul.allow_tf32). fp8 (float8_e4m3fn) weight
 tiles are converted to x's dtype in the main loop (exact: e4m3 has 3 mantissa bits); in dX = dY W, where
 the row scale runs along the reduction, each tile is dequantized (times its scales, rounded to x's dtype).
+From sm_89 on the tiles load as fp8 and convert in hardware; below (A100, RTX 30xx, A10: Triton has no
+fp8e4nv there) they load as bytes, decoded exactly to value / 256 in fp16, the 256 going into the scales:
+the same results (`reads_fp8_as_bytes`, `_e4m3_bytes_to_fp16`).
 
 Autotuning: the key holds every build flag and M's power-of-two bucket; configs whose builds would not
 fit the device's shared memory or would spill registers are pruned before they are compiled (the
@@ -296,6 +299,29 @@ def _scaled_shrink_kernel(
 
 
 @triton.jit
+def _e4m3_bytes_to_fp16(b):
+    """float8_e4m3fn codes as uint8 -> fp16 holding the e4m3 value / 256, exact for every finite code.
+
+    (b + (b & 0x80)) << 7 puts e4m3's sign bit on fp16's, its 4 exponent bits on the low 4 of fp16's 5 and
+    its 3 mantissa bits on the top of fp16's 10 (the same bits as ((b & 0x80) << 8) | ((b & 0x7F) << 7),
+    in one operation fewer). fp16's exponent bias is e4m3's plus 8 and both have subnormals at the same
+    place, so every code reads as its value times 2^-8. Plain integer operations build on every card;
+    Triton takes fp8e4nv (float8_e4m3fn) tensors only from sm_89. The NaN codes 0x7F and 0xFF read as
+    +-1.875 (NaN / 256 would be NaN): the loaders refuse NaN weights (quantization.write_fp8_rows)."""
+    b = b.to(tl.uint16)
+    return ((b + (b & 0x80)) << 7).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _weight_scales(ws_ptr, offs, mask, w_ptr):
+    """fp8 row scales at offs, times 256 where the weight arrives as bytes (decoded to its value / 256)."""
+    ws = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    if w_ptr.dtype.element_ty == tl.uint8:
+        ws *= 256.0
+    return ws
+
+
+@triton.jit
 def _add_low_rank(acc, x_ptr, h_ptr, b_ptr, s_ptr, offs_m, offs_n, M, N, KR, R,
                   stride_hm, stride_hj, stride_bn, stride_bj, stride_sm, stride_sk,
                   BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -380,8 +406,10 @@ def _fused_linear_kernel(
             d_ok = offs_d < D - d0
             x = tl.load(x_ptrs, mask=d_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
+        if w_ptr.dtype.element_ty == tl.uint8:  # fp8 as bytes (cards below sm_89): value / 256 in fp16
+            w = _e4m3_bytes_to_fp16(w)
         if W_SCALE == W_SCALE_REDUCTION:  # fp8 W^T in dX = dY W: dequantize the tile along the reduction
-            ws = tl.load(ws_ptr + d0 + offs_d, mask=offs_d < D - d0, other=0.0)
+            ws = _weight_scales(ws_ptr + d0, offs_d, offs_d < D - d0, w_ptr)
             w = w.to(tl.float32) * ws[:, None]
         w = w.to(x_ptr.dtype.element_ty)  # fp8 -> x's dtype is exact; a no-op for x's own dtype
         if UPCAST:
@@ -391,7 +419,7 @@ def _fused_linear_kernel(
         x_ptrs += BLOCK_D * stride_xd
         w_ptrs += BLOCK_D * stride_wd
     if W_SCALE == W_SCALE_OUTPUTS:  # fp8 W: one scale per row of W, i.e. per column of Y, on the base term only
-        acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        acc *= _weight_scales(ws_ptr, offs_n, n_ok, w_ptr)[None, :]
         if HAS_LORA:  # then the slider term, unscaled
             acc = _add_low_rank(acc, x_ptr, h_ptr, b_ptr, s_ptr, offs_m, offs_n, M, N, KR, R,
                                 stride_hm, stride_hj, stride_bn, stride_bj, stride_sm, stride_sk,
@@ -401,6 +429,17 @@ def _fused_linear_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+NATIVE_FP8_ARCH = 89  # Triton takes fp8e4nv (float8_e4m3fn) tensors, converted in hardware, from sm_89 on
+
+
+def reads_fp8_as_bytes(target: GpuTarget) -> bool:
+    """Whether the GEMM gets an fp8 weight as its bytes and decodes them itself (`_e4m3_bytes_to_fp16`): on
+    cards below sm_89 (A100, RTX 30xx, A10), where Triton refuses fp8e4nv. From sm_89 on, and off CUDA (the
+    interpreter), it loads fp8 and converts with the hardware's instruction: about half the main loop's
+    instructions of the decode in sm_89 and sm_90 builds, the same results."""
+    return target.arch is not None and target.arch < NATIVE_FP8_ARCH
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -470,6 +509,8 @@ def fused_linear(
     w_scale = W_SCALE_NONE
     if weight_scale is not None:
         w_scale = W_SCALE_OUTPUTS if weight_scale_dim == 0 else W_SCALE_REDUCTION
+        if reads_fp8_as_bytes(device_target(x.device)):
+            weight = weight.view(torch.uint8)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fused_linear_kernel[grid](
         x, weight, weight_scale if weight_scale is not None else y, bias if bias is not None else y,

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from slideredit.kernels.masked_lora import fp8_linear, masked_lora_linear, masked_lora_reference
 from slideredit.kernels import masked_lora_triton
@@ -397,11 +399,82 @@ def dequantized(w8, w_scale):
 # dequantized weight to x's dtype once more: one more ulp than the unquantized bound.
 FP8_ULPS = {dtype: ulps + 1 for dtype, ulps in ULPS.items()}
 
+# The Triton GEMM reads fp8 weights two ways: as float8_e4m3fn where Triton converts them in hardware
+# (sm_89 and up: the interpreter's default here), and as bytes it decodes itself (cards below sm_89).
+FP8_BACKENDS = ["triton", "triton-bytes", "torch"]
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+
+def fp8_backend(backend, monkeypatch):
+    """The backend argument for one of FP8_BACKENDS: "triton-bytes" is the Triton path as it runs on
+    sm_80 / sm_86, selected by faking the card check the launcher makes."""
+    if backend == "triton-bytes":
+        monkeypatch.setattr(masked_lora_triton, "reads_fp8_as_bytes", lambda target: True)
+        return "triton"
+    return backend
+
+
+@triton.jit
+def _decode_all_codes(codes_ptr, out_ptr):
+    offs = tl.arange(0, 256)
+    tl.store(out_ptr + offs, masked_lora_triton._e4m3_bytes_to_fp16(tl.load(codes_ptr + offs)))
+
+
+def test_fp8_byte_decode_is_exact_on_every_finite_code():
+    """The kernel's decode of all 256 byte values against torch's float8_e4m3fn -> float32 cast: value / 256
+    on the 254 finite codes, both zeros included; the two NaN codes read as +-1.875 (documented)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    decoded = torch.full((256,), float("nan"), dtype=torch.float16)
+    _decode_all_codes[(1,)](codes, decoded)
+    value = codes.view(torch.float8_e4m3fn).float()
+    finite = torch.isfinite(value)
+    assert finite.sum() == 254
+    assert torch.equal(decoded.float()[finite] * 256, value[finite])
+    assert torch.equal(decoded.float()[finite].signbit(), value[finite].signbit())  # -0 stays -0
+    assert decoded.float()[~finite].tolist() == [1.875, -1.875]
+
+
+@pytest.mark.parametrize("arch,as_bytes", [(80, True), (86, True), (89, False), (90, False)])
+def test_fp8_weights_go_in_as_bytes_below_sm89(arch, as_bytes):
+    """A100 / RTX 30xx read fp8 as bytes (Triton refuses fp8e4nv there); Ada and Hopper keep the hardware
+    conversion; CPU tensors (the interpreter) keep float8."""
+    T = masked_lora_triton
+    assert T.reads_fp8_as_bytes(T.GpuTarget(arch, T.SMEM_LIMITS[arch])) is as_bytes
+    assert T.reads_fp8_as_bytes(T.device_target(torch.device("cpu"))) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fp8_byte_decode_gives_the_native_results_bit_for_bit(dtype, monkeypatch):
+    """Same kernel, same shapes: the byte form computes x (w / 256) and multiplies the scales by 256, powers
+    of two that round nowhere, so the forward and dX equal the float8 form's exactly. The spy checks that
+    each form really reached the kernel (uint8 against float8_e4m3fn weights)."""
+    x, w8, w_scale, b, lora_a, lora_b, s = fp8_inputs(dtype, 3, 4, "mixed")
+    dy = torch.randn(BATCH, TOKENS, D_OUT, generator=torch.Generator().manual_seed(8)).to(dtype)
+    weight_dtypes = []
+    real_run = masked_lora_triton._fused_linear_kernel.run
+
+    def spy(*args, **kwargs):
+        weight_dtypes.append(dict(zip(masked_lora_triton._fused_linear_kernel.arg_names, args))["w_ptr"].dtype)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(masked_lora_triton._fused_linear_kernel, "run", spy)
+    results = {}
+    for backend in ("triton", "triton-bytes"):
+        xg = x.detach().requires_grad_(True)
+        y = masked_lora_linear(xg, w8, b, lora_a, lora_b, s, backend=fp8_backend(backend, monkeypatch),
+                               weight_scale=w_scale)
+        y.backward(dy)
+        results[backend] = (y.detach(), xg.grad)
+    fp8, byte = torch.float8_e4m3fn, torch.uint8
+    assert weight_dtypes == [fp8, fp8, byte, byte]  # forward and dX per form
+    assert torch.equal(results["triton"][0], results["triton-bytes"][0])
+    assert torch.equal(results["triton"][1], results["triton-bytes"][1])
+
+
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("scales", ["zero", "mixed"])
-def test_fp8_weight_forward_matches_float64(backend, dtype, scales, poisoned_outputs):
+def test_fp8_weight_forward_matches_float64(backend, dtype, scales, poisoned_outputs, monkeypatch):
+    backend = fp8_backend(backend, monkeypatch)
     x, w8, w_scale, b, lora_a, lora_b, s = fp8_inputs(dtype, 3, 4, scales)
     y = masked_lora_linear(x, w8, b, lora_a, lora_b, s, backend=backend, weight_scale=w_scale)
     assert y.dtype == dtype and y.shape == (BATCH, TOKENS, D_OUT)
@@ -410,10 +483,11 @@ def test_fp8_weight_forward_matches_float64(backend, dtype, scales, poisoned_out
     assert_within(y, want, error_bound(ref_inputs, FP8_ULPS[dtype], EPS[dtype], weight_scale=ws64), "y")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_weight_gradients_match_float64(backend, dtype, poisoned_outputs):
+def test_fp8_weight_gradients_match_float64(backend, dtype, poisoned_outputs, monkeypatch):
     """QLoRA-style: frozen fp8 base, trainable adapters; dX flows through the fp8 weight."""
+    backend = fp8_backend(backend, monkeypatch)
     x, w8, w_scale, b, lora_a, lora_b, s = fp8_inputs(dtype, 2, 4)
     trainable = ("x", "lora_a", "lora_b")
     inputs = leaves((x, w8, b, lora_a, lora_b, s), trainable)
@@ -432,9 +506,10 @@ def test_fp8_weight_gradients_match_float64(backend, dtype, poisoned_outputs):
         assert_within(got[name], want[name], ulps * EPS[dtype] * bounds[name], f"grad of {name}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_linear_matches_float64(backend, dtype, poisoned_outputs):
+def test_fp8_linear_matches_float64(backend, dtype, poisoned_outputs, monkeypatch):
+    backend = fp8_backend(backend, monkeypatch)
     x, w8, w_scale, b, *_ = fp8_inputs(dtype, 1, 4)
     x, b = x.detach().requires_grad_(True), b.detach().requires_grad_(True)
     y = fp8_linear(x, w8, w_scale, b, backend=backend)
@@ -487,3 +562,4 @@ def test_fp8_linear_errors():
         fp8_linear(x, w8, None, b)
     with pytest.raises(ValueError, match="fp8_linear: weight must be \\(d_out, d_in=51\\)"):
         fp8_linear(x, w8[:, :-1], w_scale, b)
+
