@@ -97,7 +97,7 @@ def layer_counts(layer: SliderLinear, scales: dict[str, object]) -> dict[str, tu
     with torch.no_grad():
         layer(x)  # builds the cache: the first call after a change pays for the stacking
         return {"linear": count_ops(lambda: linear(x)),
-                "restack": count_ops(lambda: layer._lora(x, *layer._stack(on, x))) if on else count_ops(lambda: linear(x)),
+                "restack": count_ops(lambda: layer._lora(x, *layer._stack.restack(on, x))) if on else count_ops(lambda: linear(x)),
                 "cached": count_ops(lambda: layer(x))}
 
 

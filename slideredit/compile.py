@@ -3,12 +3,12 @@
 Regional compilation: each double and single block is compiled with `nn.Module.compile` (the blocks
 of a kind share one graph, so warm-up compiles two graphs however deep the model is); the embeddings,
 RoPE table and final layer stay eager. Sliders never recompile a block when their alphas, sub-prompts
-or per-image alphas change: inside the graph a SliderLinear reads each adapter's persistent
-`scale_buffer` (written in place by set_slider_scale, zeros when the adapter is off) and A, B stacked
+or per-image alphas change: inside the graph a SliderLinear reads each adapter's scale tensor
+(`Adapter.scale`, written in place by set_slider_scale, zeros when the adapter is off) and A, B stacked
 by a pre-hook before each call of the model (outside the graph, which cannot see an in-place change of
-A or B), so the graph depends only on which adapters are loaded and scaled and on the shapes (batch,
-tokens), never on the scales' values. The eager "skip adapters whose scales are all zero" is a
-data-dependent branch and is left out of the graph: a zero scale is masked to an exact 0 by the kernel.
+A or B: sliders.AdapterStack), so the graph depends only on which adapters are loaded and scaled and on
+the shapes (batch, tokens), never on the scales' values. The eager "skip adapters whose scales are all
+zero" is a data-dependent branch and is left out of the graph: the kernel masks a zero scale to an exact 0.
 """
 from __future__ import annotations
 

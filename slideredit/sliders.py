@@ -1,7 +1,8 @@
 """SliderEdit's adapters on the FLUX transformer: low-rank updates with per-token slider scales.
 
 A targeted linear becomes a `SliderLinear`: the same frozen weight and bias plus any number of named
-adapters, all applied in ONE call of the fused masked LoRA linear (kernels/), stacked along the rank:
+adapters, all applied in ONE call of the fused masked LoRA linear, stacked along the rank
+(`AdapterStack`); `slideredit.kernels.masked_lora.masked_lora_reference` is the definition of the math:
 
     y = x W^T + b + sum_k s_k(t) * B_k (A_k x)
 
@@ -18,7 +19,7 @@ same tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
@@ -69,20 +70,49 @@ class LoRAPart(nn.Module):
 
 
 class Adapter(nn.Module):
-    """The LoRA parts one named adapter puts on one layer, and its current per-token scale."""
+    """The LoRA parts one named adapter puts on one layer, and its scale s(t).
+
+    The scale is one fp32 tensor broadcastable to the layer's tokens ((1, 1): one number, (B, 1): one per
+    image, (B, T): one per text token), kept for the adapter's lifetime and written in place by each new
+    value of the same shape and device: compiled blocks read it as a graph input, so new alphas are new
+    values of that input, never a new graph. Switching the adapter off zeroes it and `scale` reads None."""
 
     def __init__(self, parts: dict[str, LoRAPart]):
         super().__init__()
         self.parts = nn.ModuleDict(sorted(parts.items(), key=lambda kv: kv[1].start))  # q, k, v order
-        self.scale: Tensor | None = None  # broadcastable to x.shape[:-1]; None = off (0)
-        # The same scale for compiled blocks: a persistent fp32 tensor written in place (zeros when
-        # off), so that new alphas are new values of the same graph input, never a new graph.
-        # None until the adapter is first scaled.
-        self.scale_buffer: Tensor | None = None
+        self._scale: Tensor | None = None  # None until first scaled; zeros while off
+        self._on = False
 
     @property
     def rank(self) -> int:
         return sum(p.lora_A.shape[0] for p in self.parts.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parts.values())).lora_A.device
+
+    @property
+    def scale(self) -> Tensor | None:
+        """The per-token scale (fp32, on the adapter's device), None while the adapter is off."""
+        return self._scale if self._on else None
+
+    @scale.setter
+    def scale(self, value: float | Tensor | None) -> None:
+        with torch.no_grad():
+            if value is None:
+                if self._scale is not None:
+                    self._scale.zero_()  # what compiled blocks read while the adapter is off
+            else:
+                self._write_scale(torch.as_tensor(value, dtype=torch.float32))
+        self._on = value is not None
+
+    def _write_scale(self, value: Tensor) -> None:
+        value = value.reshape(1, 1) if value.ndim == 0 else value
+        if self._scale is not None and self._scale.shape == value.shape and self._scale.device == self.device:
+            self._scale.copy_(value)
+        else:  # first scale, a new shape (e.g. per token after a number) or a new device: a new tensor
+            with torch.inference_mode(False):  # writable in place later, inside or outside inference mode
+                self._scale = value.to(self.device, copy=True)
 
     def stacked(self, d_out: int, rank: int) -> tuple[Tensor, Tensor]:
         """-> A (rank, d_in), B (d_out, rank): parts side by side, zero-padded up to `rank`."""
@@ -99,21 +129,127 @@ class Adapter(nn.Module):
         return a, b
 
 
+def _fingerprint(sources: list, *extra) -> tuple | None:
+    """A key that changes whenever a stack built from `sources` would: each object's identity and, for
+    tensors, their storage (swapped by `.data =`, `.to()`) and version counter (bumped by every in-place
+    write: copy_, an optimizer step), after `extra`. None if a tensor was made under inference mode: it has
+    no version counter to watch."""
+    if any(isinstance(s, Tensor) and s.is_inference() for s in sources):
+        return None
+    return (*extra, *[(id(s), s._version, s.data_ptr()) if isinstance(s, Tensor) else id(s) for s in sources])
+
+
+class _Cached:
+    """A value and the fingerprint of what it was built from: rebuilt when the fingerprint changes (on
+    every use when there is none)."""
+
+    def __init__(self):
+        self.value = None
+        self._key: tuple | None = None
+        self._sources: list = []  # the fingerprinted objects, kept alive: no new object takes their ids
+
+    def get(self, sources: list, extra: tuple, build: Callable[[], object]):
+        key = _fingerprint(sources, *extra)
+        if key is None or key != self._key:
+            self.value, self._key, self._sources = build(), key, sources
+        return self.value
+
+
+def _records_grad(adapters: list[Adapter]) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for a in adapters for p in a.parameters())
+
+
+def _ever_scaled(adapters: list[Adapter]) -> list[Adapter]:
+    """The adapters compiled blocks apply, whatever their values: those scaled at least once (an adapter's
+    scale tensor outlives switching it off, as zeros)."""
+    return [a for a in adapters if a._scale is not None]
+
+
+def _stack_scales(scales: list[Tensor]) -> Tensor:
+    """(..., K): the K adapters' scales side by side, broadcast to one shape."""
+    return torch.stack(torch.broadcast_tensors(*scales), dim=-1)
+
+
+class AdapterStack:
+    """One layer's adapters as the kernel takes them, kept between calls.
+
+    The K adapters sit side by side along the rank: A (K*r, d_in), B (d_out, K*r), ranks zero-padded to
+    the largest (the kernel stacks equal ranks); token scales (..., K) fp32 hold each token's K scales.
+    A kept stack is rebuilt only when what it was built from changes (`_fingerprint`: the adapters, their
+    scale tensors and LoRA tensors, where an optimizer step's in-place write counts as a change; x's
+    device, dtype and token shape).
+    - Eager inference (`for_call`): only the adapters whose scale is not all zero (a zero scale adds exactly
+      0: with none left the layer is exactly its base linear), A and B in x's dtype (the kernel casts them
+      so for its GEMMs anyway), the scales expanded to x's tokens.
+    - Training (autograd records): `restack` on every call, inside the graph and zero scales included, so
+      that every LoRA parameter of a switched-on adapter gets its gradient.
+    - Compiled blocks (`for_graph`): every adapter ever scaled, whatever its values, so that the graph
+      never depends on them: their persistent scale tensors (zeros when off) are read in the graph, A and
+      B are stacked outside it by `refresh_for_graph` before each call of the model (slideredit.compile's
+      pre-hook: the graph cannot see an in-place change of A or B).
+    """
+
+    def __init__(self, out_features: int):
+        self.out_features = out_features
+        self._call = _Cached()  # eager inference: (A, B, token scales), None when every scale is zero
+        self._graph = _Cached()  # compiled blocks: (A, B); None until refreshed (then stacked in the graph)
+
+    def for_call(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(A, B, token scales) for an eager call on x, or None when no adapter adds anything."""
+        on = [a for a in adapters if a.scale is not None]
+        if not on:
+            return None
+        if _records_grad(on):
+            return self.restack(on, x)
+        sources = [s for a in on for s in (a, a.scale, *a.parameters())]
+        return self._call.get(sources, (x.device, x.dtype, x.shape[:-1]), lambda: self._inference_stack(on, x))
+
+    def restack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(A, B, token scales) of `adapters` built anew (differentiable in A and B)."""
+        lora_a, lora_b = self._stack_ab(adapters)
+        return lora_a, lora_b, _stack_scales([a.scale for a in adapters]).to(x.device)
+
+    def _inference_stack(self, on: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        # inference_mode(False): a stack built under inference mode must still be usable by autograd
+        # later (x requiring grad); no_grad: nothing here is differentiated.
+        with torch.inference_mode(False), torch.no_grad():
+            live = [a for a in on if bool(a.scale.any())]  # one sync per rebuild, not per call
+            if not live:
+                return None
+            lora_a, lora_b, token_scale = self.restack(live, x)
+            lead = (*x.shape[:-1], len(live))
+            return lora_a.to(x.dtype), lora_b.to(x.dtype), token_scale.expand(lead).contiguous()
+
+    def refresh_for_graph(self, adapters: list[Adapter]) -> None:
+        """Outside the graph: restack A and B of the adapters ever scaled if they changed since the last call."""
+        scaled = _ever_scaled(adapters)
+        sources = [s for a in scaled for s in (a, *a.parameters())]
+        with torch.inference_mode(False), torch.no_grad():
+            self._graph.get(sources, (), lambda: self._stack_ab(scaled) if scaled else None)
+
+    def for_graph(self, adapters: list[Adapter]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(A, B, token scales) inside torch.compile: depends on which adapters were ever scaled (and the
+        shapes of their scales), never on the scales' values; None when none was."""
+        scaled = _ever_scaled(adapters)
+        if not scaled:
+            return None
+        if _records_grad(scaled) or self._graph.value is None:
+            lora_a, lora_b = self._stack_ab(scaled)
+        else:
+            lora_a, lora_b = self._graph.value
+        return lora_a, lora_b, _stack_scales([a._scale for a in scaled])
+
+    def _stack_ab(self, adapters: list[Adapter]) -> tuple[Tensor, Tensor]:
+        rank = max(a.rank for a in adapters)
+        stacks = [a.stacked(self.out_features, rank) for a in adapters]
+        return torch.cat([a for a, _ in stacks]), torch.cat([b for _, b in stacks], dim=1)
+
+
 class SliderLinear(nn.Module):
-    """A frozen linear plus named adapters, computed by one fused masked LoRA call.
-
-    Inference reuses the stacked A, B and token scales between calls: they are rebuilt only when what
-    they are made of changes (the set of switched-on adapters, a scale tensor, a LoRA parameter updated
-    in place, e.g. by an optimizer step, or swapped, e.g. by `.to()`; x's device, dtype or token shape).
-    An adapter whose scales are all zero is skipped, so with every adapter off or at zero the layer is
-    exactly the module it replaced (`nn.Linear`, or `Fp8Linear` for fp8 weights). When autograd records
-    (grad enabled and a LoRA parameter requires grad) the stack is built inside the graph on every call
-    and nothing is skipped: every LoRA parameter gets its gradient, zero included, as without a cache.
-
-    Inside torch.compile (slideredit/compile.py) the layer takes a graph-safe path instead: every
-    adapter that was ever scaled is applied with its `scale_buffer` (zeros when off; the kernel's hard
-    mask makes a zero scale add exactly 0), its A and B stacked beforehand by `refresh_compiled_stack`
-    (outside the graph), so no branch depends on the values of the scales."""
+    """A frozen linear plus named adapters, y = x W^T + b + sum_k s_k(t) B_k (A_k x), whose definition is
+    `slideredit.kernels.masked_lora.masked_lora_reference`. A call stacks the adapters (`AdapterStack`)
+    and runs the fused masked LoRA linear once. With every adapter off or at zero the layer is exactly
+    the module it replaced (`nn.Linear`, or `Fp8Linear` for fp8 weights)."""
 
     def __init__(self, base: nn.Linear | Fp8Linear):
         super().__init__()
@@ -121,15 +257,7 @@ class SliderLinear(nn.Module):
         self.weight, self.bias = base.weight, base.bias  # the same tensors: no copy, exact restore
         self.weight_scale = getattr(base, "weight_scale", None)  # fp8 weights: fp32 per output row
         self.adapters = nn.ModuleDict()
-        # (key, sources, stack): `key` identifies what `stack` was built from; `sources` keeps those
-        # objects alive so that their ids cannot be reused while the key holds them. stack is None
-        # when every switched-on adapter has all-zero scales.
-        self._cache: tuple[tuple, list, tuple[Tensor, Tensor, Tensor] | None] | None = None
-        # Compiled blocks: A (K*r, d_in), B (d_out, K*r) of the adapters with a scale_buffer, in order,
-        # and what they were built from (read outside the graph only); None = build them in the graph.
-        self._compiled_ab: tuple[Tensor, Tensor] | None = None
-        self._compiled_key: tuple | None = None
-        self._compiled_sources: list = []
+        self._stack = AdapterStack(self.out_features)
 
     def to_linear(self) -> nn.Linear | Fp8Linear:
         """The layer this one replaced (nn.Linear, or Fp8Linear for fp8 weights), holding the same tensors."""
@@ -142,105 +270,32 @@ class SliderLinear(nn.Module):
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
+    def forward(self, x: Tensor) -> Tensor:
+        """x W^T + b + sum_k s_k(t) B_k (A_k x) (masked_lora_reference): stack the adapters, call the kernel."""
+        adapters = list(self.adapters.values())
+        if torch.compiler.is_compiling():  # the PyTorch path, which inductor fuses (Triton is not traceable)
+            stack, backend = self._stack.for_graph(adapters), "torch"
+        else:
+            stack, backend = self._stack.for_call(adapters, x), None
+        return self._base(x) if stack is None else self._lora(x, *stack, backend=backend)
+
+    def refresh_compiled_stack(self) -> None:
+        """Restack A and B for compiled blocks if the adapters changed: outside the graph, before each call
+        of the model (slideredit.compile's pre-hook)."""
+        self._stack.refresh_for_graph(list(self.adapters.values()))
+
     def _base(self, x: Tensor) -> Tensor:
         """The frozen layer alone, as the replaced module computes it."""
         if self.weight_scale is None:
             return nn.functional.linear(x, self.weight, self.bias)
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            return self._compiled_forward(x)
-        on = [a for a in self.adapters.values() if a.scale is not None]
-        if on and torch.is_grad_enabled() and any(p.requires_grad for a in on for p in a.parameters()):
-            return self._lora(x, *self._stack(on, x))
-        stack = self._cached_stack(on, x) if on else None
-        if stack is None:
-            return self._base(x)
-        return self._lora(x, *stack)
-
-    def _compiled_forward(self, x: Tensor) -> Tensor:
-        """The graph-safe path: the graph depends on which adapters were ever scaled (and the shapes of
-        their scale buffers), never on the scales' values."""
-        scaled = [a for a in self.adapters.values() if a.scale_buffer is not None]
-        if not scaled:
-            return self._base(x)
-        training = torch.is_grad_enabled() and any(p.requires_grad for a in scaled for p in a.parameters())
-        if training or self._compiled_ab is None:
-            lora_a, lora_b = self._stack_ab(scaled)
-        else:
-            lora_a, lora_b = self._compiled_ab
-        token_scale = torch.stack(torch.broadcast_tensors(*[a.scale_buffer for a in scaled]), dim=-1)
-        # the PyTorch formulation, which inductor fuses (the Triton kernel and the auto-dispatch's
-        # measurements are not traceable)
-        return self._lora(x, lora_a, lora_b, token_scale, backend="torch")
-
-    def refresh_compiled_stack(self) -> None:
-        """Stack A and B of the adapters with a scale buffer for the compiled path, once per change of
-        what they are made of (run outside the graph: slideredit.compile calls it before each call of the
-        model)."""
-        scaled = [a for a in self.adapters.values() if a.scale_buffer is not None]
-        sources = [s for a in scaled for s in (a, *a.parameters())]
-        key = tuple((id(s), getattr(s, "_version", 0), s.data_ptr() if isinstance(s, Tensor) else 0) for s in sources)
-        if key == self._compiled_key:
-            return
-        if scaled and not any(isinstance(s, Tensor) and s.is_inference() for s in sources):
-            with torch.inference_mode(False), torch.no_grad():
-                self._compiled_ab = self._stack_ab(scaled)
-        else:
-            self._compiled_ab = None  # nothing to stack, or no version counter to watch: stack in the graph
-        self._compiled_key, self._compiled_sources = key, sources
-
     def _lora(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, token_scale: Tensor,
               backend: str | None = None) -> Tensor:
         # the Triton kernel holds up to 128 stacked ranks; larger stacks take the PyTorch path
         backend = "torch" if lora_a.shape[0] > MAX_STACKED_RANK else backend
-        fp8 = {} if self.weight_scale is None else {"weight_scale": self.weight_scale}
-        return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale, backend=backend, **fp8)
-
-    def _stack_ab(self, adapters: list[Adapter]) -> tuple[Tensor, Tensor]:
-        """-> A (K*r, d_in), B (d_out, K*r) of `adapters`, ranks padded to the largest (the kernel
-        stacks equal ranks)."""
-        rank = max(a.rank for a in adapters)
-        stacks = [a.stacked(self.out_features, rank) for a in adapters]
-        return torch.cat([s[0] for s in stacks]), torch.cat([s[1] for s in stacks], dim=1)
-
-    def _stack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """-> A (K*r, d_in), B (d_out, K*r), token scales (..., K) fp32 of `adapters`."""
-        lora_a, lora_b = self._stack_ab(adapters)
-        scales = torch.broadcast_tensors(*[a.scale for a in adapters])
-        token_scale = torch.stack(scales, dim=-1).to(device=x.device, dtype=torch.float32)
-        return lora_a, lora_b, token_scale
-
-    def _cached_stack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The stack of the adapters with a non-zero scale, built once per change of its sources.
-
-        Cached form: A and B already in x's dtype (the kernel casts them to it for its GEMMs anyway, so
-        the result is the same) and the token scales expanded to x's tokens (..., K), contiguous."""
-        sources: list = []
-        for a in adapters:
-            sources += [a, a.scale, *a.parameters()]
-        if any(isinstance(s, Tensor) and s.is_inference() for s in sources):
-            return self._live_stack(adapters, x)  # no version counter to watch: build for this call only
-        key = (x.device, x.dtype, x.shape[:-1], *[(id(s), getattr(s, "_version", 0),
-                                                    s.data_ptr() if isinstance(s, Tensor) else 0) for s in sources])
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[2]
-        stack = self._live_stack(adapters, x)
-        self._cache = (key, sources, stack)
-        return stack
-
-    def _live_stack(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The cached form of the stack of the adapters with a non-zero scale (None if there are none)."""
-        # inference_mode(False): a stack built under inference mode must still be usable by autograd
-        # later (x requiring grad); no_grad: nothing here is differentiated.
-        with torch.inference_mode(False), torch.no_grad():
-            live = [a for a in adapters if bool(a.scale.any())]  # one sync per rebuild, not per call
-            if not live:
-                return None
-            lora_a, lora_b, token_scale = self._stack(live, x)
-            lead = (*x.shape[:-1], token_scale.shape[-1])
-            return lora_a.to(x.dtype), lora_b.to(x.dtype), token_scale.expand(lead).contiguous()
+        return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale, backend=backend,
+                                  weight_scale=self.weight_scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,45 +362,16 @@ def loaded_adapters(model: nn.Module) -> set[str]:
 
 
 def set_slider_scale(model: nn.Module, name: str, scale: float | Tensor | None) -> None:
-    """Scale adapter `name` on every layer: a number applies to every token; a (B, T) tensor gives
-    one scale per text token (STLoRA: text-stream layers only); None switches the adapter off.
-    Layers keep their stacked adapters until a scale (or an adapter's weights) changes.
-
-    Each adapter's scale is also written, in place, into its persistent `scale_buffer` (zeros for
-    None), which compiled blocks read: a new value of the same shape never recompiles them."""
-    on_device: dict[torch.device, Tensor] = {}  # one fp32 copy per device, shared by its layers
-    written: set[int] = set()  # scale buffers (shared by the layers of one device) already updated
-    fresh: dict[tuple, Tensor] = {}  # new buffers, one per device and shape, shared by the layers
-    for _, layer in slider_layers(model):
-        if name in layer.adapters:
-            value = None
-            if scale is not None:
-                device = layer.weight.device
-                if device not in on_device:
-                    with torch.inference_mode(False):  # a tensor with a version counter: the cache watches it
-                        t = torch.as_tensor(scale, dtype=torch.float32, device=device)
-                        t = t.clone() if t.is_inference() else t
-                    on_device[device] = t.reshape(1, 1) if t.ndim == 0 else t
-                value = on_device[device]
-            adapter = layer.adapters[name]
-            adapter.scale = value
-            _write_scale_buffer(adapter, value, written, fresh)
-
-
-def _write_scale_buffer(adapter: Adapter, value: Tensor | None, written: set[int], fresh: dict[tuple, Tensor]) -> None:
-    """adapter.scale_buffer <- value (zeros for None), in place when the shape and device still fit."""
-    buffer = adapter.scale_buffer
-    if buffer is not None and (value is None or (buffer.shape == value.shape and buffer.device == value.device)):
-        if id(buffer) not in written:
-            buffer.zero_() if value is None else buffer.copy_(value)
-            written.add(id(buffer))
-    elif value is not None:  # first scale, or a new shape (e.g. per-token after a number): a new buffer
-        key = (value.device, value.shape)
-        if key not in fresh:
-            with torch.inference_mode(False):  # writable in place later, inside or outside inference mode
-                fresh[key] = value.clone()
-            written.add(id(fresh[key]))
-        adapter.scale_buffer = fresh[key]
+    """Scale adapter `name` on every layer: a number applies to every token; a (B, 1) tensor one per
+    image; a (B, T) tensor one per text token (STLoRA: text-stream layers only); None switches the adapter
+    off. The value is copied into each adapter's scale tensor (`Adapter.scale`), in place when its shape
+    is unchanged: compiled blocks never recompile for new values. Layers keep their stacked adapters
+    until a scale (or an adapter's weights) changes."""
+    adapters = [layer.adapters[name] for _, layer in slider_layers(model) if name in layer.adapters]
+    if scale is not None and adapters:  # converted once, on the layers' device, not once per layer
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=adapters[0].device)
+    for adapter in adapters:
+        adapter.scale = scale
 
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:

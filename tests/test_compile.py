@@ -27,8 +27,10 @@ ALPHAS = [-1.0, 0.0, 1.0]  # a 3 x 3 sweep keeps the test fast; benchmarks/bench
 
 @pytest.fixture
 def pipe():
-    """A fresh pipeline with both sliders (compiling changes its blocks) and a clean dynamo cache."""
+    """A fresh pipeline with both sliders (compiling changes its blocks), a clean dynamo cache and graph
+    counters (dynamo's reset keeps the counts of graphs other test files compiled)."""
     torch._dynamo.reset()
+    counters.clear()
     pipe = SliderEditFluxKontextPipeline.from_pretrained(TOY, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_gstlora(TOY / "sliders" / "gstlora")

@@ -97,7 +97,7 @@ def test_cache_follows_every_change():
     with torch.no_grad():
         checks = [lambda: None,
                   lambda: layer.adapters[GSTLORA].parts["k"].lora_B.mul_(3),  # in place (an optimizer step)
-                  lambda: scale.mul_(-2),  # the scale tensor itself, in place
+                  lambda: layer.adapters[GSTLORA].scale.mul_(-2),  # the scale tensor itself, in place
                   lambda: setattr(layer.adapters[GSTLORA].parts["q"].lora_A, "data",
                                   torch.randn(R, D, dtype=torch.float64)),  # swapped storage (.to(), load)
                   lambda: set_slider_scale(layer, GSTLORA, 0.25),
@@ -109,7 +109,25 @@ def test_cache_follows_every_change():
             for _ in range(2):  # the rebuilding call and the cached one
                 assert close(layer(x), reference(layer, x))
         set_slider_scale(layer, STLORA, -0.5)
-        assert close(layer(x[:1, :3]), reference(layer, x[:1, :3]))  # another token shape
+        for tokens in (x, x[:1, :3], x):  # another token shape and back, the scales unchanged
+            assert close(layer(tokens), reference(layer, tokens))
+
+
+def test_set_slider_scale_copies_the_value_and_never_writes_the_callers_tensor():
+    """Each adapter keeps its own scale tensor, written in place by later values of the same shape: the
+    tensors a caller passes (e.g. a schedule's cached per-step scales) stay as they were, and changing one
+    afterwards does not reach the layer."""
+    layer, x = qkv_layer(), x_in()
+    first, second = torch.full((2, 1), 0.5), torch.full((2, 1), -1.5)
+    set_slider_scale(layer, GSTLORA, first)
+    set_slider_scale(layer, GSTLORA, second)
+    assert torch.equal(first, torch.full((2, 1), 0.5)) and torch.equal(second, torch.full((2, 1), -1.5))
+    with torch.no_grad():
+        want = layer(x)
+        second.mul_(3)
+        assert torch.equal(layer(x), want)
+        assert torch.equal(layer.adapters[GSTLORA].scale, torch.full((2, 1), -1.5))
+        assert close(want, reference(layer, x))
 
 
 def test_training_gradients_equal_the_uncached_ones_across_optimizer_steps():
@@ -129,6 +147,30 @@ def test_training_gradients_equal_the_uncached_ones_across_optimizer_steps():
         optimizer.step()
         with torch.no_grad():
             assert close(layer(x), reference(layer, x))  # the step's in-place update invalidated the cache
+
+
+def test_a_switched_off_adapter_gets_no_gradient_and_a_zero_one_gets_zeros():
+    """Off (None) is not scale 0: an adapter switched off stays out of the training graph (its gradients
+    stay None, so an optimizer leaves it alone), one at scale 0 is in it with zero gradients."""
+    layer, x = qkv_layer((GSTLORA, STLORA), trainable=True), x_in()
+    set_slider_scale(layer, GSTLORA, 0.0)
+    set_slider_scale(layer, STLORA, 0.7)
+    set_slider_scale(layer, STLORA, None)
+    assert layer.adapters[STLORA].scale is None
+    layer(x).sum().backward()
+    assert all(p.grad is None for p in layer.adapters[STLORA].parameters())
+    assert all(p.grad is not None and not p.grad.any() for p in layer.adapters[GSTLORA].parameters())
+
+
+def test_adapters_made_under_inference_mode_follow_every_scale():
+    """LoRA tensors loaded under torch.inference_mode() have no version counter to watch: their stack is
+    built for each call, never kept, so a new scale is always seen."""
+    with torch.inference_mode():
+        layer, x = qkv_layer(), x_in()
+    with torch.no_grad():
+        for scale in (0.5, -0.8, 0.0, 1.25):
+            set_slider_scale(layer, GSTLORA, scale)
+            assert close(layer(x), reference(layer, x))
 
 
 def test_a_stack_cached_under_inference_mode_serves_autograd_later():
@@ -239,3 +281,28 @@ def test_fp8_weights_keep_their_scale_and_the_zero_path_is_the_fp8_layer():
     restored = layer.to_linear()
     assert isinstance(restored, Fp8Linear) and restored.weight_scale is fp8.weight_scale
     assert restored.weight is fp8.weight and restored.bias is fp8.bias
+
+
+def test_compiled_inference_takes_a_and_b_stacked_outside_the_graph():
+    """Compiled blocks get A and B stacked before each call (compile.py's pre-hook runs
+    refresh_compiled_stack): their inference graph never stacks them, it only reads them. Without that
+    refresh (a layer compiled another way) the graph stacks them itself. Both give the eager result."""
+    stacking_ops = {}
+    for refresh in (True, False):
+        torch._dynamo.reset()
+        targets = []
+
+        def recording(gm, example_inputs):
+            targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+
+        layer, x = qkv_layer((GSTLORA, STLORA)), x_in()
+        set_slider_scale(layer, GSTLORA, 0.7)
+        set_slider_scale(layer, STLORA, torch.full((2, T), -0.4))
+        if refresh:
+            layer.refresh_compiled_stack()
+        with torch.no_grad():
+            assert close(torch.compile(layer, backend=recording)(x), reference(layer, x))
+        stacking_ops[refresh] = targets.count(torch.cat)
+    torch._dynamo.reset()
+    assert stacking_ops[True] == 0 < stacking_ops[False]
