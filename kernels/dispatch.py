@@ -13,7 +13,8 @@ Which backend a call gets (first match):
   3. the environment variable SLIDEREDIT_LORA_BACKEND=auto|triton|torch;
   4. "auto". Inside auto, inputs the Triton kernels do not serve well or at all (fp32 and fp64: IEEE fp32
      tiles spill, cuBLAS has TF32 / tensor-core paths; stacks over 128 ranks; no triton installed)
-     take PyTorch without measuring.
+     take PyTorch without measuring; so does every call on a card the kernels cannot serve (below
+     sm_80, or where Triton failed to build them: kernels/masked_lora.py, one warning per card).
 
 Agreement: for every output tensor (H~ / G~ and Y / dX), max |triton - torch| <= TOLERANCE[dtype] *
 max |torch|, dtype being x's (non-finite values must sit at the same positions). Both paths accumulate in
@@ -37,7 +38,9 @@ Where and when it measures:
 Which verdicts are saved: a "faster" decision, a disagreement and a Triton build failure (compile error,
 out of shared memory, ptxas) repeat on every run of the same build, so they go to disk. Anything else
 (out of memory while both paths' outputs are alive, a capture or launch error) may not repeat: the key
-takes PyTorch in this process only and is measured again in the next.
+takes PyTorch in this process only and is measured again in the next. A compute that raises
+CardUnsupported (masked_lora.py's, for a compile or ptxas error: the kernels do not build on this card at
+all) gets no verdict: the error goes back to the caller, which turns the card off for the process.
 
 Disk cache: $XDG_CACHE_HOME/slideredit/lora_dispatch.json (default ~/.cache/slideredit/), one section per
 versions(): torch, triton, the CUDA runtime and driver, and a hash of the kernels' source (an edit of
@@ -78,6 +81,11 @@ _BUILD_ERRORS = ("CompilationError", "OutOfResources", "PTXASError")
 _KERNELS_DIR = Path(__file__).parent
 
 Timer = Callable[[Callable[[], object], torch.device], float]
+
+
+class CardUnsupported(Exception):
+    """Raised by compute("triton") when the Triton kernels cannot be built on this card at all: passed on
+    to the caller, which takes the PyTorch path for the whole card; no key gets a verdict from it."""
 
 
 class Key(NamedTuple):
@@ -270,7 +278,7 @@ class Dispatcher:
         try:
             return compute(backend)
         except Exception as error:
-            if backend != "triton":
+            if backend != "triton" or isinstance(error, CardUnsupported):
                 raise
             with self._lock:
                 self._lose(key, describe(error), saved=is_build_error(error))
@@ -292,6 +300,8 @@ class Dispatcher:
             candidate = compute("triton")  # compiles and autotunes
             problem = disagreement(reference, candidate, tolerance)
             times = None if problem else self._time(compute, device)
+        except CardUnsupported:
+            raise
         except Exception as error:  # a compile or launch failure of the Triton path, or out of memory
             self._lose(key, describe(error), saved=is_build_error(error))
             return reference

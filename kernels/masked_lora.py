@@ -19,6 +19,7 @@ if __package__ != "slideredit.kernels":  # checked first, before torch loads: im
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from . import dispatch
 
 MAX_STACKED_RANK = 128  # Triton: K*r, one program keeps the whole stacked rank in registers
+MIN_CAPABILITY = (8, 0)  # Triton: bf16 tensor cores (mma.sync) and asynchronous copies; sm_75 builds neither
 FP8 = torch.float8_e4m3fn
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_DTYPES = _TRITON_DTYPES + (torch.float64,)
@@ -151,6 +153,50 @@ def _device_name(device: torch.device) -> str:
     return name
 
 
+# Cards the Triton kernels cannot serve: below sm_80, or where this Triton failed to build them. "auto"
+# takes the PyTorch path there for the rest of the process, after one warning per card; a forced
+# "triton" is an error before any launch.
+_TRITON_PROBLEMS: dict[torch.device, str | None] = {}
+_WARNED_DEVICES: set[torch.device] = set()
+_UNBUILDABLE = ("CompilationError", "PTXASError")  # Triton's frontend or ptxas refused the kernels
+
+
+def triton_problem(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, naming the card; None where they can (CPU tensors
+    are the interpreter's). Checked once per device; a build failure found later is kept here too."""
+    if device not in _TRITON_PROBLEMS:
+        _TRITON_PROBLEMS[device] = _card_problem(device)
+    return _TRITON_PROBLEMS[device]
+
+
+def _card_problem(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return (f"{_device_name(device)} is sm_{capability[0]}{capability[1]}; the Triton kernels need "
+                f"sm_{MIN_CAPABILITY[0]}{MIN_CAPABILITY[1]} or newer (bf16 tensor cores)")
+    return None
+
+
+def _triton_off(device: torch.device) -> bool:
+    """For "auto": whether the card rules the Triton path out, warning once per card."""
+    problem = triton_problem(device)
+    if problem is not None and device not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(device)
+        warnings.warn(f"masked_lora_linear: the Triton kernels are off on {device}: {problem}. Every adapted "
+                      "and fp8 layer takes the PyTorch path there (fp8 weights are dequantized on every call)",
+                      RuntimeWarning, stacklevel=7)  # the caller of masked_lora_linear (forward)
+    return problem is not None
+
+
+def _unbuildable(error: Exception) -> bool:
+    """Whether Triton refused to build the kernels at all (its frontend or ptxas): a failure of the card or
+    the Triton install, not of one shape (out of shared memory stays the dispatcher's verdict per key).
+    Matched by name, as dispatch.is_build_error does, since the classes moved between Triton versions."""
+    return any(cls.__module__.startswith("triton.") and cls.__name__ in _UNBUILDABLE for cls in type(error).__mro__)
+
+
 def _compute(backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int,
              **options) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -174,12 +220,28 @@ def _launch(backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: 
     if backend == "triton":
         with dispatch.on_device(x.device):  # Triton launches on the current device, whatever x's is
             return _path(backend)(x, weight, bias, lora_a, lora_b, scale, rank, **options)
+    if _triton_off(x.device):
+        return _torch_masked_lora(x, weight, bias, lora_a, lora_b, scale, rank, **options)
 
     def produced(name: str) -> tuple[torch.Tensor, ...]:
-        return _tensors(_path(name)(x, weight, bias, lora_a, lora_b, scale, rank, **options))
+        try:
+            return _tensors(_path(name)(x, weight, bias, lora_a, lora_b, scale, rank, **options))
+        except Exception as error:
+            if name == "triton" and _unbuildable(error):
+                raise dispatch.CardUnsupported(dispatch.describe(error)) from error
+            raise
 
     key = _key(op, x, weight, options.get("weight_scale"), bias, lora_a)
-    return _pair(dispatch.dispatcher().run(key, produced, dispatch.TOLERANCE[x.dtype], x.device), lora_a)
+    try:
+        outputs = dispatch.dispatcher().run(key, produced, dispatch.TOLERANCE[x.dtype], x.device)
+    except dispatch.CardUnsupported as failure:
+        import triton
+
+        card = _device_name(x.device)
+        _TRITON_PROBLEMS[x.device] = f"triton {triton.__version__} cannot build them for {card}: {failure}"
+        _triton_off(x.device)  # the card's one warning
+        return _torch_masked_lora(x, weight, bias, lora_a, lora_b, scale, rank, **options)
+    return _pair(outputs, lora_a)
 
 
 def _tensors(outputs: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, ...]:
@@ -314,6 +376,10 @@ def _check_inputs(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, ba
     if backend == "triton":
         from .masked_lora_triton import INTERPRET
 
+        problem = triton_problem(x.device)
+        if problem is not None:
+            raise ValueError(f"{fn}: the triton backend (backend= or {dispatch.ENV_VAR}) cannot run on "
+                             f"{x.device}: {problem}; use 'auto' or 'torch'")
         if K * rank > MAX_STACKED_RANK:
             raise ValueError(f"{fn}: the triton backend takes K*r <= {MAX_STACKED_RANK}, got {K * rank}")
         if not x.is_cuda and not INTERPRET:

@@ -4,7 +4,10 @@ The Triton path runs under TRITON_INTERPRET=1 (set in conftest.py). Its interpre
 blocks, so the shapes here (70 tokens, d_in 51, d_out 45) give partial row, column and reduction tiles.
 Every Triton output buffer is filled with NaN before the kernel runs (see `poisoned_outputs`).
 """
+import ast
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import triton
 import triton.language as tl
 
 from slideredit.kernels.masked_lora import fp8_linear, masked_lora_linear, masked_lora_reference
-from slideredit.kernels import masked_lora_triton
+from slideredit.kernels import dispatch, masked_lora, masked_lora_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from op_counts import OpCounter  # noqa: E402
@@ -563,3 +566,158 @@ def test_fp8_linear_errors():
     with pytest.raises(ValueError, match="fp8_linear: weight must be \\(d_out, d_in=51\\)"):
         fp8_linear(x, w8[:, :-1], w_scale, b)
 
+
+# -- cards the Triton kernels cannot serve (faked on the CPU) ----------------------------------------------
+
+T4_PROBLEM = "Tesla T4 is sm_75; the Triton kernels need sm_80 or newer (bf16 tensor cores)"
+
+
+@pytest.fixture
+def fresh_cards(monkeypatch, tmp_path):
+    """No card checked or warned about yet in this process, and a dispatcher with its own cache file that
+    must not time anything (the tests here never reach a decision by timing)."""
+    monkeypatch.setattr(masked_lora, "_TRITON_PROBLEMS", {})
+    monkeypatch.setattr(masked_lora, "_WARNED_DEVICES", set())
+    monkeypatch.setattr(masked_lora, "_DEVICE_NAMES", {})
+
+    def no_timing(fn, device):
+        raise AssertionError("the dispatcher timed a backend on a card the Triton kernels cannot serve")
+
+    fresh = dispatch.Dispatcher(tmp_path / "lora_dispatch.json", timer=no_timing, flush=lambda device: None)
+    previous = dispatch.use_dispatcher(fresh)
+    yield tmp_path / "lora_dispatch.json"
+    dispatch.use_dispatcher(previous)
+
+
+def test_cards_below_sm80_are_named_with_the_reason(fresh_cards, monkeypatch):
+    cards = {0: ("Tesla T4", (7, 5)), 1: ("NVIDIA A100-SXM4-80GB", (8, 0)), 2: ("NVIDIA GeForce RTX 3090", (8, 6))}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: cards[torch.device(device).index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cards[torch.device(device).index][1])
+    assert masked_lora.triton_problem(torch.device("cuda", 0)) == T4_PROBLEM
+    assert masked_lora.triton_problem(torch.device("cuda", 1)) is None
+    assert masked_lora.triton_problem(torch.device("cuda", 2)) is None
+    assert masked_lora.triton_problem(torch.device("cpu")) is None  # the interpreter
+
+
+def no_triton_launches(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched")
+
+    monkeypatch.setattr(masked_lora_triton, "scaled_shrink", fail)
+    monkeypatch.setattr(masked_lora_triton, "fused_linear", fail)
+
+
+def fp8_and_slider_calls(backend):
+    """A slider layer (forward and backward) at two token counts, then an fp8_linear: several dispatch keys."""
+    outputs = []
+    for tokens in (TOKENS, 3):
+        x, weight, bias, lora_a, lora_b, s = make_inputs(torch.bfloat16, 2, 4, "mixed")
+        x = x[:, :tokens].detach().requires_grad_(True)
+        y = masked_lora_linear(x, weight, bias, lora_a, lora_b, s[:, :tokens], backend=backend)
+        y.backward(torch.ones_like(y))
+        outputs += [y, x.grad]
+    x, w8, w_scale, b, *_ = fp8_inputs(torch.bfloat16, 1, 4)
+    return outputs + [fp8_linear(x, w8, w_scale, b, backend=backend)]
+
+
+def test_auto_on_a_card_below_sm80_is_the_pytorch_path_after_one_warning(fresh_cards, monkeypatch):
+    monkeypatch.setattr(masked_lora, "_card_problem", lambda device: T4_PROBLEM)
+    expected = fp8_and_slider_calls("torch")
+    no_triton_launches(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = fp8_and_slider_calls("auto")
+    assert [str(w.message) for w in caught] == [
+        f"masked_lora_linear: the Triton kernels are off on cpu: {T4_PROBLEM}. Every adapted and fp8 layer "
+        "takes the PyTorch path there (fp8 weights are dequantized on every call)"]
+    assert caught[0].filename == __file__  # it points at the caller of masked_lora_linear
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
+    assert dispatch.decisions() == [] and not fresh_cards.exists()  # nothing measured, nothing cached
+
+
+def test_forced_triton_on_a_card_below_sm80_is_an_error_before_any_launch(fresh_cards, monkeypatch):
+    monkeypatch.setattr(masked_lora, "_card_problem", lambda device: T4_PROBLEM)
+    no_triton_launches(monkeypatch)
+    inputs = make_inputs(torch.bfloat16, 2, 4)
+    forced = f"masked_lora_linear: the triton backend .* cannot run on cpu: {re.escape(T4_PROBLEM)}"
+    with pytest.raises(ValueError, match=forced):
+        masked_lora_linear(*inputs, backend="triton")
+    x, w8, w_scale, b, *_ = fp8_inputs(torch.bfloat16, 1, 4)
+    with pytest.raises(ValueError, match=f"fp8_linear: the triton backend .* {re.escape(T4_PROBLEM)}"):
+        fp8_linear(x, w8, w_scale, b, backend="triton")
+
+
+def fp8e4nv_build_error():
+    """The CompilationError Triton raises for fp8 weights on sm_86 (before the byte decode), as it reads."""
+    src = "def _fused_linear_kernel(\n    x_ptr, w_ptr,\n):\n    pass"
+    node = ast.parse(src).body[0]
+    reason = ('ValueError("type fp8e4nv not supported in this architecture. The supported fp8 dtypes are '
+              "('fp8e4b15', 'fp8e5')\")")
+    return triton.compiler.errors.CompilationError(src, node, reason)
+
+
+def raising(error: Exception, calls: list | None = None):
+    """A stand-in for masked_lora_triton.masked_lora that fails as Triton would, counting its calls."""
+    def fail(*args, **kwargs):
+        if calls is not None:
+            calls.append(args)
+        raise error
+
+    return fail
+
+
+def test_a_triton_that_cannot_build_the_kernels_costs_one_warning_and_no_cache_entry(fresh_cards, monkeypatch):
+    """The first build failure turns the Triton path off for the card: one warning with the whole reason (not
+    'at 1:0:'), no decision for the shape on disk (a fixed Triton tries again), no further builds."""
+    expected = fp8_and_slider_calls("torch")
+    builds = []
+    monkeypatch.setattr(masked_lora_triton, "masked_lora", raising(fp8e4nv_build_error(), builds))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = fp8_and_slider_calls("auto")
+    assert len(builds) == 1
+    (warning,) = caught
+    assert str(warning.message).startswith(
+        f"masked_lora_linear: the Triton kernels are off on cpu: triton {triton.__version__} cannot build them for "
+        "cpu: CompilationError: ValueError(\"type fp8e4nv not supported in this architecture. The supported fp8 "
+        "dtypes are ('fp8e4b15', 'fp8e5')\"). Every adapted")
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
+    assert dispatch.decisions() == [] and not fresh_cards.exists()
+    with pytest.raises(ValueError, match="the triton backend .* cannot build them"):
+        masked_lora_linear(*make_inputs(torch.bfloat16, 2, 4), backend="triton")
+
+
+def test_a_build_failure_on_a_decided_key_also_turns_the_card_off(fresh_cards, monkeypatch):
+    """A key decided for Triton whose next call fails to build (a new specialisation; the first call of a
+    choice read from disk): the card goes off with its one warning and the call gets the PyTorch path."""
+    times = iter([1e-3, 2e-3])  # one round, Triton timed first: Triton wins
+
+    def triton_faster(fn, device):
+        fn()
+        return next(times)
+
+    dispatch.use_dispatcher(dispatch.Dispatcher(fresh_cards, timer=triton_faster, flush=lambda device: None,
+                                                reps=1, min_reps=1))
+    inputs = make_inputs(torch.bfloat16, 2, 4)
+    masked_lora_linear(*inputs, backend="auto")
+    assert [d["backend"] for d in dispatch.decisions()] == ["triton"]
+    monkeypatch.setattr(masked_lora_triton, "masked_lora", raising(fp8e4nv_build_error()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = masked_lora_linear(*inputs, backend="auto")
+    (warning,) = caught
+    assert "the Triton kernels are off on cpu: triton" in str(warning.message)
+    assert "type fp8e4nv not supported" in str(warning.message)
+    assert torch.equal(y, masked_lora_linear(*inputs, backend="torch"))
+
+
+def test_a_failure_on_one_shape_stays_with_that_shape(fresh_cards, monkeypatch):
+    """Out of shared memory (or any launch error) is a verdict on one shape: the dispatcher's, per key."""
+    monkeypatch.setattr(masked_lora_triton, "masked_lora",
+                        raising(triton.runtime.errors.OutOfResources(262_144, 232_448, "shared memory")))
+    inputs = make_inputs(torch.bfloat16, 2, 4)
+    per_key = "the Triton path is not used for cpu\\|forward.*: OutOfResources: out of resource: shared memory"
+    with pytest.warns(RuntimeWarning, match=per_key):
+        masked_lora_linear(*inputs, backend="auto")
+    assert masked_lora.triton_problem(torch.device("cpu")) is None
+    assert [d["backend"] for d in dispatch.decisions()] == ["torch"]
