@@ -411,7 +411,12 @@ def _fused_linear_kernel(
         if W_SCALE == W_SCALE_REDUCTION:  # fp8 W^T in dX = dY W: dequantize the tile along the reduction
             ws = _weight_scales(ws_ptr + d0, offs_d, offs_d < D - d0, w_ptr)
             w = w.to(tl.float32) * ws[:, None]
-        w = w.to(x_ptr.dtype.element_ty)  # fp8 -> x's dtype is exact; a no-op for x's own dtype
+        # fp8 -> x's dtype is exact; a no-op for x's own dtype. On sm_90 the converted tile goes through
+        # one shared buffer that wgmma reads, so Triton 3.9 waits for each wgmma (wait_group 0) before the
+        # next conversion. Tried (AOT sm_90 builds): W as the register operand (acc^T = W X^T) gives
+        # wait_group 1 in the PTX, but ptxas serializes the wgmmas anyway in 4 of the 5 tiles (C7515) and
+        # the dX spills; tl.dot_scaled, a loop unrolled by two and warp_specialize still wait each time.
+        w = w.to(x_ptr.dtype.element_ty)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
