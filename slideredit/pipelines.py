@@ -1,18 +1,21 @@
 """SliderEditFluxKontextPipeline: instruction-based editing with FLUX.1 Kontext [dev].
 
-One edit: encode the prompt (T5 per token, CLIP pooled), encode the context image with the
-autoencoder and pack it into tokens with first position id 1, draw noise for the target, integrate
-the rectified flow with Euler steps while the model sees [noisy ; context] tokens, then unpack and
-decode. The import path `slideredit.pipelines` is the one the SliderEdit release's examples use.
+One edit (`__call__`) in four steps: check every argument; prepare the Kontext inputs (encode the
+prompt: T5 per token, CLIP pooled; `prepare_kontext`: encode the context image with the autoencoder
+and pack it into tokens with first position id 1, draw noise for the target); denoise (Euler steps,
+sampling.denoise, over a velocity that sets the step's slider scales, runs the model on [noisy ;
+context] tokens and combines true CFG); unpack and decode. The import path `slideredit.pipelines` is
+the one the SliderEdit release's examples use.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,11 +26,13 @@ from .autoencoder import AutoEncoder, load_autoencoder
 from .checkpoint import CheckpointError, download_from_hub, looks_like_repo_id
 from .compile import compile_blocks
 from .image import ImageInput, area_scaled_size, default_output_size, prepare_context_image
+from .memory_plan import MemoryPlan, components, module_bytes, plan_edit
 from .slider_checkpoints import load_adapter
 from .sliders import GSTLORA, STLORA, loaded_adapters, remove_adapters, set_slider_scale
 from .slider_schedule import Alpha, SliderSchedule, alpha_batch, check_windows
 from .token_selection import is_number, subprompt_spans
-from .sampling import denoise, get_schedule, initial_noise, latent_ids, pack_latents, text_ids, unpack_latents
+from .sampling import (KontextInputs, StepEnd, Velocity, denoise, get_schedule, initial_noise, kontext_velocity,
+                       latent_ids, pack_latents, text_ids, unpack_latents)
 from .text_encoders import SUBFOLDERS, KontextTextEncoders, check_encoder_files
 from .transformer import Flux
 from .transformer_loading import QUANTIZE_MODES, load_flux
@@ -60,6 +65,11 @@ class ScheduleConfig:
             return cls()
         config = json.loads(path.read_text())
         return cls(**{k: config[k] for k in cls.__dataclass_fields__ if k in config})
+
+    def timesteps(self, num_steps: int, image_seq_len: int) -> list[float]:
+        """num_steps + 1 sigmas from 1 to 0, shifted for image_seq_len noisy tokens (sampling.get_schedule)."""
+        return get_schedule(num_steps, image_seq_len, base_seq_len=self.base_image_seq_len,
+                            max_seq_len=self.max_image_seq_len, base_shift=self.base_shift, max_shift=self.max_shift)
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,48 @@ def check_finite(value: object, name: str) -> float:
     return float(value)
 
 
+def edit_batch(prompt: str | list[str] | None, prompt_embeds: Tensor | None, alphas: Sequence[object]
+               ) -> tuple[int, int]:
+    """-> (batch, rows): the prompts' rows, and the batch: the length of the per-image alpha lists among
+    `alphas` (one prompt repeated), else the rows."""
+    rows = prompt_embeds.shape[0] if prompt_embeds is not None else 1 if isinstance(prompt, str) else len(prompt)
+    batch = alpha_batch(alphas) or rows
+    if rows not in (1, batch):
+        raise ValueError(f"{rows} prompts and per-image alpha lists of length {batch}: give one prompt, or one "
+                         "prompt per alpha")
+    return batch, rows
+
+
+def batch_prompts(prompt: str | list[str] | None, batch: int, rows: int) -> list[str] | None:
+    """Image i's prompt: one prompt repeated over the batch, or `rows` prompts repeated batch // rows times."""
+    if prompt is None:
+        return None
+    return [prompt] * batch if isinstance(prompt, str) else list(prompt) * (batch // rows)
+
+
+def output_size(context_w: int, context_h: int, width: int | None, height: int | None, max_area: float | None,
+                auto_resize: bool) -> tuple[int, int]:
+    """The edit's (width, height): as given, else the context's size (snapped to a preferred Kontext
+    resolution with auto_resize); scaled to about max_area pixels when given; floored to 16."""
+    if height is None:
+        width, height = (context_w, context_h) if not auto_resize else default_output_size(context_w, context_h)
+    if max_area is not None:
+        width, height = area_scaled_size(width, height, max_area)
+    width, height = width // 16 * 16, height // 16 * 16
+    if width < 16 or height < 16:
+        raise ValueError(f"output must be at least 16x16 pixels, got {width}x{height}")
+    return width, height
+
+
+def check_callback_tensors(returned: dict, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What a step-end callback returned (sliders aside): tensors replacing those of `state`, same shapes."""
+    for k, v in returned.items():
+        if k not in state or not isinstance(v, Tensor) or v.shape != state[k].shape:
+            raise ValueError(f"callback_on_step_end returned {k!r}: expected one of {sorted(state)} as a "
+                             f"tensor of the same shape, or slider_alpha / slider_alpha_list")
+    return returned
+
+
 def use_true_cfg(true_cfg_scale: float, negative_prompt: object, negative_prompt_embeds: Tensor | None,
                  negative_pooled_prompt_embeds: Tensor | None) -> bool:
     """diffusers' rule: true CFG runs when true_cfg_scale > 1 and a negative prompt is given; half of
@@ -159,13 +211,38 @@ def use_true_cfg(true_cfg_scale: float, negative_prompt: object, negative_prompt
     return True
 
 
+OFFLOAD_DEVICE = torch.device("cpu")  # where offloaded components wait
+
+
+def check_placement(offload: bool, model_offload: bool) -> None:
+    if model_offload and not offload:
+        raise ValueError("model_offload=True needs offload=True: the transformer leaves the device while the "
+                         "offloaded text encoders visit it")
+
+
+def placement_defaults(quantize: str | None, offload: bool | None = None, model_offload: bool | None = None,
+                       tiled_decode: bool | None = None) -> tuple[bool, bool, bool]:
+    """from_pretrained's (offload, model_offload, tiled_decode), each as given or by default. The
+    low-memory mode (quantize="fp8") never holds two large components on the device: the text encoders
+    stay on the CPU except while they encode, T5 in fp8 included (12.0 GB of fp8 transformer beside T5's
+    5.9 GB would not fit 16 GB), and meanwhile the transformer waits on the CPU; images decode in strips.
+    An explicit offload=False keeps the text encoders on the device, and the transformer with them."""
+    low_memory = quantize == "fp8"
+    offload = low_memory if offload is None else offload
+    model_offload = (low_memory and offload) if model_offload is None else model_offload
+    check_placement(offload, model_offload)
+    return offload, model_offload, low_memory if tiled_decode is None else tiled_decode
+
+
 class SliderEditFluxKontextPipeline:
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, text_encoders: KontextTextEncoders,
                  schedule: ScheduleConfig = ScheduleConfig(), defaults: EditDefaults = EditDefaults(), *,
-                 offload: bool = False, tiled_decode: bool = False):
+                 offload: bool = False, model_offload: bool = False, tiled_decode: bool = False):
+        check_placement(offload, model_offload)
         self.transformer, self.autoencoder, self.text_encoders = transformer, autoencoder, text_encoders
         self.schedule, self.defaults = schedule, defaults
         self.offload = offload  # keep the text encoders on the CPU except while they encode
+        self.model_offload = model_offload  # and the transformer on the CPU while they do (_text_encoders_on)
         # Decode one image at a time in strips (AutoEncoder.decode_tiled, exact): at 1024^2 the untiled
         # decode's activations (1.50 GB bf16) outgrow the transformer's (about 1.2 GB), so in the
         # low-memory mode they would set the peak; in strips they are 0.13 GB.
@@ -175,42 +252,44 @@ class SliderEditFluxKontextPipeline:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, torch_dtype: torch.dtype = torch.bfloat16,
                         device: str | torch.device | None = None, *, offload: bool | None = None,
-                        quantize: str | None = None, t5_quantize: str | None = None, compile: bool = False,
+                        model_offload: bool | None = None, quantize: str | None = None,
+                        t5_quantize: str | None = None, compile: bool = False,
                         tiled_decode: bool | None = None) -> "SliderEditFluxKontextPipeline":
         """Load a diffusers-layout Kontext folder (transformer/, vae/, text encoders, tokenizers) or a hub repo id.
 
         Low-memory mode, `quantize="fp8"`: the transformer's block linears hold float8_e4m3fn weights
         with one fp32 scale per output row, quantized while streaming (load_flux); sliders stay exact
-        and unquantized on top of them. The text encoders then stay on the CPU except while they
-        encode (`offload` defaults to True in this mode, False otherwise), unless `t5_quantize="fp8"`
-        holds T5's linears in fp8 too, small enough to stay on `device` (offload then defaults to False),
-        and images are decoded one at a time in strips (`tiled_decode` defaults to True in this mode:
-        AutoEncoder.decode_tiled, the untiled image up to float rounding).
+        and unquantized on top of them. The device then never holds two large components: the text
+        encoders stay on the CPU except while they encode (`offload`) and meanwhile the transformer
+        waits on the CPU (`model_offload`); both default to True in this mode, False otherwise
+        (placement_defaults; `pipe.memory_plan` gives the planned peak of each phase). `t5_quantize="fp8"`
+        holds T5's linears in fp8 (5.9 GB instead of 9.5): on `device` beside the transformer without
+        offload, else less to move. Images are decoded one at a time in strips (`tiled_decode` defaults
+        to True in this mode: AutoEncoder.decode_tiled, the untiled image up to float rounding).
         `compile=True` calls `pipe.compile()` once loaded."""
         for name, value in (("quantize", quantize), ("t5_quantize", t5_quantize)):
             if value not in QUANTIZE_MODES:
                 raise ValueError(f"{name} must be one of {QUANTIZE_MODES}, got {value!r}")
-        if offload is None:
-            offload = quantize == "fp8" and t5_quantize is None
-        if tiled_decode is None:
-            tiled_decode = quantize == "fp8"
+        offload, model_offload, tiled_decode = placement_defaults(quantize, offload, model_offload, tiled_decode)
         device = check_device(device)  # before any download or load
         folder = model_folder(source)
         if not folder.is_dir():
             raise CheckpointError(f"model folder not found: {folder} (and not a hub repo id of the form owner/name)")
         check_encoder_files(folder)  # a truncated T5 download fails now, not after the transformer loaded
-        text_device = "cpu" if offload else device
+        text_device = OFFLOAD_DEVICE if offload else device
         pipe = cls(load_flux(folder, dtype=torch_dtype, device=device, quantize=quantize),
                    load_autoencoder(folder, dtype=torch_dtype, device=device),
                    KontextTextEncoders.from_pretrained(folder, dtype=torch_dtype, device=text_device,
                                                        t5_quantize=t5_quantize),
                    ScheduleConfig.from_folder(folder), EditDefaults.from_folder(folder), offload=offload,
-                   tiled_decode=tiled_decode)
+                   model_offload=model_offload, tiled_decode=tiled_decode)
         return pipe.compile() if compile else pipe
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        """The device the pipeline computes on: the autoencoder's, which never leaves it (the transformer
+        waits on the CPU while model_offload has the text encoders encode)."""
+        return next(self.autoencoder.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,11 +299,14 @@ class SliderEditFluxKontextPipeline:
         """Bytes of parameters and buffers each component holds on the pipeline's device (offloaded text
         encoders hold 0 between encodes, as do absent ones: a pipeline built with text_encoders=None for
         prompt_embeds only); fp8 weights count one byte per element."""
-        return {name: 0 if module is None else
-                sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
-                    if t.device == self.device)
-                for name, module in (("transformer", self.transformer), ("autoencoder", self.autoencoder),
-                                     ("text_encoders", self.text_encoders))}
+        return {name: module_bytes(module, self.device) for name, module in components(self).items()}
+
+    def memory_plan(self, height: int, width: int, batch: int = 1) -> MemoryPlan:
+        """The planned device memory of an edit of `batch` images at height x width, per phase ("load",
+        "text_encoding", "image_encoding", "denoising", "decoding"): `.peak` in bytes, `.resident` (as
+        device_memory() will read in that phase) and `.working` (activations, estimated from their shapes).
+        slideredit/memory_plan.py says what is counted; `memory_plan.plan_table` prints it."""
+        return plan_edit(self, height, width, batch)
 
     def to(self, device: str | torch.device) -> "SliderEditFluxKontextPipeline":
         device = check_device(device)
@@ -292,16 +374,36 @@ class SliderEditFluxKontextPipeline:
     def encode_prompt(self, prompt: str | list[str], max_sequence_length: int | None = None) -> tuple[Tensor, Tensor]:
         """-> (T5 embeddings (B, 512, 4096), CLIP pooled (B, 768)) on the pipeline's device and dtype."""
         max_sequence_length = max_sequence_length or self.defaults.max_sequence_length
-        if self.offload:
-            self.text_encoders.to(self.device)
-        try:
+        with self._text_encoders_on(self.device):
             embeds, pooled = self.text_encoders.encode(prompt, max_length=max_sequence_length)
-        finally:
-            if self.offload:
-                self.text_encoders.to("cpu")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
         return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+
+    @contextlib.contextmanager
+    def _text_encoders_on(self, device: torch.device):
+        """The text encoders on `device` while they encode, when offloaded; with model_offload the
+        transformer leaves first and comes back after them, so the device never holds both.
+
+        Why move the transformer rather than run T5 on the CPU (the low-memory mode's choice; cost model
+        for FLUX.1 Kontext [dev], README "Low-memory mode"): each encode moves the 12.0 GB fp8 transformer
+        off and back and T5 + CLIP (9.8 GB; 6.2 GB with t5_quantize="fp8") on and off: 43.5 GB (36.3 GB)
+        over PCIe, about 3.6 s (3.0 s) at the 12 GB/s of a PCIe 4.0 x16 link from pageable memory, and
+        T5's 4.9 TFLOP take well under 0.1 s on the GPU. On the CPU the same 4.9 TFLOP take 70 s on 2
+        cores (measured, bf16) and about 10 s on a 16-core desktop. A sweep encodes once, so it pays one
+        round trip either way."""
+        if not self.offload:
+            yield
+            return
+        if self.model_offload:
+            self.transformer.to(OFFLOAD_DEVICE)
+        try:
+            self.text_encoders.to(device)
+            yield
+        finally:
+            self.text_encoders.to(OFFLOAD_DEVICE)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # T5's blocks go back to the driver before the transformer returns
+            if self.model_offload:
+                self.transformer.to(device)
 
     @torch.no_grad()
     def encode_image(self, image: ImageInput, batch: int, auto_resize: bool = True) -> tuple[Tensor, int, int]:
@@ -367,11 +469,44 @@ class SliderEditFluxKontextPipeline:
         runs with the STLoRA off. A GSTLoRA acts on every token (image and context tokens included):
         it changes the model, not a prompt, so both passes use it at the same alpha; otherwise the
         guidance difference would carry the adapter's own effect, multiplied by true_cfg_scale."""
+        # Check every argument before anything is computed.
+        auto_resize, guidance_scale, true_cfg_scale = self._check_arguments(
+            image=image, prompt=prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            subprompts_list=subprompts_list, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+            height=height, width=width, max_area=max_area, auto_resize=auto_resize, _auto_resize=_auto_resize,
+            output_type=output_type, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        batch, rows = edit_batch(prompt, prompt_embeds, [slider_alpha, *(slider_alpha_list or [])])
+        seq_len = prompt_embeds.shape[1] if prompt_embeds is not None else \
+            (max_sequence_length or self.defaults.max_sequence_length)
+        sliders = self.slider_schedule(batch_prompts(prompt, batch, rows), batch, num_inference_steps, seq_len,
+                                       slider_alpha, subprompts_list, slider_alpha_list, slider_steps)
+        true_cfg = use_true_cfg(true_cfg_scale, negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds)
+        # Prepare the Kontext inputs: the prompts' embeddings, the context image's tokens, the noise.
+        txt, vec = self._prompt_rows(prompt, prompt_embeds, pooled_prompt_embeds, seq_len, batch)
+        negative = self._negative_rows(negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds,
+                                       txt) if true_cfg else None
+        inputs, width, height = self.prepare_kontext(image, txt, vec, width=width, height=height, max_area=max_area,
+                                                     auto_resize=auto_resize, latents=latents, generator=generator,
+                                                     noise_rows=rows)
+        # Denoise and decode.
+        latents = self._denoise(inputs, negative, sliders, num_inference_steps, guidance_scale, true_cfg_scale,
+                                callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return self._decode(latents, width, height, output_type)
+
+    # --- the steps of an edit -------------------------------------------------------------------------
+
+    def _check_arguments(self, *, image: ImageInput | None, prompt: str | list[str] | None,
+                         prompt_embeds: Tensor | None, pooled_prompt_embeds: Tensor | None,
+                         subprompts_list: Sequence[str] | None, guidance_scale: float, true_cfg_scale: float,
+                         height: int | None, width: int | None, max_area: float | None, auto_resize: bool | None,
+                         _auto_resize: bool | None, output_type: str,
+                         callback_on_step_end_tensor_inputs: Sequence[str]) -> tuple[bool, float, float]:
+        """Refuse bad arguments before anything is computed. -> (auto_resize, guidance_scale, true_cfg_scale)
+        with auto_resize from either spelling or the model folder's default, the scales as floats."""
         if _auto_resize is not None:  # diffusers' and the release's spelling
             if auto_resize is not None:
                 raise ValueError("give auto_resize or _auto_resize (diffusers' spelling of the same switch), not both")
             auto_resize = _auto_resize
-        auto_resize = self.defaults.auto_resize if auto_resize is None else auto_resize
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         guidance_scale = check_finite(guidance_scale, "guidance_scale")
@@ -389,88 +524,103 @@ class SliderEditFluxKontextPipeline:
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not among {list(CALLBACK_TENSOR_INPUTS)}")
-
-        # The batch: the prompts' rows, or the length of the per-image alpha lists (one prompt repeated).
-        rows = prompt_embeds.shape[0] if prompt_embeds is not None else 1 if isinstance(prompt, str) else len(prompt)
-        batch = alpha_batch([slider_alpha, *(slider_alpha_list or [])]) or rows
-        if rows not in (1, batch):
-            raise ValueError(f"{rows} prompts and per-image alpha lists of length {batch}: give one prompt, or one "
-                             "prompt per alpha")
-        prompts = None if prompt is None else [prompt] * batch if isinstance(prompt, str) else list(prompt) * (batch // rows)
-        seq_len = prompt_embeds.shape[1] if prompt_embeds is not None else \
-            (max_sequence_length or self.defaults.max_sequence_length)
-        sliders = self.slider_schedule(prompts, batch, num_inference_steps, seq_len, slider_alpha, subprompts_list,
-                                       slider_alpha_list, slider_steps)
-
-        true_cfg = use_true_cfg(true_cfg_scale, negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds)
-
-        if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
-        txt = self._rows(prompt_embeds, batch, "prompt_embeds")
-        vec = self._rows(pooled_prompt_embeds, batch, "pooled_prompt_embeds")
-        negative = None
-        if true_cfg:
-            if negative_prompt is not None:
-                negative_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(negative_prompt, seq_len)
-            negative = (self._rows(negative_prompt_embeds, batch, "negative_prompt_embeds"),
-                        self._rows(negative_pooled_prompt_embeds, batch, "negative_pooled_prompt_embeds"))
-            if negative[0].shape != txt.shape:
-                raise ValueError(f"negative_prompt_embeds {tuple(negative[0].shape)} must have the shape of "
-                                 f"prompt_embeds {tuple(txt.shape)}")
-
-        cond, context_w, context_h = self.encode_image(image, batch, auto_resize)
         if (height is None) != (width is None):
             raise ValueError(f"give both height and width or neither; got height={height}, width={width}")
-        if height is None:
-            width, height = (context_w, context_h) if not auto_resize else default_output_size(context_w, context_h)
-        if max_area is not None:
-            width, height = area_scaled_size(width, height, max_area)
-        width, height = width // 16 * 16, height // 16 * 16
-        if width < 16 or height < 16:
-            raise ValueError(f"output must be at least 16x16 pixels, got {width}x{height}")
+        return self.defaults.auto_resize if auto_resize is None else auto_resize, guidance_scale, true_cfg_scale
 
-        h_tokens, w_tokens = height // 16, width // 16
-        shape = (batch, h_tokens * w_tokens, cond.shape[-1])
-        if latents is None:
-            latents = self._noise(batch, rows, height, width, generator)
-        elif latents.shape[1:] != shape[1:] or latents.shape[0] not in (1, batch):
-            raise ValueError(f"latents must be packed (B, N, 64) = {shape} for a {width}x{height} output, "
-                             f"got {tuple(latents.shape)}")
-        img = latents.to(self.device, self.dtype).expand(shape)
-        img_ids = latent_ids(batch, h_tokens, w_tokens, first_id=0, device=self.device, dtype=self.dtype)
-        cond_ids = latent_ids(batch, context_h // 16, context_w // 16, first_id=1, device=self.device, dtype=self.dtype)
+    def _prompt_rows(self, prompt: str | list[str] | None, embeds: Tensor | None, pooled: Tensor | None,
+                     seq_len: int, batch: int, prefix: str = "") -> tuple[Tensor, Tensor]:
+        """(T5 embeddings, CLIP pooled) of `prompt`, or the given ones, one row per image."""
+        if embeds is None:
+            embeds, pooled = self.encode_prompt(prompt, seq_len)
+        return (self._rows(embeds, batch, f"{prefix}prompt_embeds"),
+                self._rows(pooled, batch, f"{prefix}pooled_prompt_embeds"))
 
-        s = self.schedule
-        timesteps = get_schedule(num_inference_steps, img.shape[1], base_seq_len=s.base_image_seq_len,
-                                 max_seq_len=s.max_image_seq_len, base_shift=s.base_shift, max_shift=s.max_shift)
-        applied: dict[str, object] = {}
+    def _negative_rows(self, prompt: str | list[str] | None, embeds: Tensor | None, pooled: Tensor | None,
+                       txt: Tensor) -> tuple[Tensor, Tensor]:
+        """True CFG's negative prompt, as _prompt_rows, in the shape of the positive prompt's embeddings `txt`."""
+        negative = self._prompt_rows(prompt, embeds, pooled, txt.shape[1], txt.shape[0], "negative_")
+        if negative[0].shape != txt.shape:
+            raise ValueError(f"negative_prompt_embeds {tuple(negative[0].shape)} must have the shape of "
+                             f"prompt_embeds {tuple(txt.shape)}")
+        return negative
 
-        def set_sliders(step: int, sigma: float, negative_branch: bool) -> None:
-            gst, st = sliders.scales(step, sigma)
-            for name, scale in ((GSTLORA, gst), (STLORA, None if negative_branch else st)):
-                if name not in applied or applied[name] is not scale:  # only what changed
-                    set_slider_scale(self.transformer, name, scale)
-                    applied[name] = scale
+    @torch.no_grad()
+    def prepare_kontext(self, image: ImageInput, txt: Tensor, vec: Tensor, *, width: int | None = None,
+                        height: int | None = None, max_area: float | None = None, auto_resize: bool = True,
+                        latents: Tensor | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                        noise_rows: int = 1) -> tuple[KontextInputs, int, int]:
+        """The transformer's inputs for one edit (Black Forest Labs' prepare_kontext): the context image
+        encoded and packed with position ids of first id 1, the output size (see __call__), the packed
+        initial noise (drawn once per prompt row, `noise_rows`) or `latents`, with ids of first id 0, and
+        the text ids of the prompt embeddings txt (B, T, d), vec (B, d). -> (inputs, width, height)."""
+        batch = txt.shape[0]
+        cond, context_w, context_h = self.encode_image(image, batch, auto_resize)
+        width, height = output_size(context_w, context_h, width, height, max_area, auto_resize)
+        img = self._initial_latents(latents, batch, noise_rows, width, height, generator)
+        place = dict(device=self.device, dtype=self.dtype)
+        inputs = KontextInputs(img=img, img_ids=latent_ids(batch, height // 16, width // 16, first_id=0, **place),
+                               txt=txt, txt_ids=text_ids(batch, txt.shape[1], **place), vec=vec, cond=cond,
+                               cond_ids=latent_ids(batch, context_h // 16, context_w // 16, first_id=1, **place))
+        return inputs, width, height
 
-        on_step_end = None
-        if callback_on_step_end is not None:
-            def on_step_end(step: int, sigma: float, state: dict[str, Tensor]) -> dict[str, Tensor]:
-                kwargs = {k: state[k] for k in callback_on_step_end_tensor_inputs if k in state}
-                timestep = torch.tensor(sigma * 1000, dtype=torch.float32, device=self.device)
-                out = dict(callback_on_step_end(self, step, timestep, kwargs) or {})
-                sliders.update(out.pop("slider_alpha", None), out.pop("slider_alpha_list", None))
-                for k, v in out.items():
-                    if k not in state or not isinstance(v, Tensor) or v.shape != state[k].shape:
-                        raise ValueError(f"callback_on_step_end returned {k!r}: expected one of {sorted(state)} as a "
-                                         f"tensor of the same shape, or slider_alpha / slider_alpha_list")
-                return out
+    def _denoise(self, inputs: KontextInputs, negative: tuple[Tensor, Tensor] | None, sliders: SliderSchedule,
+                 num_steps: int, guidance_scale: float, true_cfg_scale: float, callback: StepEndCallback | None,
+                 callback_tensor_inputs: Sequence[str]) -> Tensor:
+        """Euler steps from the initial noise to the edit's packed latents."""
+        negative_inputs = None if negative is None else replace(inputs, txt=negative[0], vec=negative[1])
+        velocity = self._velocity(inputs, negative_inputs, sliders, guidance_scale, true_cfg_scale)
+        on_step_end = None if callback is None else \
+            self._step_end(callback, callback_tensor_inputs, sliders, inputs, negative_inputs)
+        return denoise(velocity, inputs.img, self.schedule.timesteps(num_steps, inputs.img.shape[1]),
+                       progress=self.progress, on_step_end=on_step_end)
 
-        img = denoise(self.transformer, img, img_ids, txt, text_ids(batch, txt.shape[1], self.device, self.dtype),
-                      vec, timesteps, guidance_scale, cond=cond, cond_ids=cond_ids, progress=self.progress,
-                      negative=negative, true_cfg_scale=true_cfg_scale, before_model=set_sliders,
-                      on_step_end=on_step_end)
+    def _velocity(self, inputs: KontextInputs, negative: KontextInputs | None, sliders: SliderSchedule,
+                  guidance_scale: float, true_cfg_scale: float) -> Velocity:
+        """velocity(x, t, i) of the edit: the sliders' scales for step i, then the model on the Kontext
+        inputs; with true CFG also on the negative prompt, combined as v_neg + true_cfg_scale (v - v_neg)."""
+        positive_velocity = kontext_velocity(self.transformer, inputs, guidance_scale)
+        negative_velocity = None if negative is None else kontext_velocity(self.transformer, negative, guidance_scale)
 
-        latents = unpack_latents(img, height, width)
+        def velocity(x: Tensor, t: float, i: int) -> Tensor:
+            self._set_sliders(sliders, i, t)
+            v = positive_velocity(x, t, i)
+            if negative_velocity is None:
+                return v
+            self._set_sliders(sliders, i, t, negative_pass=True)
+            v_neg = negative_velocity(x, t, i)
+            return v_neg + true_cfg_scale * (v - v_neg)
+
+        return velocity
+
+    def _set_sliders(self, sliders: SliderSchedule, step: int, sigma: float, negative_pass: bool = False) -> None:
+        for name, scale in sliders.scales_to_set(step, sigma, negative_pass=negative_pass).items():
+            set_slider_scale(self.transformer, name, scale)
+
+    def _step_end(self, callback: StepEndCallback, tensor_inputs: Sequence[str], sliders: SliderSchedule,
+                  inputs: KontextInputs, negative: KontextInputs | None) -> StepEnd:
+        """denoise's step-end hook running diffusers' callback_on_step_end(pipe, step, timestep, kwargs):
+        kwargs holds the tensors named in tensor_inputs, by diffusers' names; the tensors it returns replace
+        them from the next step on, and "slider_alpha" / "slider_alpha_list" move the call's sliders."""
+        prompts = {"": inputs} if negative is None else {"": inputs, "negative_": negative}
+
+        def on_step_end(step: int, sigma: float, latents: Tensor) -> Tensor:
+            state = {"latents": latents}
+            for prefix, prompt in prompts.items():
+                state[f"{prefix}prompt_embeds"], state[f"{prefix}pooled_prompt_embeds"] = prompt.txt, prompt.vec
+            timestep = torch.tensor(sigma * 1000, dtype=torch.float32, device=self.device)
+            out = dict(callback(self, step, timestep, {k: state[k] for k in tensor_inputs if k in state}) or {})
+            sliders.update(out.pop("slider_alpha", None), out.pop("slider_alpha_list", None))
+            state.update(check_callback_tensors(out, state))
+            for prefix, prompt in prompts.items():  # the velocity reads the prompts at its next call
+                prompt.txt, prompt.vec = state[f"{prefix}prompt_embeds"], state[f"{prefix}pooled_prompt_embeds"]
+            return state["latents"]
+
+        return on_step_end
+
+    def _decode(self, latents: Tensor, width: int, height: int, output_type: str) -> KontextOutput:
+        """Packed latents -> images: PIL, or (B, 3, H, W) in [0, 1] for output_type="pt"."""
+        latents = unpack_latents(latents, height, width)
         if self.tiled_decode:
             pixels = torch.cat([self.autoencoder.decode_tiled(z[None]) for z in latents])
         else:
@@ -486,6 +636,17 @@ class SliderEditFluxKontextPipeline:
         if embeds.shape[0] not in (1, batch):
             raise ValueError(f"{name} has {embeds.shape[0]} rows for a batch of {batch} images")
         return embeds.to(self.device, self.dtype).expand(batch, *embeds.shape[1:])
+
+    def _initial_latents(self, latents: Tensor | None, batch: int, rows: int, width: int, height: int,
+                         generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+        """The packed latents the flow starts from: `latents` (B or 1, N, 64), else drawn noise."""
+        if latents is None:
+            return self._noise(batch, rows, height, width, generator)
+        shape = (batch, (height // 16) * (width // 16), 64)
+        if latents.shape[1:] != shape[1:] or latents.shape[0] not in (1, batch):
+            raise ValueError(f"latents must be packed (B, N, 64) = {shape} for a {width}x{height} output, "
+                             f"got {tuple(latents.shape)}")
+        return latents.to(self.device, self.dtype).expand(shape)
 
     def _noise(self, batch: int, rows: int, height: int, width: int,
                generator: torch.Generator | list[torch.Generator] | None) -> Tensor:

@@ -1,9 +1,11 @@
-"""Rectified-flow sampling for FLUX.1 Kontext: schedule, latent packing, position ids, noise, Euler loop.
+"""Rectified-flow sampling for FLUX.1 Kontext: schedule, latent packing, position ids, noise, the model's
+velocity on the Kontext inputs, Euler loop.
 
 x_t = (1 - t) x0 + t * noise; the model predicts v ~ noise - x0; Euler steps go from t = 1 to t = 0.
 """
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -111,70 +113,59 @@ def initial_noise(
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
+Velocity = Callable[[Tensor, float, int], Tensor]  # velocity(x, t, i): noisy latents, time (sigma), step index
+StepEnd = Callable[[int, float, Tensor], Tensor]  # on_step_end(i, t, x) -> the latents to continue from
+
+
+@dataclass
+class KontextInputs:
+    """What the transformer sees for one edit (Black Forest Labs' prepare_kontext): the noisy target
+    tokens, then the context image's tokens (position ids with first id 1), and the prompt."""
+    img: Tensor  # (B, N, 64) packed noise: the flow starts here
+    img_ids: Tensor  # (B, N, 3) position ids of the noisy tokens, first id 0
+    txt: Tensor  # (B, T, d) T5 embeddings
+    txt_ids: Tensor  # (B, T, 3) zeros
+    vec: Tensor  # (B, d) CLIP pooled
+    cond: Tensor | None = None  # (B, M, 64) packed context latents, appended after the noisy tokens
+    cond_ids: Tensor | None = None  # (B, M, 3), first id 1
+
+    def __post_init__(self) -> None:
+        if (self.cond is None) != (self.cond_ids is None):
+            raise ValueError("give both cond and cond_ids, or neither")
+
+
+def kontext_velocity(model: Callable[..., Tensor], inputs: KontextInputs, guidance: float) -> Velocity:
+    """velocity(x, t, i) of a Kontext transformer: x (B, N, 64), then the context tokens, in; the first N
+    predicted tokens out. The prompt is read from `inputs` at each call (a step-end callback may replace it)."""
+    ids = inputs.img_ids if inputs.cond is None else torch.cat([inputs.img_ids, inputs.cond_ids], dim=1)
+    img = inputs.img  # BFL builds the timestep and guidance vectors in the latent dtype
+    guidance_vec = torch.full((img.shape[0],), guidance, dtype=img.dtype, device=img.device)
+
+    def velocity(x: Tensor, t: float, i: int) -> Tensor:
+        t_vec = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+        tokens = x if inputs.cond is None else torch.cat([x, inputs.cond], dim=1)
+        out = model(img=tokens, img_ids=ids, txt=inputs.txt, txt_ids=inputs.txt_ids, timesteps=t_vec, y=inputs.vec,
+                    guidance=guidance_vec)
+        return out[:, :x.shape[1]]
+
+    return velocity
+
+
 @torch.no_grad()
-def denoise(
-    model: torch.nn.Module,
-    img: Tensor,
-    img_ids: Tensor,
-    txt: Tensor,
-    txt_ids: Tensor,
-    vec: Tensor,
-    timesteps: list[float],
-    guidance: float,
-    cond: Tensor | None = None,
-    cond_ids: Tensor | None = None,
-    progress: bool = True,
-    *,
-    negative: tuple[Tensor, Tensor] | None = None,
-    true_cfg_scale: float = 1.0,
-    before_model: Callable[[int, float, bool], None] | None = None,
-    on_step_end: Callable[[int, float, dict[str, Tensor]], dict[str, Tensor] | None] | None = None,
-) -> Tensor:
-    """Euler integration of the flow from timesteps[0] to timesteps[-1].
+def denoise(velocity: Velocity, x: Tensor, timesteps: list[float], *, progress: bool = True,
+            on_step_end: StepEnd | None = None) -> Tensor:
+    """Euler integration of dx/dt = velocity(x, t, i) from timesteps[0] (noise) to timesteps[-1] (image).
 
-    img (B, N, 64) packed noisy latents; cond (B, M, 64) packed context latents, appended after the
-    noisy tokens each step (ids likewise); only the first N predicted tokens are used.
-
-    True CFG: with `negative` = (txt (B, T, d), vec (B, d)) the model also runs on the negative prompt and
-    the velocity is v_neg + true_cfg_scale * (v - v_neg), as diffusers' FluxKontextPipeline does.
-    before_model(step_index, t, negative_branch) runs before every model call (the pipeline sets the
-    slider scales there). on_step_end(step_index, t, state) runs after every Euler step with state =
-    {"latents", "prompt_embeds", "pooled_prompt_embeds"} (+ "negative_prompt_embeds",
-    "negative_pooled_prompt_embeds" with CFG); the tensors of a returned dict replace those in state.
-    """
+    on_step_end(i, t, x), when given, runs after each step and returns the latents to continue from."""
     if len(timesteps) < 2:
         raise ValueError(f"need at least two timesteps (start and end), got {len(timesteps)}")
-    if (cond is None) != (cond_ids is None):
-        raise ValueError("give both cond and cond_ids, or neither")
-    n = img.shape[1]
-    ids = img_ids if cond is None else torch.cat([img_ids, cond_ids], dim=1)
-    # BFL builds the timestep and guidance vectors in the latent dtype.
-    guidance_vec = torch.full((img.shape[0],), guidance, dtype=img.dtype, device=img.device)
-    state = {"latents": img, "prompt_embeds": txt, "pooled_prompt_embeds": vec}
-    if negative is not None:
-        state["negative_prompt_embeds"], state["negative_pooled_prompt_embeds"] = negative
     steps = list(zip(timesteps[:-1], timesteps[1:]))
-    for i, (t_cur, t_next) in enumerate(tqdm(steps, disable=not progress, desc="denoising")):
-        img = state["latents"]
-        t_vec = torch.full((img.shape[0],), t_cur, dtype=img.dtype, device=img.device)
-        x = img if cond is None else torch.cat([img, cond], dim=1)
-
-        def velocity(negative_branch: bool) -> Tensor:
-            if before_model is not None:
-                before_model(i, t_cur, negative_branch)
-            prefix = "negative_" if negative_branch else ""
-            out = model(img=x, img_ids=ids, txt=state[prefix + "prompt_embeds"], txt_ids=txt_ids, timesteps=t_vec,
-                        y=state[prefix + "pooled_prompt_embeds"], guidance=guidance_vec)
-            return out[:, :n]
-
-        pred = velocity(negative_branch=False)
-        if negative is not None:
-            neg = velocity(negative_branch=True)
-            pred = neg + true_cfg_scale * (pred - neg)
-        state["latents"] = _euler_step(img, pred, t_next - t_cur)
+    for i, (t_curr, t_prev) in enumerate(tqdm(steps, disable=not progress, desc="denoising")):
+        v = velocity(x, t_curr, i)
+        x = _euler_step(x, v, t_prev - t_curr)
         if on_step_end is not None:
-            state.update(on_step_end(i, t_cur, dict(state)) or {})
-    return state["latents"]
+            x = on_step_end(i, t_curr, x)
+    return x
 
 
 def _euler_step(x: Tensor, v: Tensor, dt: float) -> Tensor:

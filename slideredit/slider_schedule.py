@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .sliders import GSTLORA, STLORA
 from .token_selection import Span, batch_span_scales, is_number
 
 AlphaFn = Callable[[int, float], float]
@@ -104,7 +105,7 @@ class SliderSchedule:
     """The adapter scales of one edit at each step: GSTLoRA (number or (B, 1)), STLoRA (B, T) or None (off).
 
     subprompts and spans[b] (image b's sub-prompt spans) are given for an STLoRA. Unchanged alphas
-    give the very same tensors back, so the caller can skip setting scales that did not change."""
+    give the very same tensors back; scales_to_set hands out, step by step, only the scales that changed."""
 
     def __init__(self, batch: int, num_steps: int, max_length: int, windows: list[Window],
                  slider_alpha: object = None, subprompts: Sequence[str] | None = None,
@@ -114,6 +115,7 @@ class SliderSchedule:
         self.gstlora = None if slider_alpha is None else self._gstlora_alpha(slider_alpha)
         self.stlora = None if slider_alpha_list is None else self._stlora_alphas(slider_alpha_list)
         self._key, self._scales = None, (None, None)
+        self._set: dict[str, float | Tensor | None] = {}  # the scales last handed out by scales_to_set
 
     def update(self, slider_alpha: object = None, slider_alpha_list: object = None) -> None:
         """New alphas from the next step on (how a step-end callback moves the sliders of the call)."""
@@ -155,6 +157,21 @@ class SliderSchedule:
         if key != self._key:
             self._key, self._scales = key, (self._gstlora_scale(gst), self._stlora_scale(st))
         return self._scales
+
+    def scales_to_set(self, step: int, sigma: float, *, negative_pass: bool = False
+                      ) -> dict[str, float | Tensor | None]:
+        """{adapter name: scale} to set before a model call at this step, holding only the scales that changed
+        since the previous call (setting an unchanged scale again would make every layer restack its adapters).
+        The first call names both adapters, so one the call does not use is switched off (None).
+
+        negative_pass: true CFG's pass on the negative prompt, where the STLoRA is off (its spans are tokens
+        of the positive prompt) and the GSTLoRA keeps its alpha (it changes the model, not a prompt)."""
+        gst, st = self.scales(step, sigma)
+        wanted = {GSTLORA: gst, STLORA: None if negative_pass else st}
+        changed = {name: scale for name, scale in wanted.items()
+                   if name not in self._set or self._set[name] is not scale}
+        self._set.update(changed)
+        return changed
 
     def _per_image(self, alpha: float | list[float] | AlphaFn, step: int, sigma: float, what: str
                    ) -> float | tuple[float, ...]:

@@ -4,10 +4,12 @@ import torch
 from torch import nn
 
 from slideredit.sampling import (
+    KontextInputs,
     compute_mu,
     denoise,
     get_schedule,
     initial_noise,
+    kontext_velocity,
     latent_ids,
     pack_latents,
     text_ids,
@@ -17,15 +19,17 @@ from slideredit.sampling import (
 from tiny_kontext import SCHEDULER_CONFIG
 
 
-def diffusers_scheduler(num_steps: int, image_seq_len: int):
+def diffusers_scheduler(num_steps: int, image_seq_len: int, config: dict = SCHEDULER_CONFIG):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 
-    config = {k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")}
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
     scheduler = FlowMatchEulerDiscreteScheduler(**config)
     # As FluxKontextPipeline.__call__ does.
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-    scheduler.set_timesteps(sigmas=sigmas, mu=calculate_shift(image_seq_len))
+    mu = calculate_shift(image_seq_len, config["base_image_seq_len"], config["max_image_seq_len"],
+                         config["base_shift"], config["max_shift"])
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu)
     return scheduler
 
 
@@ -127,6 +131,7 @@ class ToyFlow(nn.Module):
 
 
 def toy_inputs(dtype):
+    """KontextInputs' fields: two images of 6 noisy and 4 context tokens, a 5-token prompt."""
     g = torch.Generator().manual_seed(1)
     img, cond = torch.randn(2, 6, 64, generator=g), torch.randn(2, 4, 64, generator=g)
     txt, vec = torch.randn(2, 5, 8, generator=g), torch.randn(2, 4, generator=g)
@@ -136,10 +141,16 @@ def toy_inputs(dtype):
     return {**tensors, **ids}
 
 
+def kontext_denoise(model, inputs: dict, timesteps, guidance, progress=False):
+    """Euler steps of `model` on the Kontext inputs (the pipeline's loop without sliders or CFG)."""
+    inputs = KontextInputs(**inputs)
+    return denoise(kontext_velocity(model, inputs, guidance), inputs.img, timesteps, progress=progress)
+
+
 def test_denoise_equals_hand_euler_in_float64():
     inputs = toy_inputs(torch.float64)
     model, schedule = ToyFlow(), get_schedule(5, 6)
-    out = denoise(model, **inputs, timesteps=schedule, guidance=2.5, progress=False)
+    out = kontext_denoise(model, inputs, timesteps=schedule, guidance=2.5)
 
     x = inputs["img"].clone()
     ids = torch.cat([inputs["img_ids"], inputs["cond_ids"]], dim=1)
@@ -158,7 +169,7 @@ def test_denoise_equals_hand_euler_in_float64():
 
 def test_denoise_matches_diffusers_scheduler_in_float32():
     inputs = toy_inputs(torch.float32)
-    out = denoise(ToyFlow(torch.float32), **inputs, timesteps=get_schedule(4, 6), guidance=3.5, progress=False)
+    out = kontext_denoise(ToyFlow(torch.float32), inputs, timesteps=get_schedule(4, 6), guidance=3.5)
 
     model, scheduler = ToyFlow(torch.float32), diffusers_scheduler(4, 6)
     x = inputs["img"]
@@ -175,11 +186,11 @@ def test_denoise_matches_diffusers_scheduler_in_float32():
 def test_denoise_bf16_builds_vectors_in_latent_dtype_and_tracks_fp32():
     inputs = toy_inputs(torch.bfloat16)
     model = ToyFlow(torch.float32)
-    out = denoise(model, **inputs, timesteps=get_schedule(3, 6), guidance=2.5, progress=False)
+    out = kontext_denoise(model, inputs, timesteps=get_schedule(3, 6), guidance=2.5)
     assert out.dtype == torch.bfloat16
     assert all(t.dtype == torch.bfloat16 and g.dtype == torch.bfloat16 for _, t, g in model.calls)
     upcast = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in inputs.items()}
-    reference = denoise(ToyFlow(torch.float32), **upcast, timesteps=get_schedule(3, 6), guidance=2.5, progress=False)
+    reference = kontext_denoise(ToyFlow(torch.float32), upcast, timesteps=get_schedule(3, 6), guidance=2.5)
     # The toy model itself runs in bf16: a few bf16 ulps of values up to ~10.
     assert torch.allclose(out.float(), reference, atol=0.1, rtol=0)
 
@@ -188,9 +199,7 @@ def test_bf16_step_is_rounded_once():
     """x + dt * v is formed in fp32 and rounded to bf16 once (BFL rounds the product and the sum)."""
     g = torch.Generator().manual_seed(2)
     x, v = torch.randn(1, 4096, 64, generator=g).bfloat16(), torch.randn(1, 4096, 64, generator=g).bfloat16()
-    txt, txt_ids, vec = torch.zeros(1, 1, 8), text_ids(1, 1), torch.zeros(1, 4)
-    out = denoise(lambda **kw: v, x, latent_ids(1, 64, 64), txt, txt_ids, vec,
-                  timesteps=[1.0, 0.625], guidance=1.0, progress=False)
+    out = denoise(lambda x, t, i: v, x, timesteps=[1.0, 0.625], progress=False)
     exact = x.double() - 0.375 * v.double()  # dt = -3/8: the fp32 product is exact
     assert torch.equal(out, exact.bfloat16())
     assert not torch.equal(out, x - 0.375 * v)  # the all-bf16 update differs somewhere
@@ -200,50 +209,44 @@ def test_denoise_without_context_and_progress_bar(capsys):
     inputs = toy_inputs(torch.float64)
     del inputs["cond"], inputs["cond_ids"]
     model = ToyFlow()
-    denoise(model, **inputs, timesteps=[1.0, 0.5, 0.0], guidance=1.0, progress=True)
+    kontext_denoise(model, inputs, timesteps=[1.0, 0.5, 0.0], guidance=1.0, progress=True)
     assert [n for n, _, _ in model.calls] == [6, 6]
     assert "2/2" in capsys.readouterr().err
-    denoise(model, **inputs, timesteps=[1.0, 0.0], guidance=1.0, progress=False)
+    kontext_denoise(model, inputs, timesteps=[1.0, 0.0], guidance=1.0, progress=False)
     assert capsys.readouterr().err == ""
 
 
 def test_denoise_rejects_bad_arguments():
     inputs = toy_inputs(torch.float64)
     with pytest.raises(ValueError, match="cond_ids"):
-        denoise(ToyFlow(), **{**inputs, "cond_ids": None}, timesteps=[1.0, 0.0], guidance=1.0, progress=False)
+        kontext_denoise(ToyFlow(), {**inputs, "cond_ids": None}, timesteps=[1.0, 0.0], guidance=1.0)
     with pytest.raises(ValueError, match="two timesteps"):
-        denoise(ToyFlow(), **inputs, timesteps=[1.0], guidance=1.0, progress=False)
+        kontext_denoise(ToyFlow(), inputs, timesteps=[1.0], guidance=1.0)
 
 
-def test_true_cfg_hooks_and_step_end_in_float64():
-    """v = v_neg + s (v_pos - v_neg) by hand; before_model sees (step, t, branch) before each call; a
-    step-end hook's returned tensors replace the loop's."""
+def test_velocity_sees_each_step_and_step_end_latents_carry_on_in_float64():
+    """velocity(x, t, i) gets the current latents, the step's time and its index; the latents on_step_end
+    returns are where the next step starts (as a callback replacing the latents)."""
     inputs = toy_inputs(torch.float64)
-    neg_txt, neg_vec = -inputs["txt"].flip(1), inputs["vec"] * 2
-    schedule, scale = get_schedule(3, 6), 4.0
-    hooks, ends = [], []
+    schedule = get_schedule(3, 6)
+    model_velocity = kontext_velocity(ToyFlow(), KontextInputs(**inputs), 2.5)
+    seen, ends = [], []
 
-    def on_step_end(i, t, state):
-        ends.append((i, t, sorted(state)))
-        if i == 0:  # a new prompt from step 1 on
-            return {"prompt_embeds": state["prompt_embeds"] * 0.5}
+    def velocity(x, t, i):
+        seen.append((x, t, i))
+        return model_velocity(x, t, i)
 
-    out = denoise(ToyFlow(), **inputs, timesteps=schedule, guidance=2.5, progress=False, negative=(neg_txt, neg_vec),
-                  true_cfg_scale=scale, before_model=lambda i, t, neg: hooks.append((i, t, neg)),
-                  on_step_end=on_step_end)
+    def on_step_end(i, t, x):
+        ends.append((i, t))
+        return x * 0.5 if i == 0 else x
 
-    model, x, txt = ToyFlow(), inputs["img"].clone(), inputs["txt"]
-    ids = torch.cat([inputs["img_ids"], inputs["cond_ids"]], dim=1)
+    out = denoise(velocity, inputs["img"], schedule, progress=False, on_step_end=on_step_end)
+
+    x = inputs["img"]
     for i in range(3):
         t, t_next = schedule[i], schedule[i + 1]
-        vectors = (torch.full((2,), t, dtype=torch.float64), torch.full((2,), 2.5, dtype=torch.float64))
-        run = lambda prompt, pooled: model(torch.cat([x, inputs["cond"]], 1), ids, prompt, inputs["txt_ids"],  # noqa
-                                           vectors[0], pooled, vectors[1])[:, :6]
-        v_pos, v_neg = run(txt, inputs["vec"]), run(neg_txt, neg_vec)
-        x = x + (t_next - t) * (v_neg + scale * (v_pos - v_neg))
-        txt = inputs["txt"] * 0.5
+        assert torch.allclose(seen[i][0], x, atol=1e-12, rtol=0) and seen[i][1:] == (t, i)
+        x = x + (t_next - t) * model_velocity(x, t, i)
+        x = x * 0.5 if i == 0 else x
     assert torch.allclose(out, x, atol=1e-12, rtol=0)
-    assert hooks == [(i, schedule[i], neg) for i in range(3) for neg in (False, True)]
-    state = ["latents", "negative_pooled_prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-             "prompt_embeds"]
-    assert ends == [(i, schedule[i], state) for i in range(3)]
+    assert ends == [(i, schedule[i]) for i in range(3)]

@@ -9,8 +9,8 @@ import torch
 
 from slideredit.autoencoder import load_autoencoder
 from slideredit.pipelines import SliderEditFluxKontextPipeline
-from slideredit.sampling import (denoise, get_schedule, initial_noise, latent_ids, pack_latents, text_ids,
-                                 unpack_latents)
+from slideredit.sampling import (KontextInputs, denoise, get_schedule, initial_noise, kontext_velocity, latent_ids,
+                                 pack_latents, text_ids, unpack_latents)
 from slideredit.text_encoders import KontextTextEncoders
 from slideredit.token_selection import subprompt_token_scales
 from slideredit.toy import models
@@ -129,8 +129,10 @@ def test_pipeline_edits_with_the_folder_defaults(parts, folder):
         cond = pack_latents(ae.encode(pixels))
         txt, pooled = encoders.encode(example.instruction, 32)
         noise = pack_latents(initial_noise(1, 128, 128, generator=torch.Generator().manual_seed(0)))
-        latents = denoise(flux, noise, latent_ids(1, 8, 8, 0), txt, text_ids(1, 32), pooled, get_schedule(2, 64),
-                          3.5, cond=cond, cond_ids=latent_ids(1, 8, 8, 1), progress=False)  # the release's default
+        inputs = KontextInputs(img=noise, img_ids=latent_ids(1, 8, 8, 0), txt=txt, txt_ids=text_ids(1, 32), vec=pooled,
+                               cond=cond, cond_ids=latent_ids(1, 8, 8, 1))
+        velocity = kontext_velocity(flux, inputs, 3.5)  # the release's default guidance
+        latents = denoise(velocity, noise, get_schedule(2, 64), progress=False)
         expected = (ae.decode(unpack_latents(latents, 128, 128)) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
