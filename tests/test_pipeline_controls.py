@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slideredit.pipelines import SliderEditFluxKontextPipeline
+from slideredit.pipelines import CALLBACK_TENSOR_INPUTS, SliderEditFluxKontextPipeline
 from slideredit.sampling import get_schedule, latent_ids, text_ids, unpack_latents
 from slideredit.sliders import GSTLORA, STLORA, set_slider_scale
 from slideredit.token_selection import subprompt_token_scales
@@ -59,9 +59,10 @@ def token_scales(pipe, subprompts, alphas):
     return subprompt_token_scales(PROMPT, subprompts, alphas, pipe.text_encoders.t5_token_ids, 512)[None]
 
 
-def hand_loop(pipe, scales_at, negative_prompt=None, true_cfg_scale=1.0):
+def hand_loop(pipe, scales_at, negative_prompt=None, true_cfg_scale=1.0, after_step_0=None):
     """The edit with its own Euler loop: scales_at(step, negative_branch) -> {adapter: scale}, each set
-    with set_slider_scale before its model call; true CFG combined here as v_neg + s (v - v_neg)."""
+    with set_slider_scale before its model call; true CFG combined here as v_neg + s (v - v_neg).
+    after_step_0: {diffusers' name (CALLBACK_TENSOR_INPUTS): embeddings} used instead from step 1 on."""
     txt, vec = pipe.encode_prompt(PROMPT)
     cond, context_w, context_h = pipe.encode_image(image(), 1, auto_resize=False)
     ids = torch.cat([latent_ids(1, HEIGHT // 16, WIDTH // 16, 0), latent_ids(1, context_h // 16, context_w // 16, 1)], 1)
@@ -79,10 +80,12 @@ def hand_loop(pipe, scales_at, negative_prompt=None, true_cfg_scale=1.0):
                                        y=prompt_vec, guidance=torch.full((1,), 2.5))
                 return out[:, :N_TOKENS]
 
-            v = velocity(txt, vec, False)
+            now = (after_step_0 or {}) if i > 0 else {}
+            v = velocity(now.get("prompt_embeds", txt), now.get("pooled_prompt_embeds", vec), False)
             if negative_prompt is not None:
                 neg_txt, neg_vec = pipe.encode_prompt(negative_prompt)
-                v_neg = velocity(neg_txt, neg_vec, True)
+                v_neg = velocity(now.get("negative_prompt_embeds", neg_txt),
+                                 now.get("negative_pooled_prompt_embeds", neg_vec), True)
                 v = v_neg + true_cfg_scale * (v - v_neg)
             x = x + (t_next - t) * v
         pixels = pipe.autoencoder.decode(unpack_latents(x, HEIGHT, WIDTH))
@@ -116,6 +119,13 @@ def test_batched_stlora_and_gstlora_together(pipe):
              edit(pipe, slider_alpha=1.0, subprompts_list=SUBS, slider_alpha_list=[-1.0, 0.5])]
     assert_separated(cells)
     assert close(batched[:1], cells[0]) and close(batched[1:], cells[1])
+
+
+def test_a_list_of_one_prompt_is_repeated_over_the_alpha_batch(pipe):
+    """prompt=[p] with per-image alphas is prompt=p: the one prompt, its sub-prompt spans included, serves
+    every image of the batch."""
+    kwargs = dict(subprompts_list=SUBS, slider_alpha_list=[[1.0, -1.0], 0.5])
+    assert torch.equal(edit(pipe, prompt=[PROMPT], **kwargs), edit(pipe, **kwargs))
 
 
 def test_one_generator_per_image_gives_each_its_own_noise(pipe):
@@ -185,6 +195,26 @@ def test_callback_sees_each_step_and_can_move_the_sliders(pipe):
     assert torch.equal(got, edit(pipe, slider_alpha=lambda i, sigma: 0.0 if i < 2 else 1.0))
 
 
+def test_callback_sees_every_tensor_with_true_cfg_and_replaces_the_prompts(pipe):
+    """With true CFG a callback may ask for all five tensors; embeddings it returns at step 0, of the
+    positive and of the negative prompt, are what the model sees from step 1 on."""
+    other, other_pooled = pipe.encode_prompt("add a hat")
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append(sorted(kwargs))
+        return {"prompt_embeds": other, "negative_pooled_prompt_embeds": other_pooled} if step == 0 else None
+
+    got = edit(pipe, slider_alpha=0.5, negative_prompt="blurry", true_cfg_scale=2.0, callback_on_step_end=callback,
+               callback_on_step_end_tensor_inputs=CALLBACK_TENSOR_INPUTS)
+    assert seen == [sorted(CALLBACK_TENSOR_INPUTS)] * STEPS
+    replaced = {"prompt_embeds": other, "negative_pooled_prompt_embeds": other_pooled}
+    expected = hand_loop(pipe, lambda i, neg: {GSTLORA: 0.5, STLORA: None}, negative_prompt="blurry",
+                         true_cfg_scale=2.0, after_step_0=replaced)
+    assert torch.equal(got, expected)
+    assert (got - edit(pipe, slider_alpha=0.5, negative_prompt="blurry", true_cfg_scale=2.0)).abs().max() > 1e-3
+
+
 def test_callback_replaces_latents(pipe):
     def callback(p, step, timestep, kwargs):
         assert kwargs["latents"].shape == (1, N_TOKENS, 64)
@@ -226,6 +256,18 @@ def test_negative_branch_has_no_stlora_and_the_same_gstlora(pipe):
     expected = hand_loop(pipe, lambda i, neg: {GSTLORA: 0.5, STLORA: None if neg else scales},
                          negative_prompt="add a hat", true_cfg_scale=2.0)
     assert torch.equal(got, expected)
+
+
+def test_negative_prompt_is_encoded_at_the_length_of_the_prompt(pipe):
+    """64 T5 tokens, from max_sequence_length or from prompt_embeds: the negative prompt too (the default
+    is 512)."""
+    neg, neg_pooled = pipe.encode_prompt("blurry", 64)
+    expected = edit(pipe, max_sequence_length=64, negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
+                    true_cfg_scale=2.0)
+    assert torch.equal(edit(pipe, max_sequence_length=64, negative_prompt="blurry", true_cfg_scale=2.0), expected)
+    embeds, pooled = pipe.encode_prompt(PROMPT, 64)
+    assert torch.equal(edit(pipe, prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                            negative_prompt="blurry", true_cfg_scale=2.0), expected)
 
 
 def test_true_cfg_needs_both_halves(pipe):

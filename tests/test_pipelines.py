@@ -1,5 +1,6 @@
 """The editing pipeline against diffusers' FluxKontextPipeline on a complete tiny model folder."""
 import inspect
+import json
 import math
 import shutil
 
@@ -10,7 +11,10 @@ from PIL import Image
 
 from fake_hub import unreachable_hub  # noqa: F401 (a fixture)
 from slideredit import CheckpointError
-from slideredit.pipelines import SliderEditFluxKontextPipeline
+from slideredit.pipelines import ScheduleConfig, SliderEditFluxKontextPipeline
+from slideredit.sampling import get_schedule
+from test_sampling import diffusers_scheduler
+from tiny_kontext import SCHEDULER_CONFIG
 
 PROMPT = "make the hair red and add a hat"
 
@@ -174,6 +178,28 @@ def test_bad_size_arguments_are_one_line_errors(ours, monkeypatch):
         ours(**call, max_area=100, auto_resize=False)
     with pytest.raises(ValueError, match="height and width must be positive to scale them to max_area, got 32x0"):
         ours(**call, max_area=4096, height=0, width=32, auto_resize=False)
+
+
+def test_half_a_size_is_refused_before_encoding_and_a_tiny_size_in_one_line(ours, monkeypatch):
+    monkeypatch.setattr(ours.text_encoders, "encode", lambda *a, **k: pytest.fail("encoded before validating"))
+    call = dict(image=random_image(32, 32), prompt=PROMPT, num_inference_steps=1)
+    with pytest.raises(ValueError, match="give both height and width or neither; got height=32, width=None"):
+        ours(**call, height=32)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="output must be at least 16x16 pixels, got 32x0"):
+        ours(**call, height=8, width=32)
+
+
+def test_the_folders_schedule_shifts_match_diffusers(tmp_path):
+    """A scheduler_config.json with other shifts than FLUX.1's: the pipeline's timesteps are the sigmas
+    diffusers' scheduler and FluxKontextPipeline's calculate_shift give for that file."""
+    config = {**SCHEDULER_CONFIG, "base_image_seq_len": 128, "max_image_seq_len": 2048, "base_shift": 0.3,
+              "max_shift": 2.0}
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    timesteps = torch.tensor(ScheduleConfig.from_folder(tmp_path).timesteps(6, 1500), dtype=torch.float64)
+    assert torch.allclose(timesteps, diffusers_scheduler(6, 1500, config).sigmas.double(), atol=1e-6, rtol=0)
+    assert (timesteps - torch.tensor(get_schedule(6, 1500), dtype=torch.float64)).abs().max() > 0.05
 
 
 def test_prompt_embeds_skip_the_encoders(ours, monkeypatch):

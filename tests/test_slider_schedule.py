@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from slideredit.slider_schedule import SliderSchedule, acts, alpha_batch, check_windows, normalise_alpha
+from slideredit.sliders import GSTLORA, STLORA
 
 
 def test_window_rule_start_inclusive_end_exclusive():
@@ -77,3 +78,22 @@ def test_gstlora_scale_forms():
     assert torch.equal(batched.scales(1, 0.5)[0], torch.tensor([[0.0], [0.5], [1.0]]))
     with pytest.raises(ValueError, match=r"slider_alpha\(0, 1.0000\) must be a finite number"):
         SliderSchedule(1, 2, 4, [(0, 1)], slider_alpha=lambda i, sigma: float("nan")).scales(0, 1.0)
+
+
+def test_scales_to_set_hands_out_changes_only_and_no_stlora_on_the_negative_pass():
+    """A model call needs only the scales that changed since the one before; true CFG's negative pass
+    switches the STLoRA off and keeps the GSTLoRA."""
+    schedule = SliderSchedule(1, 4, 3, [(0, 1)], slider_alpha=0.5, subprompts=["a"], spans=[[(0, 2)]],
+                              slider_alpha_list=[lambda i, sigma: 1.0 if i < 2 else 2.0])
+    first = schedule.scales_to_set(0, 1.0)
+    assert sorted(first) == [GSTLORA, STLORA] and first[GSTLORA] == 0.5
+    assert torch.equal(first[STLORA], torch.tensor([[1.0, 1, 0]]))
+    assert schedule.scales_to_set(0, 1.0) == {}  # the same step again: nothing to set
+    assert schedule.scales_to_set(0, 1.0, negative_pass=True) == {STLORA: None}
+    again = schedule.scales_to_set(1, 0.5)  # the positive pass of the next step: the STLoRA back, same alpha
+    assert list(again) == [STLORA] and again[STLORA] is first[STLORA]
+    later = schedule.scales_to_set(2, 0.25)  # a new alpha
+    assert list(later) == [STLORA] and torch.equal(later[STLORA], torch.tensor([[2.0, 2, 0]]))
+    unused = SliderSchedule(1, 4, 3, [(0, 1)])  # loaded adapters the call does not use are switched off once
+    assert unused.scales_to_set(0, 1.0) == {GSTLORA: None, STLORA: None}
+    assert unused.scales_to_set(1, 0.5) == {}
