@@ -194,8 +194,9 @@ def gemm_spills(config: triton.Config, arch: int | None, w_scale: int, has_lora:
     if w_scale == W_SCALE_OUTPUTS.value and has_lora and block_r >= 128:
         # fp8 forward: the low-rank tiles come after the loop, beside the accumulator (sm_90: 48-248 B)
         return True
-    # fp8 dX dequantizes each W tile in fp32 registers: 255 registers and 64-104 B of spills on sm_89's
-    # mma.sync; sm_90's wgmma builds stay at 250-254 registers
+    # fp8 dX dequantizes each W tile in fp32 registers: on mma.sync cards these tiles reach 255 registers
+    # and spill (sm_89: 64-104 B; sm_86: 20-40 B and sm_80: 4-16 B with the byte decode; two builds stay
+    # at 250-254 without spilling: dropped all the same); sm_90's wgmma builds stay at 250-254 registers
     return w_scale == W_SCALE_REDUCTION.value and arch != 90
 
 
