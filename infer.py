@@ -107,13 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights and activations dtype; auto: bfloat16 on a GPU, float32 on the CPU "
                              "(CPUs without bfloat16 units run it many times slower) (default: %(default)s)")
     parser.add_argument("--offload", action="store_true", default=None,
-                        help="keep the text encoders on the CPU except while encoding (default with --quantize fp8)")
+                        help="keep the text encoders on the CPU except while encoding (default with --quantize fp8, "
+                             "which also moves the transformer to the CPU while they encode)")
     parser.add_argument("--quantize", choices=["fp8"], default=None,
                         help="low-memory mode: the transformer's block linears in float8_e4m3fn with one scale per "
                              "row (sliders stay exact, unquantized, on top); the text encoders are offloaded and images decoded in exact strips")
     parser.add_argument("--t5-quantize", choices=["fp8"], default=None,
-                        help="hold T5's linears (all but the feed-forward output) in fp8 on the device instead of "
-                             "offloading the text encoders (T5-XXL: 5.9 GB instead of 9.5 GB)")
+                        help="hold T5's linears (all but the feed-forward output) in fp8 (T5-XXL: 5.9 GB instead of "
+                             "9.5 GB): on the device beside the transformer, or with --quantize fp8 offloaded as well")
     parser.add_argument("--slider-start", type=fraction, default=0.0, metavar="F",
                         help="sliders act from this fraction of the denoising steps on (0 <= F < 1; default 0: "
                              "the whole trajectory); the first steps stay the base edit, which keeps the layout")

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from slideredit import strip_decoding  # noqa: E402
+from slideredit import memory_plan, strip_decoding  # noqa: E402
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from slideredit.quantization import fp8_targets, quantize_model, quantize_rows  # noqa: E402
 from slideredit.transformer import Flux  # noqa: E402
@@ -100,45 +100,62 @@ def tiny_flux() -> None:
 
 
 class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensors alive at once among those created inside the mode (weights excluded)."""
+    """Peak bytes of the storages alive at once among those created inside the mode; the parameters and
+    buffers of `existing` modules and `existing` tensors (made before) are left out. A storage lives as
+    long as any tensor the mode saw on it (its views included: a view can outlive the tensor it was taken
+    from, as the attention output's merged heads do)."""
 
-    def __init__(self):
+    def __init__(self, *existing: torch.Tensor | torch.nn.Module):
         super().__init__()
-        self.live, self.peak, self.seen = 0, 0, set()
+        self.live, self.peak = 0, 0
+        self.holders: dict[int, int] = {}  # storage address -> tensors alive on it
+        self.ignored = {t.untyped_storage().data_ptr() for item in existing
+                        for t in ([*item.parameters(), *item.buffers()] if isinstance(item, torch.nn.Module) else [item])}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key not in self.seen and storage.nbytes():
-                    self.seen.add(key)
-                    self.live += storage.nbytes()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key in self.ignored or not nbytes:
+                    continue
+                if key not in self.holders:
+                    self.holders[key] = 0
+                    self.live += nbytes
                     self.peak = max(self.peak, self.live)
-                    weakref.finalize(t, self._free, key, storage.nbytes())
+                self.holders[key] += 1
+                weakref.finalize(t, self._release, key, nbytes)
         return out
 
-    def _free(self, key, nbytes):
-        self.seen.discard(key)
-        self.live -= nbytes
+    def _release(self, key: int, nbytes: int) -> None:
+        self.holders[key] -= 1
+        if not self.holders[key]:
+            del self.holders[key]
+            self.live -= nbytes
 
 
 def decoder_memory(size: int = 256, rows: int = 8) -> None:
-    """Untiled: every tensor the decoder creates, at size^2 fp32, scaled to 1024^2 bf16 (activations scale
-    with the pixel count). Strips (decode_tiled): the device holds the mid block's tensors (whole, at the
-    latent resolution; measured at size^2 and scaled the same way) or one op's strips: its input strips
-    plus the tensors it creates, measured for every op of a 1024-pixel-wide image (a strip's working set
-    depends on the width, not the height) and halved for bf16. The host buffers between ops are not
-    device memory and are left out."""
-    model = AutoEncoder(AutoEncoderParams.flux()).eval()
-    z = torch.randn(1, 16, size // 8, size // 8)
-    scale = (1024 / size) ** 2 / 2  # to 1024^2, and fp32 -> bf16
-    print(f"\n## 3. FLUX decoder peak live activations (1024^2 bf16)")
-    with torch.no_grad(), LiveBytes() as mode:
+    """The autoencoder's device activations in bf16 at 1024^2, traced (every tensor the ops create, the
+    weights and inputs left out) beside the memory plan's estimate from shapes (slideredit/memory_plan.py).
+    Untiled (decode) and the encoder at size^2, scaled to 1024^2 by the pixel count (activations scale
+    with it). Strips (decode_tiled): the device holds the mid block's tensors (whole, at the latent
+    resolution; at size^2, scaled the same way) or one op's strips: its input strips plus the tensors it
+    creates, traced for every op of a 1024-pixel-wide image (a strip's working set depends on the width,
+    not the height). The host buffers between ops are not device memory and are left out."""
+    params = AutoEncoderParams.flux()
+    model = AutoEncoder(params).to(torch.bfloat16).eval()
+    z = torch.randn(1, 16, size // 8, size // 8, dtype=torch.bfloat16)
+    pixels = torch.randn(1, 3, size, size, dtype=torch.bfloat16)
+    scale = (1024 / size) ** 2
+    print("\n## 3. FLUX autoencoder peak live activations (1024^2 bf16), traced and planned")
+    with torch.no_grad(), LiveBytes(model, pixels) as mode:
+        model.encode(pixels)
+    encoded = mode.peak * scale
+    with torch.no_grad(), LiveBytes(model, z) as mode:
         model.decode(z)
     untiled = mode.peak * scale
-    with torch.no_grad(), LiveBytes() as mode:
+    with torch.no_grad(), LiveBytes(model, z) as mode:
         model.decoder.mid(model.decoder.conv_in(z))
     mid = mode.peak * scale
 
@@ -147,7 +164,7 @@ def decoder_memory(size: int = 256, rows: int = 8) -> None:
 
     def measured_map_strips(op, inputs, *args, **kwargs):
         def measured(*strips):
-            with LiveBytes() as mode:
+            with LiveBytes(model, *strips) as mode:
                 out = op(*strips)
             op_peaks.append(mode.peak + sum(s.nbytes for s in strips))
             return out
@@ -156,13 +173,19 @@ def decoder_memory(size: int = 256, rows: int = 8) -> None:
     strip_decoding.map_strips = measured_map_strips
     try:
         with torch.no_grad():
-            model.decode_tiled(torch.randn(1, 16, 4 * rows, 1024 // 8), rows=rows)
+            model.decode_tiled(torch.randn(1, 16, 4 * rows, 1024 // 8, dtype=torch.bfloat16), rows=rows)
     finally:
         strip_decoding.map_strips = plain_map_strips
-    strips = max(op_peaks) / 2
-    print(f"| untiled | {untiled / 2**30:.2f} GB |")
-    print(f"| decode_tiled, strips of {rows} latent rows: mid block (whole) | {mid / 2**30:.3f} GB |")
-    print(f"| decode_tiled, strips of {rows} latent rows: largest op over a strip | {strips / 2**30:.3f} GB |")
+    e = 2
+    planned_strips = memory_plan.strip_decode_bytes(params, 1024, 1024, e, rows)
+    print("| activations | traced | planned |\n|---|---|---|")
+    print(f"| encode, one image | {encoded / 1e9:.3f} GB | "
+          f"{(memory_plan.encode_bytes(params, 1024, 1024, e) - 3 * 1024**2 * e) / 1e9:.3f} GB (less the image) |")
+    print(f"| decode, untiled | {untiled / 1e9:.3f} GB | {memory_plan.decode_bytes(params, 1024, 1024, e) / 1e9:.3f} GB |")
+    print(f"| decode_tiled: mid block (whole) | {mid / 1e9:.3f} GB | "
+          f"{memory_plan.mid_attention_bytes(params, 1024, 1024, e) / 1e9:.3f} GB |")
+    print(f"| decode_tiled: largest op over a strip of {rows} latent rows | {max(op_peaks) / 1e9:.3f} GB | |")
+    print(f"| decode_tiled: the larger of the two | {max(mid, *op_peaks) / 1e9:.3f} GB | {planned_strips / 1e9:.3f} GB |")
 
 
 if __name__ == "__main__":

@@ -308,6 +308,16 @@ def _stream(model: Flux, plan: Plan, index: dict[str, StoredTensor], scales: dic
     assign_tensors(model, real)
 
 
+def empty_flux(params: FluxParams, dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> Flux:
+    """The model load_flux fills, on the meta device (no memory): `dtype` everywhere, and with
+    quantize="fp8" the block linears as empty Fp8Linear (fp8 weights, fp32 row scales)."""
+    with torch.device("meta"):
+        model = Flux(params).to(dtype)
+    if quantize == "fp8":
+        swap_in_fp8(model, fp8_targets(model))
+    return model
+
+
 def load_flux(source: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
               params: FluxParams | None = None, quantize: str | None = None) -> Flux:
     """Load FLUX.1 Kontext [dev] (or any FLUX.1 transformer) from an official checkpoint, frozen.
@@ -334,10 +344,7 @@ def load_flux(source: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
                  if getattr(params, f) != getattr(found, f)}
         raise CheckpointError(f"params disagree with the checkpoint {files[0]}: "
                               + ", ".join(f"{f}={a} given but {b} found" for f, (a, b) in diffs.items()))
-    with torch.device("meta"):
-        model = Flux(found).to(dtype)
-    if quantize == "fp8":
-        swap_in_fp8(model, fp8_targets(model))
+    model = empty_flux(found, dtype, quantize)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith(".weight_scale")}
     check_state_dict(expected, shapes, origin, what="FLUX transformer")
 

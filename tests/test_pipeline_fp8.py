@@ -65,13 +65,18 @@ def test_fp8_edit_equals_the_dequantized_model_with_and_without_a_slider(pipes, 
     assert (got - edit(reference)).abs().max() > 1e-3  # the slider moved the edit
 
 
-def test_fp8_mode_offloads_the_text_encoders_unless_t5_is_fp8_too(pipes, tiny_kontext_dir):
+def test_fp8_mode_offloads_the_text_encoders_t5_fp8_included(pipes, tiny_kontext_dir):
+    """The low-memory mode never holds the transformer beside T5: T5 in fp8 is offloaded too (12.0 GB of
+    transformer and 5.9 GB of T5 would not fit 16 GB), and the transformer waits on the CPU while they
+    encode (model_offload; tests/test_memory_plan.py follows them phase by phase)."""
     fp8, reference = pipes
-    assert fp8.offload and not reference.offload  # the default, in each mode
-    assert not load(tiny_kontext_dir, quantize="fp8", offload=False).offload  # an explicit choice wins
+    assert fp8.offload and fp8.model_offload and not reference.offload and not reference.model_offload
+    explicit = load(tiny_kontext_dir, quantize="fp8", offload=False)  # an explicit choice wins
+    assert not explicit.offload and not explicit.model_offload
     both = load(tiny_kontext_dir, quantize="fp8", t5_quantize="fp8")
-    assert not both.offload
+    assert both.offload and both.model_offload
     assert isinstance(both.text_encoders.t5.encoder.block[0].layer[0].SelfAttention.q, Fp8Linear)
+    assert not load(tiny_kontext_dir, t5_quantize="fp8").offload  # without quantize, T5 stays beside it
 
 
 def test_fp8_mode_decodes_in_strips_one_image_at_a_time(pipes, tiny_kontext_dir, monkeypatch):
