@@ -8,7 +8,8 @@ torch.empty on the GPU and filled with small random values: nothing is downloade
 allocated on the CPU), bf16. The parts, run in this order (one module each in gpu_report_parts/):
   pipeline_edit        a complete 28-step 1024^2 edit through SliderEditFluxKontextPipeline with a GSTLoRA
                        slider, first and second call; then the same edit in the low-memory mode (fp8
-                       transformer, GSTLoRA + STLoRA, tiled decode), its peak against the 16 GB goal. It runs
+                       transformer, GSTLoRA + STLoRA, tiled decode) from a prompt through T5-XXL and CLIP-L, its
+                       peak against the 16 GB goal and each phase's peak beside pipe.memory_plan's. It runs
                        first so that its first call pays what a fresh process pays: kernel compilation,
                        autotuning, the dispatch measurement
   kernel_correctness   the fused kernel against fp32 math at every adapted layer shape, forward and backward,
@@ -18,7 +19,9 @@ allocated on the CPU), bf16. The parts, run in this order (one module each in gp
   transformer_forward  a full transformer forward: base, GSTLoRA, STLoRA, both, both compiled; then diffusers'
                        FluxTransformer2DModel + peft beside it when importable
   training_step        GSTLoRA and STLoRA training steps at 512^2 and 1024^2, gradient checkpointing on and off
-then report.json and report.md in --out (GPU, driver, torch, triton), the markdown also printed.
+then report.json and report.md in --out (GPU, driver, torch, triton), the markdown also printed. First of
+all it prints the planned device memory of FLUX.1 Kontext [dev]'s low-memory edit at 1024^2 per phase (from
+the tensors' sizes on the meta device: slideredit/memory_plan.py), smoke runs included.
 Each part has a time budget (printed first; 400 s in all, plus at most 34 s for the peer and the
 model build: about 7.6 minutes, with headroom for a case that compiles past its slot): pipeline_edit
 108 s, kernel_correctness 88 s, kernel_timing 56 s, transformer_forward 68 s, training_step 80 s. A part
@@ -53,6 +56,7 @@ from gpu_report_parts.measure import exception_line, free_memory
 from gpu_report_parts.random_models import random_transformer
 from gpu_report_parts.setups import Part, Setup, real_setup, smoke_setup
 from slideredit.atomic import atomic_path
+from slideredit.memory_plan import full_size_pipeline, plan_table
 
 # Share of the time budget per part, in run order; what a part leaves is not reused. pipeline_edit's holds
 # building the transformer and four 28-step edits (bf16 and fp8, a first and a second call each).
@@ -120,11 +124,24 @@ def write_report(out: Path, info: dict, parts: dict[str, dict]) -> str:
     return text
 
 
+def planned_memory() -> dict[str, str]:
+    """Print the planned device memory per phase of FLUX.1 Kontext [dev]'s low-memory edit (quantize="fp8",
+    from_pretrained's placement) at 1024^2, batch 1, T5 in bf16 and in fp8: a model from the tensors' sizes
+    on the meta device, which the pipeline_edit part measures on a GPU. -> the peaks, for the report."""
+    peaks = {}
+    for t5 in ("bf16", "fp8"):
+        plan = full_size_pipeline(quantize="fp8", t5_quantize="fp8" if t5 == "fp8" else None).memory_plan(1024, 1024)
+        print(f"planned device memory, FLUX.1 Kontext [dev] low-memory edit (fp8 transformer, T5 {t5}), 1024^2, "
+              f"batch 1 (a model from the tensors' sizes):\n{plan_table(plan)}", flush=True)
+        peaks[f"memory plan GB, fp8 1024^2, T5 {t5}"] = ", ".join(f"{k} {v.peak / 1e9:.2f}" for k, v in plan.items())
+    return peaks
+
+
 def run(setup: Setup, out: Path, budget_s: float, parts: tuple[str, ...] = tuple(BUDGET_SHARES)) -> dict[str, dict]:
     budgets = {name: BUDGET_SHARES[name] * budget_s for name in parts}
     print(f"{setup.name} on {setup.device}; time budget {budget_s:.0f} s: " +
           ", ".join(f"{name} ({TITLES[name]}) {b:.0f} s" for name, b in budgets.items()), flush=True)
-    info = machine(setup)
+    info = {**machine(setup), **planned_memory()}
     torch.backends.cuda.matmul.allow_tf32 = False
     results: dict[str, dict] = {}
     model = None

@@ -39,7 +39,8 @@ T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vo
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
               is_encoder_decoder=False, use_cache=False)
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", bos_token_id=0, pad_token_id=1,
+              eos_token_id=2)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_report  # noqa: E402
 from gpu_report_parts import kernel_correctness, kernel_timing  # noqa: E402
 from gpu_report_parts.setups import Part, smoke_setup  # noqa: E402
+from slideredit.memory_plan import PHASES  # noqa: E402
 
 PARTS = ("pipeline_edit", "kernel_correctness", "kernel_timing", "transformer_forward", "training_step")
 
@@ -19,7 +20,8 @@ def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
     parts = gpu_report.main(["--smoke", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text())
     markdown = (tmp_path / "report.md").read_text()
-    assert markdown in capsys.readouterr().out  # the markdown is printed too
+    printed = capsys.readouterr().out
+    assert markdown in printed  # the markdown is printed too
     assert tuple(report["parts"]) == PARTS and report["machine"]["triton interpreter"] is True
     for name, part in parts.items():
         assert f"## {name}: {part['title']}" in markdown
@@ -57,6 +59,46 @@ def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
     assert "peak GiB" in fp8_edit and any("16 GB goal" in note for note in parts["pipeline_edit"]["notes"])
     assert "fp8 (low-memory mode)" in markdown and "triton no adapter % over bare" in markdown
     assert report["parts"]["pipeline_edit"]["rows"] == edits  # report.json holds the same rows
+
+    # the real model's low-memory edit, planned per phase (meta device), printed first and in the report
+    for t5 in ("bf16", "fp8"):
+        title = f"planned device memory, FLUX.1 Kontext [dev] low-memory edit (fp8 transformer, T5 {t5}), 1024^2"
+        assert printed.index(title) < printed.index("part pipeline_edit")
+        peaks = dict(item.split(" ") for item in report["machine"][f"memory plan GB, fp8 1024^2, T5 {t5}"].split(", "))
+        assert list(peaks) == list(PHASES) and all(10 < float(gb) < 16 for phase, gb in peaks.items()
+                                                   if phase != "text_encoding")
+    assert "| denoising | 13.60 | 11.98 | 0.17 | 0.00 |" in printed
+    # the low-memory rows: each phase measured (n/a on the CPU) beside the plan of this pipeline
+    for row in edits[2:]:
+        for phase in PHASES:
+            measured, planned = row[f"{phase} GB (measured / plan)"].split(" / ")
+            assert measured == "n/a" and float(planned) >= 0
+    assert all("text_encoding GB (measured / plan)" not in row for row in edits[:2])
+
+
+def test_the_low_memory_edit_reads_each_phase_peak_in_order(monkeypatch):
+    """PhasePeaks on a smoke edit from a prompt, with a stand-in allocator whose peak counts its reads:
+    every phase starts once, in the pipeline's order, and reads its own peak when the next one starts."""
+    from gpu_report_parts import pipeline_edit
+    from gpu_report_parts.random_models import materialise, random_transformer
+    from slideredit.autoencoder import AutoEncoder
+    from slideredit.pipelines import EditDefaults, SliderEditFluxKontextPipeline
+
+    setup = smoke_setup()
+    reads = []
+    monkeypatch.setattr(pipeline_edit, "peak_gib", lambda device: reads.append(device) or len(reads) / 2**30)
+    pipe = SliderEditFluxKontextPipeline(
+        random_transformer(setup), materialise(lambda: AutoEncoder(setup.autoencoder), "cpu", setup.dtype, seed=3),
+        pipeline_edit.random_text_encoders(setup), defaults=EditDefaults(max_sequence_length=setup.text_tokens),
+        offload=True, model_offload=True, tiled_decode=True)
+    pipe.set_progress_bar_config(disable=True)
+    phases = pipeline_edit.PhasePeaks(pipe, "cpu")
+    pipe(image=pipeline_edit.edit_inputs(setup).image, prompt="make the square darker", num_inference_steps=2,
+         height=32, width=32, auto_resize=False)
+    assert phases.finish(load=0) == {"load": 0, "text_encoding": 1.0, "image_encoding": 2.0, "denoising": 3.0,
+                                     "decoding": 4.0}
+    phases.remove()
+    assert "encode_prompt" not in vars(pipe) and not pipe.transformer._forward_pre_hooks
 
 
 def test_correctness_part_catches_a_wrong_kernel(monkeypatch):
