@@ -14,6 +14,12 @@ continuity score (lower is smoother), the half-way alpha (where the mean strengt
 between its values at the ends of the sweep: at the middle of the sweep when the change is spread
 evenly), and the other edit's drift. Each goal of the toy sliders' issue is checked and printed.
 
+Fidelity (slideredit/toy/fidelity.py): every image against the ideal render of the strengths read from it
+(all the prompt's edits). Per cell: the image error (mean |RGB|, 0..255) and the core-colour error of the
+worse shape (RGB distance over the shape's interior), as the mean over the scenes per alpha, the worst
+scene per alpha, and per scene its worst alpha; then the demo's own scene (assets/toy-kontext/example.json)
+over the default demo's 5 x 5 STLoRA grid (what `python infer.py` draws), cell by cell.
+
     python benchmarks/toy_sliders.py [--model assets/toy-kontext] [--scenes 16] [--out outputs/toy-sliders]
 """
 from __future__ import annotations
@@ -29,16 +35,19 @@ import torch
 from slideredit.evaluation import continuity_score, draw_curves, monotonicity_score
 from slideredit.grids import save_png
 from slideredit.pipelines import SliderEditFluxKontextPipeline
+from slideredit.toy.fidelity import FidelityReading, read_fidelity
 from slideredit.toy.models import GUIDANCE
-from slideredit.toy.shapes import Edit, Scene, edit_strength, make_example, render_image
+from slideredit.toy.shapes import Edit, Scene, make_example, render_image, scene_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0]
 DARKER, LARGER, BLUE = Edit("square", "darker"), Edit("circle", "larger"), Edit("circle", "blue")
 HELD_OUT_SEED = 20_000  # a scene stream used by neither training nor the base model's evaluation
-# The issue's goals, per curve: Spearman, |strength| at alpha 1, strength at alpha -1 (continuous edits),
-# continuity, drift of the other edit.
-GOALS = {"monotonicity": -0.95, "suppressed": 0.05, "exaggerated": 1.3, "continuity": 1.0, "drift": 0.1}
+DEMO_ALPHAS = [-1.0, -0.5, 0.0, 0.5, 1.0]  # infer.py's default sweep: the demo's 5 x 5 grid
+# The issues' goals, per curve: Spearman, |strength| at alpha 1, strength at alpha -1 (continuous edits),
+# continuity, drift of the other edit; fidelity in every cell (the scenes' mean): image error, core colour.
+GOALS = {"monotonicity": -0.95, "suppressed": 0.05, "exaggerated": 1.3, "continuity": 1.0, "drift": 0.1,
+         "image_error": 3.0, "color_error": 12.0}
 
 
 def scenes(n: int) -> list[Scene]:
@@ -52,18 +61,37 @@ def scenes(n: int) -> list[Scene]:
     return out
 
 
-def sweep(pipe, sources: list[Scene], steps: int, prompt: str, edits: list[Edit], sliders_for) -> np.ndarray:
-    """-> (scenes, alphas, edits) edit strengths; every alpha of a scene in one batched call (the same
-    noise for every alpha, as infer.py's sweeps)."""
-    out = np.zeros((len(sources), len(ALPHAS), len(edits)))
+def sweep(pipe, sources: list[Scene], steps: int, prompt: str, edits: list[Edit], sliders_for,
+          alphas: list = ALPHAS, seeds: list[int] | None = None) -> list[list[FidelityReading]]:
+    """-> [scene][alpha] fidelity readings (their `strengths`: the edits' strengths); every alpha (or cell of
+    a grid: sliders_for turns `alphas` into the pipeline's slider arguments) of a scene in one batched call
+    (the same noise for every alpha, as infer.py's sweeps). Scene i's seed is i, or seeds[i]."""
+    out = []
     embeds, pooled = pipe.encode_prompt(prompt)
     for i, source in enumerate(sources):
+        seed = i if seeds is None else seeds[i]
         images = pipe(image=render_image(source), prompt=prompt, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-                      num_inference_steps=steps, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(i),
-                      **sliders_for(ALPHAS)).images
-        for j, image in enumerate(images):
-            out[i, j] = [edit_strength(image, source, edit) for edit in edits]
+                      num_inference_steps=steps, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(seed),
+                      **sliders_for(alphas)).images
+        out.append([read_fidelity(image, source, edits) for image in images])
     return out
+
+
+def strengths_of(readings: list[list[FidelityReading]]) -> np.ndarray:
+    """(scenes, alphas, edits) edit strengths."""
+    return np.array([[reading.strengths for reading in row] for row in readings])
+
+
+def fidelity_stats(readings: list[list[FidelityReading]]) -> dict:
+    """Image error and the worse shape's core-colour error per alpha (mean and worst over the scenes) and
+    per scene (its worst alpha)."""
+    stats = {}
+    for name in ("image_error", "color_error"):
+        values = np.array([[getattr(reading, name) for reading in row] for row in readings])  # (scenes, alphas)
+        stats[name] = {"mean": values.mean(axis=0).round(2).tolist(),
+                       "worst_scene": values.max(axis=0).round(2).tolist(),
+                       "per_scene_worst_alpha": values.max(axis=1).round(2).tolist()}
+    return stats
 
 
 def halfway_alpha(mean: np.ndarray) -> float:
@@ -76,9 +104,13 @@ def halfway_alpha(mean: np.ndarray) -> float:
     return float("nan")
 
 
-def curve_stats(strengths: np.ndarray, other: np.ndarray | None = None, continuous: bool = True) -> dict:
-    """strengths (scenes, alphas) of the slider's own edit; other: the other edit's strengths. A
-    suppression-only slider (continuous=False) is scored on alpha >= 0."""
+def curve_stats(readings: list[list[FidelityReading]], own: int, other_edit: int | None = None,
+                continuous: bool = True) -> dict:
+    """readings of a sweep; own: the index of the slider's own edit in their strengths, other_edit: of the
+    other edit. A suppression-only slider (continuous=False) is scored on alpha >= 0 (fidelity on every alpha)."""
+    all_strengths = strengths_of(readings)
+    strengths = all_strengths[:, :, own]
+    other = None if other_edit is None else all_strengths[:, :, other_edit]
     zero = ALPHAS.index(0.0)
     mean = strengths.mean(axis=0)
     scored = slice(0, None) if continuous else slice(zero, None)
@@ -99,8 +131,61 @@ def curve_stats(strengths: np.ndarray, other: np.ndarray | None = None, continuo
         goals["exaggerated"] = stats["at_minus_1"] >= GOALS["exaggerated"]
     if other is not None:
         goals["drift"] = stats["other_edit_drift"] <= GOALS["drift"]
+    stats["fidelity"] = fidelity_stats(readings)
+    for name in ("image_error", "color_error"):
+        goals[name] = max(stats["fidelity"][name]["mean"]) <= GOALS[name]
     stats["goals_met"] = goals
     return stats
+
+
+def demo_grid(pipe, model: Path) -> dict:
+    """The default demo (`python infer.py`): its scene and seed 0, the STLoRA sliders over DEMO_ALPHAS x
+    DEMO_ALPHAS in one call; per cell (darker alpha, larger alpha) its strengths and fidelity."""
+    example = json.loads((model / "example.json").read_text())
+    cells = [(a, b) for a in DEMO_ALPHAS for b in DEMO_ALPHAS]
+    readings = sweep(pipe, [scene_from_dict(example["scene"])], example["steps"], example["prompt"], [DARKER, LARGER],
+                     lambda grid: {"subprompts_list": example["subprompts"],
+                                   "slider_alpha_list": [list(column) for column in zip(*grid)]},
+                     alphas=cells, seeds=[0])[0]
+    return {"cells": [{"alphas": list(cell), "strengths": [round(s, 3) for s in r.strengths],
+                       "image_error": round(r.image_error, 2),
+                       "color_error": {kind: round(shape.color_error, 1) for kind, shape in r.shapes.items()},
+                       "position_error": round(r.position_error, 2),
+                       "size_error": {kind: round(shape.size_error, 2) for kind, shape in r.shapes.items()}}
+                      for cell, r in zip(cells, readings)],
+            "image_error": {"median": float(np.median([r.image_error for r in readings])),
+                            "max": max(r.image_error for r in readings)},
+            "color_error": {"median": float(np.median([r.color_error for r in readings])),
+                            "max": max(r.color_error for r in readings)}}
+
+
+def print_fidelity(results: dict, demo: dict, scenes: int) -> None:
+    print(f"\nFidelity, {scenes}-scene mean per alpha (worst scene in brackets): image error (mean |RGB|) and the "
+          f"worse shape's core-colour error (RGB distance). Goals: <= {GOALS['image_error']} and "
+          f"<= {GOALS['color_error']} in every cell.")
+    print("| slider | image error at " + " / ".join(f"{a:g}" for a in ALPHAS) + " | core colour at the same alphas |")
+    print("|---|---|---|")
+    for name, s in results.items():
+        cells = {key: " / ".join(f"{m:.1f} ({w:.0f})" if key == "color_error" else f"{m:.1f} ({w:.1f})"
+                                 for m, w in zip(s["fidelity"][key]["mean"], s["fidelity"][key]["worst_scene"]))
+                 for key in ("image_error", "color_error")}
+        print(f"| {name} | {cells['image_error']} | {cells['color_error']} |")
+    print("\nPer scene, its worst alpha (image error / core colour):")
+    for name, s in results.items():
+        pairs = zip(s["fidelity"]["image_error"]["per_scene_worst_alpha"],
+                    s["fidelity"]["color_error"]["per_scene_worst_alpha"])
+        print(f"- {name}: " + " ".join(f"{i:.1f}/{c:.0f}" for i, c in pairs))
+    print(f"\nThe demo's own scene, its 5 x 5 STLoRA grid (rows: darker alpha, columns: larger alpha); per cell "
+          f"image error / square core colour / circle core colour. Image error median "
+          f"{demo['image_error']['median']:.1f}, max {demo['image_error']['max']:.1f}; worse shape's core colour "
+          f"median {demo['color_error']['median']:.0f}, max {demo['color_error']['max']:.0f}.")
+    print("| darker \\ larger | " + " | ".join(f"{a:+g}" for a in DEMO_ALPHAS) + " |")
+    print("|---" * (len(DEMO_ALPHAS) + 1) + "|")
+    for row in range(len(DEMO_ALPHAS)):
+        cells = demo["cells"][row * len(DEMO_ALPHAS):(row + 1) * len(DEMO_ALPHAS)]
+        print(f"| {DEMO_ALPHAS[row]:+g} | " + " | ".join(
+            f"{c['image_error']:.1f} / {c['color_error']['square']:.0f} / {c['color_error']['circle']:.0f}"
+            for c in cells) + " |")
 
 
 def main() -> None:
@@ -121,10 +206,10 @@ def main() -> None:
 
     pipe.load_gstlora(model / "sliders" / "gstlora")
     gst = sweep(pipe, sources, args.steps, prompt, [DARKER, LARGER], lambda a: {"slider_alpha": a})
-    results[f"GSTLoRA on the demo prompt: {DARKER.instruction}"] = curve_stats(gst[:, :, 0])
-    results[f"GSTLoRA on the demo prompt: {LARGER.instruction}"] = curve_stats(gst[:, :, 1])
+    results[f"GSTLoRA on the demo prompt: {DARKER.instruction}"] = curve_stats(gst, own=0)
+    results[f"GSTLoRA on the demo prompt: {LARGER.instruction}"] = curve_stats(gst, own=1)
     blue = sweep(pipe, sources, args.steps, BLUE.instruction, [BLUE], lambda a: {"slider_alpha": a})
-    results[f"GSTLoRA: {BLUE.instruction} (colour, suppression only)"] = curve_stats(blue[:, :, 0], continuous=False)
+    results[f"GSTLoRA: {BLUE.instruction} (colour, suppression only)"] = curve_stats(blue, own=0, continuous=False)
     pipe.unload_sliders()
 
     pipe.load_stlora(model / "sliders" / "stlora")
@@ -133,14 +218,15 @@ def main() -> None:
                   lambda a: {"subprompts_list": subprompts, "slider_alpha_list": [a, zeros]})
     second = sweep(pipe, sources, args.steps, prompt, [DARKER, LARGER],
                    lambda a: {"subprompts_list": subprompts, "slider_alpha_list": [zeros, a]})
-    results[f"STLoRA slider 1: {DARKER.instruction}"] = curve_stats(first[:, :, 0], other=first[:, :, 1])
-    results[f"STLoRA slider 2: {LARGER.instruction}"] = curve_stats(second[:, :, 1], other=second[:, :, 0])
+    results[f"STLoRA slider 1: {DARKER.instruction}"] = curve_stats(first, own=0, other_edit=1)
+    results[f"STLoRA slider 2: {LARGER.instruction}"] = curve_stats(second, own=1, other_edit=0)
+    demo = demo_grid(pipe, model)
     pipe.unload_sliders()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"machine": f"{platform.machine()} CPU", "alphas": ALPHAS, "scenes": args.scenes, "steps": args.steps,
-              "goals": GOALS, "curves": results}
+              "goals": GOALS, "curves": results, "demo_grid": demo}
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     panels = {"edit strength (0 = source, 1 = base edit)":
               {name: (ALPHAS, stats["mean_strength"]) for name, stats in results.items()}}
@@ -162,6 +248,7 @@ def main() -> None:
     print("\nMean strength over alpha = " + ", ".join(f"{a:g}" for a in ALPHAS) + ":")
     for name, s in results.items():
         print(f"- {name}: " + " ".join(f"{v:.3f}" for v in s["mean_strength"]))
+    print_fidelity(results, demo, args.scenes)
     print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
 
 
