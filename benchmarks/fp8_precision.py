@@ -8,17 +8,23 @@
    output rounding, 2^-9 per element, the same for every variant; printed as a last row).
 2. The tiny random FLUX (tests' presets): velocity relative error in fp8 vs fp32, with and without the
    modulation linears and the embedders quantized: the measurement behind fp8_targets' choice.
-3. The autoencoder decoder's peak live activation memory at FLUX's widths, untiled and in strips
-   (decode_tiled), by tracking every tensor the decoder creates (decoder_memory says how).
+3. The autoencoder's peak live activation memory at FLUX's widths (encode, decode untiled and in strips),
+   traced tensor by tensor beside the memory plan's estimate (decoder_memory says how).
+4. A full-size stand-in: FLUX.1 Kontext [dev]'s blocks at full width with random weights (a subset of
+   the 57 blocks, streamed one at a time), velocity error of fp8 and bf16 against fp32.
 
-    python benchmarks/fp8_precision.py
+    python benchmarks/fp8_precision.py                       # all four (about 5 minutes on 2 cores)
+    python benchmarks/fp8_precision.py --full-size-only --double 3 --single 6
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import sys
 import weakref
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,8 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from slideredit import memory_plan, strip_decoding  # noqa: E402
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
-from slideredit.quantization import fp8_targets, quantize_model, quantize_rows  # noqa: E402
-from slideredit.transformer import Flux  # noqa: E402
+from slideredit.quantization import FP8, fp8_targets, quantize_model, quantize_rows  # noqa: E402
+from slideredit.transformer import DoubleStreamBlock, Flux, FluxParams, SingleStreamBlock  # noqa: E402
 
 ALPHAS = (0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -188,8 +194,99 @@ def decoder_memory(size: int = 256, rows: int = 8) -> None:
     print(f"| decode_tiled: the larger of the two | {max(mid, *op_peaks) / 1e9:.3f} GB | {planned_strips / 1e9:.3f} GB |")
 
 
+class BuiltOnCall(torch.nn.Module):
+    """Stands in for one block of a full-size model: builds it when called, runs it, keeps its output in
+    `outputs` and drops it (only `build`'s cache, if any, stays in memory)."""
+
+    def __init__(self, build: Callable[[], torch.nn.Module], outputs: list):
+        super().__init__()
+        self.build, self.outputs = build, outputs
+
+    def forward(self, *args):
+        out = self.build()(*args)
+        self.outputs.append(out)
+        return out
+
+
+def cast_keeping_fp8(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """module.to(dtype) would turn fp8 weights into `dtype` too: cast everything else only."""
+    for t in module.parameters():
+        if t.dtype != FP8:
+            t.data = t.data.to(dtype)
+    return module
+
+
+def full_size_flux(double: int = 3, single: int = 6, text_len: int = 64, side: int = 16) -> None:
+    """FLUX.1 Kontext [dev]'s blocks at full width (3072, 24 heads, MLP 12288), `double` double and
+    `single` single blocks of the real 19 and 38, random weights as section 2's tiny model has them
+    (tests' randomize_: N(0, 1 / fan_in), then rounded to bf16 as the checkpoint stores them), on text_len text and
+    2 x side^2 image tokens (a (16 side)^2 edit). Velocity and residual-stream relative RMS error against
+    fp32 of: bf16; fp8 block linears (quantized from the bf16 weights as load_flux does) with fp32 and
+    with bf16 activations (the pipeline's low-memory mode). Each block's bf16 and fp8 weights are made once
+    and shared by the variants; a stand-in for the trained model, whose weights are not random."""
+    from test_transformer import kontext_inputs
+    from tiny_kontext import randomize_
+
+    p = replace(FluxParams.kontext_dev(), depth=double, depth_single_blocks=single)
+    masters: dict[tuple[str, int], tuple[torch.nn.Module, torch.nn.Module]] = {}
+
+    def master(kind: str, i: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """Block i's bf16 weights and their fp8 quantization, made once."""
+        if (kind, i) not in masters:
+            with torch.device("meta"):
+                block = DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_hidden_dim, p.qkv_bias) if kind == "double" \
+                    else SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_hidden_dim)
+            block = randomize_(block.to_empty(device="cpu"), seed=(100 if kind == "double" else 200) + i)
+            block = block.to(torch.bfloat16).eval()
+            linears = [name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+            masters[kind, i] = block, quantize_model(copy.deepcopy(block), linears)
+        return masters[kind, i]
+
+    variants = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
+                "fp8 block linears, fp32 activations": (torch.float32, True),
+                "fp8 block linears, bf16 activations (low-memory mode)": (torch.bfloat16, True)}
+    # timestep 0.25 and guidance 2: their x1000 are exact in bf16 (BFL scales them in the model's dtype, so
+    # 2.5 would be a different guidance in bf16, not a rounding of the same computation)
+    inputs = {**kontext_inputs(p, batch=1, text_len=text_len, height=side, width=side),
+              "timesteps": torch.tensor([0.25]), "guidance": torch.tensor([2.0])}
+    velocity, stream = {}, {}
+    for name, (dtype, fp8) in variants.items():
+        outputs = []
+
+        def build(kind: str, i: int, dtype=dtype, fp8=fp8) -> torch.nn.Module:
+            weights = master(kind, i)[int(fp8)]
+            return cast_keeping_fp8(copy.deepcopy(weights), dtype) if dtype != torch.bfloat16 else weights
+
+        with torch.device("meta"):
+            model = Flux(p)
+        model.double_blocks = torch.nn.ModuleList(BuiltOnCall(lambda i=i: build("double", i), outputs) for i in range(double))
+        model.single_blocks = torch.nn.ModuleList(BuiltOnCall(lambda i=i: build("single", i), outputs) for i in range(single))
+        model = randomize_(model.to_empty(device="cpu"), seed=0).to(torch.bfloat16).to(dtype).eval()
+        with torch.no_grad():
+            velocity[name] = model(**{k: v.to(dtype) for k, v in inputs.items()}).double()
+        stream[name] = [torch.cat(out, dim=1).double() if isinstance(out, tuple) else out.double() for out in outputs]
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    tokens = text_len + 2 * side * side
+    print(f"\n## 4. Full-size stand-in: {double} double + {single} single blocks of FLUX.1 Kontext [dev] at full "
+          f"width, random weights, {tokens} tokens; relative RMS error against fp32")
+    print("| variant | residual stream after each block | velocity |\n|---|---|---|")
+    for name in list(variants)[1:]:
+        after = " ".join(f"{error(a, b):.4f}" for a, b in zip(stream[name], stream["fp32"]))
+        print(f"| {name} | {after} | {error(velocity[name], velocity['fp32']):.4f} |")
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-size-only", action="store_true", help="only part 4")
+    parser.add_argument("--double", type=int, default=3, help="part 4's double blocks (the real model: 19)")
+    parser.add_argument("--single", type=int, default=6, help="part 4's single blocks (the real model: 38)")
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    layer_table()
-    tiny_flux()
-    decoder_memory()
+    if not args.full_size_only:
+        layer_table()
+        tiny_flux()
+        decoder_memory()
+    full_size_flux(args.double, args.single)

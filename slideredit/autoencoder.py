@@ -256,8 +256,8 @@ class AutoEncoder(nn.Module):
         """`decode` with a bounded device memory: the up path runs op by op in horizontal strips of
         `rows` latent rows, the whole image's activations held on the host between ops and every
         GroupNorm given the whole image's statistics (slideredit/strip_decoding.py), so the image is
-        `decode`'s up to float rounding. At 1024^2 in bf16 the device holds at most 0.13 GB of decoder
-        activations instead of 1.50 GB (benchmarks/fp8_precision.py, in benchmarks/RESULTS.md)."""
+        `decode`'s up to float rounding. At 1024^2 in bf16 the device holds at most 0.24 GB of decoder
+        activations instead of 1.61 GB (benchmarks/fp8_precision.py, in benchmarks/RESULTS.md)."""
         p = self.params
         if z.ndim != 4 or z.shape[1] != p.z_channels:
             raise ValueError(

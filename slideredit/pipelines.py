@@ -244,8 +244,8 @@ class SliderEditFluxKontextPipeline:
         self.offload = offload  # keep the text encoders on the CPU except while they encode
         self.model_offload = model_offload  # and the transformer on the CPU while they do (_text_encoders_on)
         # Decode one image at a time in strips (AutoEncoder.decode_tiled, exact): at 1024^2 the untiled
-        # decode's activations (1.50 GB bf16) outgrow the transformer's (about 1.2 GB), so in the
-        # low-memory mode they would set the peak; in strips they are 0.13 GB.
+        # decode's activations (1.61 GB bf16) outgrow the transformer's (1.44 GB, memory_plan), so in the
+        # low-memory mode they would set the peak; in strips they are 0.24 GB.
         self.tiled_decode = tiled_decode
         self.progress = True
 
