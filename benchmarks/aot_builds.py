@@ -7,7 +7,7 @@ the launcher's arguments, specialisation and build flags on each card. Each laun
 with Triton for every candidate config of its autotuner (kept or pruned for the card, as the launcher's
 pruning decides) and each build is checked with Triton's bundled ptxas: registers, spill bytes, shared
 memory against the card's limit, and the tensor-core instruction used. --quick builds, per card, kernel
-and weight dtype, only the kept config whose build the pruning expects to need the most shared memory.
+and weight dtype, only the kept config closest to the card's limits (shared memory, then registers).
 
 The grid: the adapted linears (GSTLoRA's targets: double-block qkv, proj, mlp.0, mlp.2 of both streams
 and the single blocks' linear1) at 8704 tokens (a 1024^2 edit), bf16 and fp8 weights, bf16 and fp32
@@ -328,7 +328,8 @@ def selected(launches: list[Launch], kernel: str | None, weight_dtype: str | Non
 
 def planned_builds(launches: list[Launch], quick: bool) -> Iterator[tuple[Launch, triton.Config, bool]]:
     """(launch, config, kept) to build: every candidate; with quick, per kernel and weight dtype only the
-    kept build that needs the most shared memory, the one closest to the card's limit."""
+    kept build closest to the card's limits: the most shared memory, then the most accumulators per thread
+    (the first such launch: bf16 adapters, the smallest rank)."""
     if not quick:
         for launch in launches:
             kept = launch.kept()
@@ -340,10 +341,15 @@ def planned_builds(launches: list[Launch], quick: bool) -> Iterator[tuple[Launch
         for config in launch.kept():
             family = (launch.kernel, launch.weight_dtype)
             best = families.get(family)
-            if best is None or _smem_estimate(launch, config) > _smem_estimate(*best):
+            if best is None or _pressure(launch, config) > _pressure(*best):
                 families[family] = (launch, config)
     for launch, config in families.values():
         yield launch, config, True
+
+
+def _pressure(launch: Launch, config: triton.Config) -> tuple[int, int]:
+    accumulators = T.accumulators_per_thread(config) if launch.tuner is T._fused_linear_kernel else 0
+    return _smem_estimate(launch, config), accumulators
 
 
 def _smem_estimate(launch: Launch, config: triton.Config) -> int:
