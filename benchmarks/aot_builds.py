@@ -61,7 +61,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.autotuner import Heuristics  # noqa: E402
+from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from slideredit.kernels import masked_lora_triton as T  # noqa: E402
@@ -78,7 +78,6 @@ WEIGHT_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 ADAPTER_DTYPES = (torch.bfloat16, torch.float32)
 STACKED_RANKS = (16, 32)  # e.g. one rank-16 slider; or GSTLoRA + STLoRA, or one rank-32 slider
 ADAPTERS = 2  # token-scale columns (K) for every stacked rank: K does not change the build
-KEEP = {"gemm": T.keep_gemm_configs, "shrink": T.keep_shrink_configs}
 
 
 @dataclass
@@ -92,7 +91,7 @@ class Launch:
     adapter_dtype: torch.dtype | None
     stacked_rank: int | None
     tokens: int
-    tuner: triton.runtime.autotuner.Autotuner
+    tuner: Autotuner
     args: tuple
     kwargs: dict
 
@@ -100,15 +99,19 @@ class Launch:
     def named_args(self) -> dict:
         return dict(zip(self.tuner.arg_names, self.args))
 
+    @property
+    def is_gemm(self) -> bool:
+        return self.tuner is T._fused_linear_kernel
+
     def candidates(self) -> list[triton.Config]:
         """The configs the pruning chooses among (for the GEMM: its tensor-core or FMA family)."""
-        if self.tuner is T._fused_linear_kernel:
+        if self.is_gemm:
             return T.gemm_family(self.tuner.configs, self.named_args["x_ptr"].dtype, self.kwargs["INPUT_PRECISION"])
         return list(self.tuner.configs)
 
     def kept(self) -> list[triton.Config]:
         """The configs the launcher's pruning keeps on the card."""
-        keep = KEEP["gemm" if self.tuner is T._fused_linear_kernel else "shrink"]
+        keep = T.keep_gemm_configs if self.is_gemm else T.keep_shrink_configs
         return keep(self.tuner.configs, self.named_args, self.target, **self.kwargs)
 
 
@@ -329,7 +332,7 @@ def selected(launches: list[Launch], kernel: str | None, weight_dtype: str | Non
 def planned_builds(launches: list[Launch], quick: bool) -> Iterator[tuple[Launch, triton.Config, bool]]:
     """(launch, config, kept) to build: every candidate; with quick, per kernel and weight dtype only the
     kept build closest to the card's limits: the most shared memory, then the most accumulators per thread
-    (the first such launch: bf16 adapters, the smallest rank)."""
+    (among equals the first launch: bf16 adapters, the smallest rank)."""
     if not quick:
         for launch in launches:
             kept = launch.kept()
@@ -348,14 +351,14 @@ def planned_builds(launches: list[Launch], quick: bool) -> Iterator[tuple[Launch
 
 
 def _pressure(launch: Launch, config: triton.Config) -> tuple[int, int]:
-    accumulators = T.accumulators_per_thread(config) if launch.tuner is T._fused_linear_kernel else 0
+    accumulators = T.accumulators_per_thread(config) if launch.is_gemm else 0
     return _smem_estimate(launch, config), accumulators
 
 
 def _smem_estimate(launch: Launch, config: triton.Config) -> int:
     """The pruning's estimate of the build's shared memory."""
     named, arch = launch.named_args, launch.target.arch
-    if launch.tuner is T._fused_linear_kernel:
+    if launch.is_gemm:
         return T.gemm_smem_bytes(config, arch, launch.kwargs["BLOCK_R"], named["x_ptr"].dtype, named["w_ptr"].dtype,
                                  launch.kwargs["W_SCALE"])
     return T.shrink_smem_bytes(config, arch, launch.kwargs["BLOCK_R"], named["x_ptr"].dtype, named["a_ptr"].dtype)
