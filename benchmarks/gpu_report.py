@@ -19,6 +19,9 @@ allocated on the CPU), bf16. The parts, run in this order (one module each in gp
   transformer_forward  a full transformer forward: base, GSTLoRA, STLoRA, both, both compiled; then diffusers'
                        FluxTransformer2DModel + peft beside it when importable
   training_step        GSTLoRA and STLoRA training steps at 512^2 and 1024^2, gradient checkpointing on and off
+  fsdp_memory          with 2+ GPUs, one process per GPU shards the transformer with FSDP2 (as `--sharding fsdp`
+                       trains) and runs one STLoRA step at 512^2: local parameter bytes and peak memory per rank;
+                       else "not measured". Both: the per-rank split for 2/4/8 ranks from the parameters' sizes
 then report.json and report.md in --out (GPU, driver, torch, triton), the markdown also printed. First of
 all it prints the planned device memory of FLUX.1 Kontext [dev]'s low-memory edit at 1024^2 per phase (from
 the tensors' sizes on the meta device: slideredit/memory_plan.py), smoke runs included.
@@ -28,8 +31,9 @@ model build: about 7.6 minutes, with headroom for a case that compiles past its 
 stops at the end of its slot in that schedule (so one that overran shortens the next ones), and a case
 that runs out of memory is recorded as such, both with a note in the report; a part that fails becomes
 a note too, and the report is rewritten after every part. Timings are min / median / max of a few
-repetitions. --smoke runs every part at tiny shapes on the CPU (Triton in its interpreter): its numbers
-mean nothing, it proves the script runs (the test suite runs it).
+repetitions. fsdp_memory's 32 s (0.08 of the budget, on top of the 400 s) is spent only with 2+ GPUs: it
+runs last, so a one-GPU report's schedule is unchanged. --smoke runs every part at tiny shapes on the CPU
+(Triton in its interpreter): its numbers mean nothing, it proves the script runs (the test suite runs it).
 """
 from __future__ import annotations
 
@@ -51,7 +55,8 @@ from pathlib import Path
 
 import torch
 
-from gpu_report_parts import kernel_correctness, kernel_timing, pipeline_edit, training_step, transformer_forward
+from gpu_report_parts import (fsdp_memory, kernel_correctness, kernel_timing, pipeline_edit, training_step,
+                              transformer_forward)
 from gpu_report_parts.measure import exception_line, free_memory
 from gpu_report_parts.random_models import random_transformer
 from gpu_report_parts.setups import Part, Setup, real_setup, smoke_setup
@@ -61,12 +66,13 @@ from slideredit.memory_plan import full_size_pipeline, plan_table
 # Share of the time budget per part, in run order; what a part leaves is not reused. pipeline_edit's holds
 # building the transformer and four 28-step edits (bf16 and fp8, a first and a second call each).
 BUDGET_SHARES = {"pipeline_edit": 0.27, "kernel_correctness": 0.22, "kernel_timing": 0.14,
-                 "transformer_forward": 0.17, "training_step": 0.20}
+                 "transformer_forward": 0.17, "training_step": 0.20, "fsdp_memory": 0.08}
 TITLES = {"pipeline_edit": "28-step edit through the pipeline, bf16 and fp8",
           "kernel_correctness": "kernel correctness against fp32 math",
           "kernel_timing": "kernel timing per layer shape",
           "transformer_forward": "full transformer forward",
-          "training_step": "training step"}
+          "training_step": "training step",
+          "fsdp_memory": "FSDP memory per rank (2+ GPUs)"}
 MODEL_PARTS = {"pipeline_edit", "transformer_forward", "training_step"}  # the parts that share one transformer
 
 
@@ -153,7 +159,8 @@ def run(setup: Setup, out: Path, budget_s: float, parts: tuple[str, ...] = tuple
                "kernel_correctness": lambda d: kernel_correctness.measure(setup, d),
                "kernel_timing": lambda d: kernel_timing.measure(setup, d),
                "transformer_forward": lambda d: transformer_forward.measure(setup, model, d),
-               "training_step": lambda d: training_step.measure(setup, model, d)}
+               "training_step": lambda d: training_step.measure(setup, model, d),
+               "fsdp_memory": lambda d: fsdp_memory.measure(setup, d)}
     deadline = time.perf_counter()
     for name in parts:
         start = time.perf_counter()

@@ -9,11 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_report  # noqa: E402
-from gpu_report_parts import kernel_correctness, kernel_timing  # noqa: E402
+from gpu_report_parts import fsdp_memory, kernel_correctness, kernel_timing  # noqa: E402
 from gpu_report_parts.setups import Part, smoke_setup  # noqa: E402
 from slideredit.memory_plan import PHASES  # noqa: E402
 
-PARTS = ("pipeline_edit", "kernel_correctness", "kernel_timing", "transformer_forward", "training_step")
+PARTS = ("pipeline_edit", "kernel_correctness", "kernel_timing", "transformer_forward", "training_step", "fsdp_memory")
 
 
 def test_smoke_report_runs_every_part_and_writes_both_files(tmp_path, capsys):
@@ -144,6 +144,46 @@ def test_parts_named_run_alone_in_that_order(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["parts"]) == ["kernel_timing", "kernel_correctness"]
     assert "transformer build s" not in report["machine"]
+
+
+def test_fsdp_memory_alone_on_the_cpu_says_not_measured_and_gives_the_modelled_split(tmp_path, monkeypatch):
+    """--parts fsdp_memory on the smoke run builds no transformer and launches no process: a "not measured"
+    note, and FLUX.1 Kontext [dev]'s per-rank split for 2/4/8 ranks labelled a model (bf16 weights + an fp32
+    STLoRA adapter: about 23.9 GB whole, about 1/N of it per rank)."""
+    monkeypatch.setattr(gpu_report, "random_transformer", lambda setup: pytest.fail("built a transformer"))
+    monkeypatch.setattr(fsdp_memory, "measure_ranks", lambda *args: pytest.fail("launched processes"))
+    parts = gpu_report.main(["--smoke", "--out", str(tmp_path), "--parts", "fsdp_memory"])
+    assert list(parts) == ["fsdp_memory"]
+    part = parts["fsdp_memory"]
+    assert part["notes"][0].startswith("not measured: ")
+    assert "not measured" in (tmp_path / "report.md").read_text()
+    rows = part["rows"]
+    assert [row["ranks"] for row in rows] == [2, 4, 8]
+    assert all(row["source"] == "model (from parameter sizes), not measured" for row in rows)
+    whole = float(rows[0]["whole model GB"])
+    assert 23 < whole < 25
+    for row in rows:
+        assert whole / row["ranks"] <= row["local parameter bytes"] / 1e9 < 1.01 * whole / row["ranks"]
+
+
+def test_fsdp_splits_rows_as_torch_chunk_does():
+    """Hand-computed: 5 rows over 4 ranks are 2, 2, 1, 0 (ceil(5/4) each, the last rank none); 6 are 2, 2, 2, 0."""
+    assert [fsdp_memory.shard_rows(5, 4, r) for r in range(4)] == [2, 2, 1, 0]
+    assert [fsdp_memory.shard_rows(6, 4, r) for r in range(4)] == [2, 2, 2, 0]
+    layer = torch.nn.Linear(3, 5)  # weight 5 x 3, bias 5; fp32
+    assert fsdp_memory.modelled_bytes_per_rank(layer, 4) == [4 * (2 * 3 + 2), 4 * (2 * 3 + 2), 4 * (3 + 1), 0]
+
+
+def test_the_measured_local_bytes_per_rank_match_the_model():
+    """The measuring path itself, on the CPU with gloo: 3 processes shard the smoke transformer with its STLoRA
+    adapter (widths of 64 split 22, 22, 20: uneven), run one training step, and each reports the bytes of its
+    local shards: exactly the model's split."""
+    setup = smoke_setup()
+    rows, notes = fsdp_memory.measure_ranks(setup, 3, deadline=float("inf"))
+    expected = fsdp_memory.modelled_bytes_per_rank(fsdp_memory.meta_model(setup), 3)
+    assert [row["rank"] for row in rows] == [0, 1, 2] and len(set(expected)) > 1
+    assert [row["local parameter bytes"] for row in rows] == expected
+    assert all(row["source"] == "measured" and float(row["step s"]) > 0 for row in rows), rows
 
 
 def test_an_unknown_part_name_is_refused_naming_the_flag_and_the_name(tmp_path, capsys):

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from gpu_report_parts.setups import Setup
 from slideredit.sampling import latent_ids, text_ids
 from slideredit.sliders import TARGETS, add_adapter, is_fused_qkv, part_rows
+from slideredit.training.distributed import local_shard
 from slideredit.transformer import Flux
 
 TRANSFORMER_SEED = 2  # the fp8 edit refills the transformer with it when it puts bf16 layers back
@@ -19,16 +20,16 @@ TRANSFORMER_SEED = 2  # the fp8 edit refills the transformer with it when it put
 @torch.no_grad()
 def fill_random_(module: nn.Module, seed: int) -> nn.Module:
     """Small random weights (std 0.5 / sqrt(fan_in), so activations stay moderate through 57 blocks),
-    norm gains 1, small biases."""
+    norm gains 1, small biases. Under FSDP each process fills its own shards (of the whole tensor's fan_in)."""
     device = next(module.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     for name, p in module.named_parameters():
         if p.dim() >= 2:
-            p.normal_(0, 0.5 / math.sqrt(p[0].numel()), generator=g)
+            local_shard(p).normal_(0, 0.5 / math.sqrt(math.prod(p.shape[1:])), generator=g)
         elif name.endswith("bias"):
-            p.normal_(0, 0.02, generator=g)
+            local_shard(p).normal_(0, 0.02, generator=g)
         else:
-            p.fill_(1)
+            local_shard(p).fill_(1)
     return module
 
 
