@@ -19,11 +19,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -141,6 +142,28 @@ class LiveBytes(TorchDispatchMode):
             self.live -= nbytes
 
 
+@contextlib.contextmanager
+def traced_strip_ops(model: torch.nn.Module) -> Iterator[list[int]]:
+    """While open, every op that decode_tiled maps over strips is traced: yields the list collecting each
+    op's peak (its input strips, moved to the device, plus what the op creates)."""
+    op_peaks: list[int] = []
+    plain_map_strips = strip_decoding.map_strips
+
+    def traced_map_strips(op, inputs, *args, **kwargs):
+        def traced(*strips):
+            with LiveBytes(model, *strips) as live:
+                out = op(*strips)
+            op_peaks.append(live.peak + sum(s.nbytes for s in strips))
+            return out
+        return plain_map_strips(traced, inputs, *args, **kwargs)
+
+    strip_decoding.map_strips = traced_map_strips
+    try:
+        yield op_peaks
+    finally:
+        strip_decoding.map_strips = plain_map_strips
+
+
 def decoder_memory(size: int = 256, rows: int = 8) -> None:
     """The autoencoder's device activations in bf16 at 1024^2, traced (every tensor the ops create, the
     weights and inputs left out) beside the memory plan's estimate from shapes (slideredit/memory_plan.py).
@@ -165,23 +188,8 @@ def decoder_memory(size: int = 256, rows: int = 8) -> None:
         model.decoder.mid(model.decoder.conv_in(z))
     mid = mode.peak * scale
 
-    op_peaks = []
-    plain_map_strips = strip_decoding.map_strips
-
-    def measured_map_strips(op, inputs, *args, **kwargs):
-        def measured(*strips):
-            with LiveBytes(model, *strips) as mode:
-                out = op(*strips)
-            op_peaks.append(mode.peak + sum(s.nbytes for s in strips))
-            return out
-        return plain_map_strips(measured, inputs, *args, **kwargs)
-
-    strip_decoding.map_strips = measured_map_strips
-    try:
-        with torch.no_grad():
-            model.decode_tiled(torch.randn(1, 16, 4 * rows, 1024 // 8, dtype=torch.bfloat16), rows=rows)
-    finally:
-        strip_decoding.map_strips = plain_map_strips
+    with torch.no_grad(), traced_strip_ops(model) as op_peaks:
+        model.decode_tiled(torch.randn(1, 16, 4 * rows, 1024 // 8, dtype=torch.bfloat16), rows=rows)
     e = 2
     planned_strips = memory_plan.strip_decode_bytes(params, 1024, 1024, e, rows)
     print("| activations | traced | planned |\n|---|---|---|")

@@ -21,7 +21,6 @@ from PIL import Image
 from torch import nn
 
 import slideredit.pipelines as pipelines
-from slideredit import strip_decoding
 from slideredit.autoencoder import AutoEncoder, AutoEncoderParams
 from slideredit.memory_plan import (PHASES, decode_bytes, encode_bytes, full_size_pipeline, mid_attention_bytes,
                                     plan_table, strip_decode_bytes, t5_layer_bytes, transformer_block_moments)
@@ -31,7 +30,7 @@ from slideredit.sliders import GSTLORA, add_adapter, gstlora_targets, is_fused_q
 from slideredit.transformer import Flux, FluxParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fp8_precision import LiveBytes  # noqa: E402
+from fp8_precision import LiveBytes, traced_strip_ops  # noqa: E402
 
 GOAL = 16e9
 PROMPT = "make the hair red and add a hat"
@@ -180,26 +179,14 @@ def test_the_autoencoder_estimates_are_the_traced_peaks(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_strip_decode_estimate_is_the_largest_traced_strip_op(dtype, monkeypatch):
+def test_the_strip_decode_estimate_is_the_largest_traced_strip_op(dtype):
     """Each op of decode_tiled's up path over one strip: its input strips (moved to the device) plus what it
     creates; the mid block runs whole. A tall narrow image: the strips' working set depends on the width."""
     params, model = small_autoencoder(dtype)
     H, W, rows = 256, 96, 2
-    op_peaks = []
-    plain_map_strips = strip_decoding.map_strips
-
-    def traced_map_strips(op, inputs, *args, **kwargs):
-        def traced(*strips):
-            with LiveBytes(model, *strips) as live:
-                out = op(*strips)
-            op_peaks.append(live.peak + sum(s.nbytes for s in strips))
-            return out
-        return plain_map_strips(traced, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(strip_decoding, "map_strips", traced_map_strips)
     z = torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(0)).to(dtype)
     mid = traced_peak(lambda: model.decoder.mid(model.decoder.conv_in(z)), model, z)
-    with torch.no_grad():
+    with torch.no_grad(), traced_strip_ops(model) as op_peaks:
         model.decode_tiled(z, rows=rows)
     assert len(op_peaks) > 20 and max(op_peaks) > mid  # the strips, not the mid block, set this peak
     assert max(op_peaks) == pytest.approx(strip_decode_bytes(params, H, W, dtype.itemsize, rows), rel=0.01)
