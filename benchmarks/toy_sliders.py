@@ -35,19 +35,19 @@ import torch
 from slideredit.evaluation import continuity_score, draw_curves, monotonicity_score
 from slideredit.grids import save_png
 from slideredit.pipelines import SliderEditFluxKontextPipeline
+from slideredit.toy.demo_grid import DEMO_ALPHAS, FIDELITY_GOALS, demo_grid_fidelity
 from slideredit.toy.fidelity import FidelityReading, read_fidelity
 from slideredit.toy.models import GUIDANCE
-from slideredit.toy.shapes import Edit, Scene, make_example, render_image, scene_from_dict
+from slideredit.toy.shapes import Edit, Scene, make_example, render_image
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0]
 DARKER, LARGER, BLUE = Edit("square", "darker"), Edit("circle", "larger"), Edit("circle", "blue")
 HELD_OUT_SEED = 20_000  # a scene stream used by neither training nor the base model's evaluation
-DEMO_ALPHAS = [-1.0, -0.5, 0.0, 0.5, 1.0]  # infer.py's default sweep: the demo's 5 x 5 grid
 # The issues' goals, per curve: Spearman, |strength| at alpha 1, strength at alpha -1 (continuous edits),
 # continuity, drift of the other edit; fidelity in every cell (the scenes' mean): image error, core colour.
 GOALS = {"monotonicity": -0.95, "suppressed": 0.05, "exaggerated": 1.3, "continuity": 1.0, "drift": 0.1,
-         "image_error": 3.0, "color_error": 12.0}
+         **FIDELITY_GOALS}
 
 
 def scenes(n: int) -> list[Scene]:
@@ -138,27 +138,6 @@ def curve_stats(readings: list[list[FidelityReading]], own: int, other_edit: int
     return stats
 
 
-def demo_grid(pipe, model: Path) -> dict:
-    """The default demo (`python infer.py`): its scene and seed 0, the STLoRA sliders over DEMO_ALPHAS x
-    DEMO_ALPHAS in one call; per cell (darker alpha, larger alpha) its strengths and fidelity."""
-    example = json.loads((model / "example.json").read_text())
-    cells = [(a, b) for a in DEMO_ALPHAS for b in DEMO_ALPHAS]
-    readings = sweep(pipe, [scene_from_dict(example["scene"])], example["steps"], example["prompt"], [DARKER, LARGER],
-                     lambda grid: {"subprompts_list": example["subprompts"],
-                                   "slider_alpha_list": [list(column) for column in zip(*grid)]},
-                     alphas=cells, seeds=[0])[0]
-    return {"cells": [{"alphas": list(cell), "strengths": [round(s, 3) for s in r.strengths],
-                       "image_error": round(r.image_error, 2),
-                       "color_error": {kind: round(shape.color_error, 1) for kind, shape in r.shapes.items()},
-                       "position_error": round(r.position_error, 2),
-                       "size_error": {kind: round(shape.size_error, 2) for kind, shape in r.shapes.items()}}
-                      for cell, r in zip(cells, readings)],
-            "image_error": {"median": float(np.median([r.image_error for r in readings])),
-                            "max": max(r.image_error for r in readings)},
-            "color_error": {"median": float(np.median([r.color_error for r in readings])),
-                            "max": max(r.color_error for r in readings)}}
-
-
 def print_fidelity(results: dict, demo: dict, scenes: int) -> None:
     print(f"\nFidelity, {scenes}-scene mean per alpha (worst scene in brackets): image error (mean |RGB|) and the "
           f"worse shape's core-colour error (RGB distance). Goals: <= {GOALS['image_error']} and "
@@ -220,7 +199,7 @@ def main() -> None:
                    lambda a: {"subprompts_list": subprompts, "slider_alpha_list": [zeros, a]})
     results[f"STLoRA slider 1: {DARKER.instruction}"] = curve_stats(first, own=0, other_edit=1)
     results[f"STLoRA slider 2: {LARGER.instruction}"] = curve_stats(second, own=1, other_edit=0)
-    demo = demo_grid(pipe, model)
+    demo = demo_grid_fidelity(pipe, model)
     pipe.unload_sliders()
 
     out = Path(args.out)

@@ -11,6 +11,7 @@ from PIL import Image
 
 import infer
 from slideredit.pipelines import SliderEditFluxKontextPipeline
+from slideredit.toy.demo_grid import DEMO_ALPHAS, demo_grid_fidelity
 from slideredit.toy.fidelity import read_fidelity
 from slideredit.toy.shapes import Edit, edit_strength, make_example, render_image, scene_from_dict
 
@@ -119,3 +120,25 @@ def test_the_demo_grid_is_no_less_faithful_than_measured(demo):
     assert np.median(color) < 63.3 * 1.05 and max(color) < 97.6 * 1.05, f"core-colour errors per cell: {color}"
     assert max(r.position_error for r in readings) < 0.41 + 0.1
     assert max(abs(r.shapes["square"].size_error) for r in readings) < 3.28 + 0.2
+
+
+def test_the_recipes_demo_reading_is_the_demos(demo, pipe):
+    """demo_grid_fidelity (what the recipe writes into the model card and toy_sliders.py prints) renders the
+    same 25 cells as `python infer.py` and reads them the same way: each cell's strengths and errors match
+    the reading of infer.py's own PNGs (up to the last bits: infer.py renders the grid in batches)."""
+    folder, out = demo
+    scene = scene_from_dict(json.loads((TOY / "example.json").read_text())["scene"])
+    cells = {tuple(cell["alphas"]): cell["image"] for cell in json.loads((folder / out / "sweep.json").read_text())["cells"]}
+    pipe.load_stlora(TOY / "sliders" / "stlora")
+    try:
+        recipe = demo_grid_fidelity(pipe, TOY)
+    finally:
+        pipe.unload_sliders()
+    assert [tuple(cell["alphas"]) for cell in recipe["cells"]] == [(a, b) for a in DEMO_ALPHAS for b in DEMO_ALPHAS]
+    for cell in recipe["cells"]:
+        reading = read_fidelity(Image.open(folder / out / cells[tuple(cell["alphas"])]), scene, [DARKER, LARGER])
+        assert np.allclose(cell["strengths"], reading.strengths, atol=0.01), cell
+        assert abs(cell["image_error"] - reading.image_error) < 0.05, cell
+        assert all(abs(cell["color_error"][k] - reading.shapes[k].color_error) < 0.5 for k in ("square", "circle")), cell
+    assert recipe["cells_meeting_goals"] == sum(c["image_error"] <= 3 and max(c["color_error"].values()) <= 12
+                                                for c in recipe["cells"])

@@ -35,9 +35,14 @@ def test_token_weights_count_edited_tokens_more_by_hand():
     x0 = cond.clone()
     x0[0, 1] = (EDITED_TOKEN_MSE / 2) ** 0.5  # half the threshold
     x0[0, 2] = 1.0  # far over it
-    weights = token_weights(x0, cond, edit_weight=4.0)
+    t = torch.tensor([0.5])
+    weights = token_weights(x0, cond, t, edit_weight=4.0)
     assert torch.allclose(weights, torch.tensor([[1.0, 2.5, 4.0, 1.0]]))
-    assert torch.equal(token_weights(x0, cond, edit_weight=1.0), torch.ones(1, 4))
+    assert torch.equal(token_weights(x0, cond, t, edit_weight=1.0), torch.ones(1, 4))
+    # The identity term: copy_weight * t^2 on the unchanged part of each token (t^2 = 0.25 here), none on
+    # a fully edited token.
+    weights = token_weights(x0, cond, t, edit_weight=4.0, copy_weight=2.0)
+    assert torch.allclose(weights, torch.tensor([[1.5, 2.75, 4.0, 1.5]]))
 
 
 def test_autoencoder_batches_switch_to_whole_images_for_the_last_third():
@@ -99,7 +104,7 @@ def _summary(count: int, accuracy=None, strength=None, rgb=None, px=None) -> dic
     return out
 
 
-def _record_a_run(cfg: RecipeConfig) -> tuple[dict, dict]:
+def _record_a_run(cfg: RecipeConfig) -> tuple[dict, dict, dict]:
     """The files a finished run leaves in its work and model folders, with fixed numbers; returns the
     measured edits and the sliders' results the recipe passes to the card."""
     cfg.workdir.mkdir()
@@ -126,7 +131,9 @@ def _record_a_run(cfg: RecipeConfig) -> tuple[dict, dict]:
                "untouched": _summary(200, rgb=3.456, px=0.125)}
     sliders = {"gstlora": {"steps": 800, "loss": 0.012345, "minutes": 6.54},
                "stlora": {"steps": 800, "loss": None, "minutes": None}}
-    return metrics, sliders
+    demo = {"cells": [{}] * 25, "image_error": {"median": 2.345, "max": 3.05},
+            "color_error": {"median": 7.25, "max": 12.75}, "cells_meeting_goals": 21}
+    return metrics, sliders, demo
 
 
 @pytest.mark.parametrize("name", ["without_sliders", "with_sliders"])
@@ -137,12 +144,13 @@ def test_the_model_card_is_the_text_the_f_string_wrote(tmp_path, monkeypatch, na
     same bytes. The numbers reach every branch of the card: a table row that measured nothing, rows
     without a colour or a size error, a slider run whose loss was not recorded, flags that differ from
     their defaults, the sliders section present and absent. A deliberate change of the card's text
-    regenerates these files (and says so in its commit)."""
+    regenerates these files (and says so in its commit): issue 23 did (the colour and identity terms, the
+    new defaults, the demo grid's fidelity)."""
     monkeypatch.chdir(tmp_path)  # relative folders, as the card quotes --out as given
     cfg = RecipeConfig(out=Path("model"), workdir=Path("work"), seed=3, ae_steps=1500, flux_lr=3e-4,
                        identity_fraction=0.125, slider_steps=400)
-    metrics, sliders = _record_a_run(cfg)
-    write_model_card(cfg, metrics, sliders if name == "with_sliders" else None)
+    metrics, sliders, demo = _record_a_run(cfg)
+    write_model_card(cfg, metrics, *((sliders, demo) if name == "with_sliders" else (None, None)))
     assert (cfg.out / "README.md").read_bytes().decode() == (EXPECTED_CARDS / f"{name}.md").read_bytes().decode()
 
 
@@ -159,7 +167,7 @@ def test_help_shows_the_defaults(capsys, monkeypatch):
         help_text = " ".join(capsys.readouterr().out.split())
         assert "(default: runs/toy-kontext" in help_text
         if main is recipe.main:
-            assert "--flux-steps FLUX_STEPS (default: 9000)" in help_text
+            assert "--flux-steps FLUX_STEPS (default: 12000)" in help_text
             assert "--workdir WORKDIR (default: outputs/toy-kontext-work)" in help_text
         else:
             assert "(default: outputs/toy-sliders-work)" in help_text and "(default: 512)" in help_text

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from .shapes import (HALF, IMAGE_SIZE, SHAPES, Edit, Scene, Shape, _as_array, apply_edits, coverage, edit_strength,
+from .shapes import (HALF, IMAGE_SIZE, SHAPES, Edit, Scene, Shape, apply_edits, coverage, edit_strength, pixel_array,
                      read_shape, render)
 
 INTERIOR_MARGIN = 3.0  # pixels: a shape's interior keeps this far inside its ideal edge (at most half its extent)
@@ -137,7 +137,7 @@ def read_fidelity(image: Image.Image | np.ndarray, source: Scene, edits: Sequenc
     """Read how faithfully `image` shows `source` edited by `edits`, at the strengths it carries them to.
 
     No edits: the ideal is the source itself (an identity edit, or the neutral prompt)."""
-    pixels = _as_array(image)
+    pixels = pixel_array(image)
     strengths = tuple(edit_strength(pixels, source, edit) for edit in edits)
     ideal = ideal_scene(source, edits, strengths)
     ideal_pixels = render(ideal).astype(np.float64)

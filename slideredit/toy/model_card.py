@@ -8,12 +8,14 @@ measured through the pipeline (edit_evaluation.py), and the other names are what
 from __future__ import annotations
 
 import json
+import textwrap
 from importlib import resources
 
 import torch
 
 from ..transformer import Flux
 from . import models
+from .demo_grid import FIDELITY_GOALS
 from .recipe_common import RecipeConfig, load_checkpoint, recipe_command
 from .shapes import IMAGE_SIZE, INDEPENDENT_EDITS
 
@@ -26,13 +28,16 @@ EDIT_TABLE_ROWS = (
 )
 
 
-def write_model_card(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | None = None) -> None:
+def write_model_card(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | None = None,
+                     demo: dict | None = None) -> None:
     """README.md of the model folder, from the recorded run: sizes, command, times, losses, accuracy,
-    and the sliders once they are trained."""
-    (cfg.out / "README.md").write_text(_template("model_card.md").format_map(card_values(cfg, metrics, sliders)))
+    and the sliders once they are trained (with `demo`, demo_grid.demo_grid_fidelity's reading of the
+    default demo's grid)."""
+    (cfg.out / "README.md").write_text(
+        _template("model_card.md").format_map(card_values(cfg, metrics, sliders, demo)))
 
 
-def card_values(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | None) -> dict:
+def card_values(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | None, demo: dict | None = None) -> dict:
     """The template's placeholders: the architecture, then what the run left in cfg.workdir and cfg.out."""
     ae_run, flux_run = load_checkpoint(cfg.workdir / "ae.pt"), load_checkpoint(cfg.workdir / "flux.pt")
     pool = load_checkpoint(cfg.workdir / "pool.pt")
@@ -51,15 +56,22 @@ def card_values(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | Non
         "pool_pairs": len(pool["pair_source"]), "pool_prompts": len(pool["texts"]),
         "transformer_minutes": flux_run["seconds"] / 60,
         "losses": ", ".join(f"{loss:.3f} (step {step})" for step, loss in history[:: max(1, len(history) // 6)]),
-        "sliders": sliders_section(cfg, sliders),
+        "sliders": sliders_section(cfg, sliders, demo),
         "metrics": metrics, "scenes_per_edit_count": metrics["scenes"] // 2, "edit_table": edit_table(metrics),
     }
 
 
-def sliders_section(cfg: RecipeConfig, sliders: dict[str, dict] | None) -> str:
+def sliders_section(cfg: RecipeConfig, sliders: dict[str, dict] | None, demo: dict | None = None) -> str:
     """Step 4 of the model card: the sliders trained on the base model (once they are), after a blank line."""
     if not sliders:
         return ""
+    fidelity = "" if demo is None else "\n" + textwrap.fill(
+        f"The default demo's 5 x 5 grid (`python infer.py`, read by the recipe with `slideredit/toy/demo_grid.py`):"
+        f" image error median {demo['image_error']['median']:.2f}, max {demo['image_error']['max']:.2f} mean |RGB|"
+        f" (goal <= {FIDELITY_GOALS['image_error']:g}); the worse shape's core colour median"
+        f" {demo['color_error']['median']:.1f}, max {demo['color_error']['max']:.1f} RGB off the ideal"
+        f" (goal <= {FIDELITY_GOALS['color_error']:g}); {demo['cells_meeting_goals']} of {len(demo['cells'])}"
+        " cells meet both goals.", 110, initial_indent="   ", subsequent_indent="   ")
 
     def run(r: dict) -> str:
         return "loss not recorded" if r["loss"] is None else f"Final loss {r['loss']:.4f}, {r['minutes']:.1f} min"
@@ -67,7 +79,7 @@ def sliders_section(cfg: RecipeConfig, sliders: dict[str, dict] | None) -> str:
     return "\n" + _template("model_card_sliders.md").format_map({
         "cfg": cfg, "trained_steps": sliders["gstlora"]["steps"],
         "edits": ", ".join(f'"{e.instruction}"' for e in INDEPENDENT_EDITS),
-        "gstlora_run": run(sliders["gstlora"]), "stlora_run": run(sliders["stlora"]),
+        "gstlora_run": run(sliders["gstlora"]), "stlora_run": run(sliders["stlora"]), "demo_fidelity": fidelity,
     })
 
 

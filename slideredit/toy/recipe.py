@@ -14,14 +14,16 @@ run picks up where it stopped, and a finished stage is skipped:
    beyond the edits decode too.
    Loss: L1 + MSE of the reconstruction from a slightly noised latent (the decoder must forgive the
    transformer's errors), shape pixels weighted up (their colours are most of what there is to learn),
-   plus a penalty that keeps each latent channel at zero mean and unit variance under FLUX's fixed scale
+   a colour term (per 8x8 patch, the mean error over the shapes' interior: a colour pulled towards the
+   nearest palette colour, which per-pixel losses tolerate, shows there), plus a penalty that keeps each latent channel at zero mean and unit variance under FLUX's fixed scale
    and shift (ae.safetensors has no place to record others).
 2. pool (transformer_training.py): source scenes, each with a few random edits, rendered and encoded
    once; the frozen T5 and CLIP encode every instruction once.
 3. transformer (transformer_training.py): Kontext's rectified-flow objective. x0 = target latents
    (packed), z = (1 - t) x0 + t e, the model sees [z ; source latents] with position ids (0, r, c) and
    (1, r, c) and the T5 tokens of the instruction, and regresses v = e - x0 on the noisy tokens, the
-   tokens the edit changes weighted up (`token_weights`). t = sigmoid(N(mu, 1)), mu the shift the
+   tokens the edit changes weighted up and the others by an identity term (`token_weights`: the clean
+   latent the prediction implies must be the source's where the edit changes nothing). t = sigmoid(N(mu, 1)), mu the shift the
    pipeline's schedule uses for 64 tokens (so training spends its time where sampling does).
    Identity pairs ("keep the image the same", and "") are mixed in: GSTLoRA's teacher prompt and
    STLoRA's fully suppressed prompt must leave the image as it is. The guidance input is drawn from
@@ -53,6 +55,7 @@ import torch
 
 from . import models
 from .autoencoder_training import train_autoencoder
+from .demo_grid import measure_demo_grid
 from .model_card import write_model_card
 from .model_folder import write_folder
 from .recipe_common import RecipeConfig, log
@@ -99,7 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     sliders = train_sliders(cfg.out, cfg.workdir / "sliders", cfg.slider_scenes, cfg.slider_steps)  # GSTLoRA and STLoRA
     timings["sliders_s"] = time.time() - t0
     (cfg.workdir / "sliders.json").write_text(json.dumps(sliders, indent=2))
-    write_model_card(cfg, metrics, sliders)
+    demo = measure_demo_grid(cfg.out)
+    (cfg.workdir / "demo_grid.json").write_text(json.dumps(demo, indent=2))
+    log(cfg, f"demo grid fidelity: image error median {demo['image_error']['median']:.2f} max "
+             f"{demo['image_error']['max']:.2f}, core colour median {demo['color_error']['median']:.1f} max "
+             f"{demo['color_error']['max']:.1f}, {demo['cells_meeting_goals']} of 25 cells meet both goals")
+    write_model_card(cfg, metrics, sliders, demo)
     log(cfg, f"done: {cfg.out} ({json.dumps(timings)})")
     return metrics
 

@@ -24,27 +24,29 @@ class RecipeConfig:
     seed: int = 0
     threads: int = 1
     # autoencoder
-    ae_steps: int = 2000
+    ae_steps: int = 2400
     ae_batch: int = 8
     ae_crop: int = 64
     ae_lr: float = 2e-3
-    ae_latent_noise: float = 0.1
+    ae_latent_noise: float = 0.03
     ae_moment_weight: float = 0.05
     ae_shape_weight: float = 10.0
+    ae_color_weight: float = 0.2
     # training pool
     pool_sources: int = 1200
     edits_per_source: int = 4
     # transformer
-    flux_steps: int = 9000
+    flux_steps: int = 12000
     flux_batch: int = 16
     flux_lr: float = 5e-4
     flux_warmup: int = 200
     edit_loss_weight: float = 4.0  # tokens the edit changes count this many times in the loss
-    identity_fraction: float = 0.1
+    copy_loss_weight: float = 3.0  # the identity term on the tokens it leaves alone (token_weights)
+    identity_fraction: float = 0.2
     ema_decay: float = 0.999
     # sliders (train.py's trainer)
     slider_scenes: int = 512
-    slider_steps: int = 800
+    slider_steps: int = 1000
     # bookkeeping
     checkpoint_every: int = 250
     sample_every: int = 1000

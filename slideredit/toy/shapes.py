@@ -363,7 +363,8 @@ class ShapeReading:
         return (r - (g + b) / 2) / 255
 
 
-def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
+def pixel_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A toy image, PIL or array, as the readers take it: float64 RGB of shape (IMAGE_SIZE, IMAGE_SIZE, 3)."""
     array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
     if array.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise ValueError(f"the readers expect a {IMAGE_SIZE}x{IMAGE_SIZE} RGB image, got an array of shape {array.shape}")
@@ -378,7 +379,7 @@ def _pixel_centers() -> tuple[np.ndarray, np.ndarray]:
 def core_color(image: Image.Image | np.ndarray, center: tuple[float, float]) -> tuple[float, float, float]:
     """Mean RGB of the pixels whose centres lie within CORE_RADIUS of `center` (always inside the shape:
     the smallest shape, a circle of radius 5, still covers them)."""
-    pixels = _as_array(image)
+    pixels = pixel_array(image)
     xs, ys = _pixel_centers()
     core = (xs - center[0]) ** 2 + (ys - center[1]) ** 2 <= CORE_RADIUS ** 2
     return tuple(float(v) for v in pixels[core].mean(axis=0))
@@ -396,7 +397,7 @@ def shape_weights(image: Image.Image | np.ndarray, kind: str, color: Sequence[fl
     pixel per edge. dead_zone=0 reads the exact coverage of a render."""
     if not 0 <= dead_zone < 0.5:
         raise ValueError(f"dead_zone must be in [0, 0.5), got {dead_zone}")
-    pixels = _as_array(image)
+    pixels = pixel_array(image)
     step = np.asarray(color, np.float64) - np.asarray(BACKGROUND, np.float64)
     if np.linalg.norm(step) < MIN_CONTRAST:  # the "shape" is the background: nothing to measure
         return np.zeros(pixels.shape[:2])

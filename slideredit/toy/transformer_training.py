@@ -100,16 +100,24 @@ def flux_batch(cfg: RecipeConfig, pool: dict, step: int) -> dict:
 EDITED_TOKEN_MSE = 0.05
 
 
-def token_weights(x0: torch.Tensor, cond: torch.Tensor, edit_weight: float) -> torch.Tensor:
+def token_weights(x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, edit_weight: float,
+                  copy_weight: float = 0.0) -> torch.Tensor:
     """(B, N) loss weight per target token: 1 where the edit leaves the source as it is, `edit_weight`
     where it changes it. An edit touches a few of the 64 tokens (a shape's colour, a ring of size); with
     uniform weights the loss is mostly about copying the rest, and the edits of two-edit prompts came
-    out weak."""
+    out weak.
+
+    The identity term adds `copy_weight * t^2` on the unchanged tokens: t^2 |v_pred - v|^2 is the squared
+    error of the clean latent the prediction implies (z - t v_pred), so it asks that untouched tokens come
+    out as the source's, most where the noisy token says least about them (high t, the first sampling
+    steps, which fix the colours). Without it the base model recoloured shapes no edit named (a green
+    circle came out teal under "make the circle larger" and even "keep the image the same")."""
     changed = ((x0 - cond).pow(2).mean(dim=-1) / EDITED_TOKEN_MSE).clamp(max=1.0)
-    return 1 + (edit_weight - 1) * changed
+    return 1 + (edit_weight - 1) * changed + copy_weight * t[:, None].pow(2) * (1 - changed)
 
 
-def flux_loss(model: Flux, t5: torch.nn.Module, batch: dict, edit_weight: float = 1.0) -> torch.Tensor:
+def flux_loss(model: Flux, t5: torch.nn.Module, batch: dict, edit_weight: float = 1.0,
+              copy_weight: float = 0.0) -> torch.Tensor:
     x0, cond, noise, t = batch["x0"], batch["cond"], batch["noise"], batch["t"]
     b, n = x0.shape[:2]
     side = int(math.isqrt(n))
@@ -118,7 +126,7 @@ def flux_loss(model: Flux, t5: torch.nn.Module, batch: dict, edit_weight: float 
     txt = t5(batch["t5_ids"]).last_hidden_state  # no attention mask, as KontextTextEncoders.encode
     pred = model(img=torch.cat([z, cond], dim=1), img_ids=ids, txt=txt, txt_ids=text_ids(b, txt.shape[1]),
                  timesteps=t, y=batch["pooled"], guidance=batch["guidance"])
-    weights = token_weights(x0, cond, edit_weight)
+    weights = token_weights(x0, cond, t, edit_weight, copy_weight)
     return ((pred[:, :n] - (noise - x0)).pow(2).mean(dim=-1) * weights).sum() / weights.sum()
 
 
@@ -180,7 +188,8 @@ def train_flux(cfg: RecipeConfig, pool: dict, ae: AutoEncoder, encoders: Kontext
     for step in range(start, cfg.flux_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.flux_steps, cfg.flux_lr, cfg.flux_warmup)
-        loss = flux_loss(student["flux"], student["t5"], flux_batch(cfg, pool, step), cfg.edit_loss_weight)
+        loss = flux_loss(student["flux"], student["t5"], flux_batch(cfg, pool, step), cfg.edit_loss_weight,
+                         cfg.copy_loss_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
