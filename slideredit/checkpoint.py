@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from .hub import looks_like_repo_id  # noqa: F401 (the loaders take the rule from here, with download_from_hub)
 
 
 class CheckpointError(ValueError):
@@ -30,12 +31,6 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 # Where the files are
 # ---------------------------------------------------------------------------------------------------
-
-def looks_like_repo_id(source: str | os.PathLike) -> bool:
-    """`owner/name` that is not an existing path: a Hugging Face hub repository id."""
-    text = str(source)
-    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
-
 
 def download_from_hub(repo_id: str, allow_patterns: list[str], ignore_patterns: list[str] | None = None) -> Path:
     """Fetch only the files matching `allow_patterns` from a hub repo; return the snapshot folder.

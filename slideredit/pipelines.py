@@ -23,8 +23,9 @@ from PIL import Image
 from torch import Tensor
 
 from .autoencoder import AutoEncoder, load_autoencoder
-from .checkpoint import CheckpointError, download_from_hub, looks_like_repo_id
+from .checkpoint import CheckpointError, download_from_hub
 from .compile import compile_blocks
+from .hub import hub_problem, looks_like_repo_id
 from .image import ImageInput, area_scaled_size, default_output_size, prepare_context_image
 from .memory_plan import MemoryPlan, components, module_bytes, plan_edit
 from .slider_checkpoints import load_adapter
@@ -131,16 +132,13 @@ def check_instructions(texts: str | Sequence[str] | None, name: str) -> None:
 def model_folder(source: str | os.PathLike) -> Path:
     """The local folder of `source`: a hub repo id's snapshot (downloaded once, then cached), else the path.
 
-    A hub id that is not cached is first probed once (evaluation.loading.check_hub_source, as eval.py
-    does): an unreachable hub is one line at once, instead of the hub client's ~30 s of retries."""
+    A hub id that is not cached is first probed once (hub.hub_problem, as eval.py does): an unreachable
+    hub is one line at once, instead of the hub client's ~30 s of retries."""
     if not looks_like_repo_id(source):
         return Path(source).expanduser()
-    from .evaluation.loading import HubUnreachableError, check_hub_source
-
-    try:
-        check_hub_source(source, "FLUX.1 Kontext", filename="model_index.json")
-    except HubUnreachableError as err:
-        raise CheckpointError(f"{err}; connect to the network, or pass a local model folder") from None
+    problem = hub_problem(source, "FLUX.1 Kontext", filename="model_index.json")
+    if problem is not None:
+        raise CheckpointError(f"{problem}; connect to the network, or pass a local model folder")
     return download_from_hub(str(source), HUB_PATTERNS)
 
 

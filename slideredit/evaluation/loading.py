@@ -1,17 +1,16 @@
 """What every evaluator shares: loading a transformers model and its processor, batching, input checks."""
 from __future__ import annotations
 
-import functools
 import importlib
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from PIL import Image
+
+from ..hub import hub_problem, looks_like_repo_id
 
 
 class EvaluatorLoadError(ValueError):
@@ -36,59 +35,12 @@ def import_extra(module: str, needed_for: str, install: str) -> ModuleType:
             f"Install it with `pip install {install}`, or leave this metric out.") from None
 
 
-HUB_PROBE_TIMEOUT = 3.0  # seconds: one HEAD request decides whether the hub can be reached at all
-
-
-def _offline() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as the hub client reads them, but read now, not at its import."""
-    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-@functools.lru_cache(maxsize=None)
-def _unreachable(url: str) -> str | None:
-    """Why `url` cannot be reached (one attempt, no retries), or None when any HTTP answer comes back.
-
-    Cached for the process: asking again costs nothing.
-    """
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_TIMEOUT).close()
-    except urllib.error.HTTPError:  # 401, 404, 500...: the hub answered; the loader reports the rest
-        return None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        return f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
-    return None
-
-
 def check_hub_source(source: str | os.PathLike, what: str, filename: str = "config.json") -> None:
-    """Fail at once, in one line, when `source` is a hub id that only an unreachable hub could provide.
-
-    The hub client would otherwise retry a refused connection five times with back-off (about 30 s)
-    before its error. A local path, or a hub id whose `filename` is already in the local cache (the
-    client loads it offline), passes without any network access; otherwise HF_HUB_OFFLINE, or a single
-    request to the endpoint that gets no HTTP answer, raises HubUnreachableError naming the model.
-    """
-    text = str(source)
-    if Path(text).expanduser().exists():
-        return
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        if isinstance(try_to_load_from_cache(text, filename), str):
-            return
-    except ValueError:  # not a valid repo id: the loader's own error says so
-        return
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    if _offline():
-        why = "offline mode (HF_HUB_OFFLINE is set)"
-    else:
-        reason = _unreachable(f"{endpoint}/{text}/resolve/main/{filename}")
-        if reason is None:
-            return
-        why = f"{endpoint} is unreachable ({reason})"
-    raise HubUnreachableError(f"cannot fetch the {what} model {text!r} from the Hugging Face hub: {why}, "
-                              "and it is not in the local cache")
+    """Fail at once, in one line, when `source` is a hub id that only an unreachable hub could provide
+    (hub.hub_problem: no network access for a local path or a cached file, else at most one request)."""
+    problem = hub_problem(source, what, filename)
+    if problem is not None:
+        raise HubUnreachableError(problem)
 
 
 def load_model(model_class: type, processor_class: type, source: str | os.PathLike, model_types: tuple[str, ...],
@@ -102,8 +54,8 @@ def load_model(model_class: type, processor_class: type, source: str | os.PathLi
 
     what = f"{model_class.__name__} ({' or '.join(model_types)})"
     text = str(source)
-    if not Path(text).expanduser().exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):
-        raise EvaluatorLoadError(f"the {what} model folder {text} does not exist")  # a path, not an owner/name hub id
+    if not Path(text).expanduser().exists() and not looks_like_repo_id(text):
+        raise EvaluatorLoadError(f"the {what} model folder {text} does not exist")
     check_hub_source(text, what)
     try:
         config = AutoConfig.from_pretrained(source)
