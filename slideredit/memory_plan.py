@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .autoencoder import AutoEncoder, AutoEncoderParams
-from .quantization import _CHUNK_ELEMENTS, FP8, Fp8Linear, swap_in_fp8
+from .quantization import FP8, QUANTIZE_CHUNK_ELEMENTS, Fp8Linear, swap_in_fp8
 from .sliders import slider_layers
 from .transformer import Flux, FluxParams
 
@@ -134,7 +134,7 @@ def load_bytes(pipe: SliderEditFluxKontextPipeline) -> dict[str, int]:
     if t5_fp8:
         working["T5 linear before quantization"] = max(m.weight.numel() for m in t5_fp8) * pipe.dtype.itemsize
     if t5_fp8 or any(isinstance(m, Fp8Linear) for m in pipe.transformer.modules()):
-        working["fp8 quantization of one chunk of rows"] = _CHUNK_ELEMENTS * (4 + 4 + 1)
+        working["fp8 quantization of one chunk of rows"] = QUANTIZE_CHUNK_ELEMENTS * (4 + 4 + 1)
     return working
 
 

@@ -34,7 +34,7 @@ from .checkpoint import CheckpointError, StoredTensor, map_stored
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-_CHUNK_ELEMENTS = 2**24  # rows are quantized in chunks of about this many elements (64 MB of fp32 temporaries)
+QUANTIZE_CHUNK_ELEMENTS = 2**24  # rows are quantized in chunks of about this many elements (64 MB of fp32 temporaries)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
 def quantize_rows_into(weight: Tensor, out: Tensor, scale: Tensor) -> None:
     """`quantize_rows` writing into existing tensors (rows of a loaded layer), a chunk of rows at a time
     so the fp32 temporaries stay small."""
-    step = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
     for start in range(0, weight.shape[0], step):
         rows = weight[start:start + step].to(out.device, torch.float32)
         amax = rows.abs().amax(dim=1)  # NaN and inf propagate into amax
