@@ -144,7 +144,7 @@ def test_the_model_card_is_the_text_the_f_string_wrote(tmp_path, monkeypatch, na
     same bytes. The numbers reach every branch of the card: a table row that measured nothing, rows
     without a colour or a size error, a slider run whose loss was not recorded, flags that differ from
     their defaults, the sliders section present and absent. A deliberate change of the card's text
-    regenerates these files (and says so in its commit): issue 23 did (the colour and identity terms, the
+    regenerates these files (and says so in its commit): issue 23 did (the identity term, the
     new defaults, the demo grid's fidelity)."""
     monkeypatch.chdir(tmp_path)  # relative folders, as the card quotes --out as given
     cfg = RecipeConfig(out=Path("model"), workdir=Path("work"), seed=3, ae_steps=1500, flux_lr=3e-4,

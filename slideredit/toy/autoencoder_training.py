@@ -80,19 +80,12 @@ def train_autoencoder(cfg: RecipeConfig) -> AutoEncoder:
         recon = ae.decode(z + cfg.ae_latent_noise * noise)
         # Shapes cover a tenth of an image; weighting their pixels up makes their colour matter as much as
         # the background does.
-        shape = (x - background).abs().amax(dim=1, keepdim=True).gt(0).float()  # (B, 1, H, W)
-        weight = 1 + (cfg.ae_shape_weight - 1) * shape
+        weight = 1 + (cfg.ae_shape_weight - 1) * (x - background).abs().amax(dim=1, keepdim=True).gt(0).float()
         error = recon - x
         rec_loss = ((error.abs() + error.pow(2)) * weight).mean() / weight.mean()
-        # The colour term: per 8x8 patch (one latent cell), |the mean error over the shape's interior pixels
-        # there| (2 px inside its edge: edges are blur, not colour), weighted by how many it has. Pixel noise
-        # averages out of it; what stays is a shape's colour pulled off its value (towards the nearest
-        # palette colour, which the pixel losses tolerated: cores ended 12-25 RGB off).
-        inside = 1 - F.max_pool2d(1 - shape, 5, stride=1, padding=2)
-        color_loss = F.avg_pool2d(error * inside, 8).abs().sum(dim=1).sum() / F.avg_pool2d(inside, 8).sum().clamp(min=1e-6)
         mean, var = z.mean(dim=(0, 2, 3)), z.var(dim=(0, 2, 3))
         moment_loss = (mean.pow(2) + (var - 1).pow(2)).mean()
-        loss = rec_loss + cfg.ae_color_weight * color_loss + cfg.ae_moment_weight * moment_loss
+        loss = rec_loss + cfg.ae_moment_weight * moment_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
@@ -101,7 +94,6 @@ def train_autoencoder(cfg: RecipeConfig) -> AutoEncoder:
         if (step + 1) % cfg.log_every == 0:
             history.append([step + 1, seen / cfg.log_every])
             log(cfg, f"autoencoder step {step + 1}/{cfg.ae_steps}: recon {seen / cfg.log_every:.4f} "
-                     f"colour {color_loss.item() * 127.5:.1f} RGB "
                      f"moments {moment_loss.item():.3f} (latent mean {mean.abs().mean():.2f}, var {var.mean():.2f}) "
                      f"{(time.time() - t0) / (step + 1):.2f} s/step")
             seen = 0.0

@@ -14,8 +14,7 @@ run picks up where it stopped, and a finished stage is skipped:
    beyond the edits decode too.
    Loss: L1 + MSE of the reconstruction from a slightly noised latent (the decoder must forgive the
    transformer's errors), shape pixels weighted up (their colours are most of what there is to learn),
-   a colour term (per 8x8 patch, the mean error over the shapes' interior: a colour pulled towards the
-   nearest palette colour, which per-pixel losses tolerate, shows there), plus a penalty that keeps each latent channel at zero mean and unit variance under FLUX's fixed scale
+   plus a penalty that keeps each latent channel at zero mean and unit variance under FLUX's fixed scale
    and shift (ae.safetensors has no place to record others).
 2. pool (transformer_training.py): source scenes, each with a few random edits, rendered and encoded
    once; the frozen T5 and CLIP encode every instruction once.
@@ -23,8 +22,9 @@ run picks up where it stopped, and a finished stage is skipped:
    (packed), z = (1 - t) x0 + t e, the model sees [z ; source latents] with position ids (0, r, c) and
    (1, r, c) and the T5 tokens of the instruction, and regresses v = e - x0 on the noisy tokens, the
    tokens the edit changes weighted up and the others by an identity term (`token_weights`: the clean
-   latent the prediction implies must be the source's where the edit changes nothing). t = sigmoid(N(mu, 1)), mu the shift the
-   pipeline's schedule uses for 64 tokens (so training spends its time where sampling does).
+   latent the prediction implies must be the source's where the edit changes nothing). t =
+   sigmoid(N(mu, 1)), mu the shift the pipeline's schedule uses for 64 tokens (so training spends its
+   time where sampling does).
    Identity pairs ("keep the image the same", and "") are mixed in: GSTLoRA's teacher prompt and
    STLoRA's fully suppressed prompt must leave the image as it is. The guidance input is drawn from
    [1, 5] (there is no guidance teacher, so the model learns to ignore it), and CLIP's pooled vector is

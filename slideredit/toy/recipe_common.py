@@ -24,14 +24,13 @@ class RecipeConfig:
     seed: int = 0
     threads: int = 1
     # autoencoder
-    ae_steps: int = 2400
+    ae_steps: int = 2000
     ae_batch: int = 8
     ae_crop: int = 64
     ae_lr: float = 2e-3
-    ae_latent_noise: float = 0.03
+    ae_latent_noise: float = 0.1
     ae_moment_weight: float = 0.05
     ae_shape_weight: float = 10.0
-    ae_color_weight: float = 0.2
     # training pool
     pool_sources: int = 1200
     edits_per_source: int = 4
