@@ -45,8 +45,9 @@ all) gets no verdict: the error goes back to the caller, which turns the card of
 Disk cache: $XDG_CACHE_HOME/slideredit/lora_dispatch.json (default ~/.cache/slideredit/), one section per
 versions(): torch, triton, the CUDA runtime and driver, and a hash of the kernels' source (an edit of
 kernels/*.py re-verifies every key). Entries keyed by the shape key (GPU name first). Rewritten
-atomically (temporary file + rename, the mode a plain open() gives) after each saved decision, merged with
-what other processes wrote meanwhile. A corrupt file is ignored (one warning) and rewritten.
+atomically (slideredit.atomic.atomic_path: temporary file + rename, the mode a plain open() gives) after
+each saved decision, merged with what other processes wrote meanwhile. A corrupt file is ignored (one
+warning) and rewritten.
 """
 from __future__ import annotations
 
@@ -56,7 +57,6 @@ import functools
 import hashlib
 import json
 import os
-import secrets
 import statistics
 import threading
 import warnings
@@ -66,6 +66,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from ..atomic import atomic_path
 
 ENV_VAR = "SLIDEREDIT_LORA_BACKEND"
 CHOICES = ("auto", "triton", "torch")
@@ -375,7 +377,8 @@ class Dispatcher:
         sections.setdefault(versions(), {}).update(self._disk)
         text = json.dumps({"format": CACHE_FORMAT, "sections": sections}, indent=1, sort_keys=True)
         try:
-            _write_atomically(self.cache_path, text)
+            with atomic_path(self.cache_path) as temp:  # readers see the old file or the new one, never a part
+                temp.write_text(text)
         except OSError as error:
             self._warn_file(f"cannot write the backend cache {self.cache_path} ({error}); decisions stay in memory")
 
@@ -383,22 +386,6 @@ class Dispatcher:
         if not self._warned_file:
             self._warned_file = True
             warnings.warn(message, RuntimeWarning, stacklevel=5)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write beside `path`, then rename over it: readers see the old file or the new one, never a part.
-    os.open with 0o666 gives the mode a plain open() would (the umask applies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 _default: Dispatcher | None = None
