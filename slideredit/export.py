@@ -9,16 +9,14 @@ writes, from any GSTLoRA file or folder `load_gstlora` reads (the release's name
   the release ships it: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` (r, d_in) and
   `.lora_B.weight` (d_out, r); q, k and v are separate LoRAs. diffusers'
   `FluxKontextPipeline.load_lora_weights` + `set_adapters([name], [alpha])` loads it.
-- (b) `gstlora_comfyui.safetensors`: kohya names, which ComfyUI's LoRA loader maps onto FLUX's fused BFL
-  weights: `lora_unet_<BFL module, dots as underscores>.lora_down.weight` (r', d_in), `.lora_up.weight`
-  (d_out, r') and `.alpha` = r' (the update is scaled by alpha / r' = 1). A fused projection (`qkv`, the
-  single blocks' `linear1`) takes one LoRA: lora_down = [A_q; A_k; A_v] and lora_up block-diagonal, so
-  up @ down = [B_q A_q; B_k A_k; B_v A_v] exactly; linear1's MLP rows get zero rows of lora_up (ComfyUI
-  adds up @ down to the whole weight). ComfyUI merges the update into the weight, so the rank 3r adds no
-  per-token compute there. diffusers reads this file too, exactly, but its kohya converter splits linear1 into q, k, v
-  and the MLP (`proj_mlp`), each keeping the whole rank-3r lora_down (the MLP's all zero): in diffusers,
-  load (a). `--from-comfyui` reads this file, kohya files other tools write, and ComfyUI files in the
-  release's names (ComfyUI maps those onto row slices of the fused weights).
+- (b) `gstlora_comfyui.safetensors`: the same tensors under the same names, for ComfyUI. Its LoRA loader
+  maps a FLUX LoRA's diffusers names onto its fused BFL weights, q, k and v as row slices of `qkv` and of
+  the single blocks' `linear1` (comfy.utils.flux_to_diffusers), so every projection keeps its rank-r LoRA.
+  Kohya names (`lora_unet_<BFL module>`) cannot say that for `linear1`: diffusers' kohya converter splits
+  it into q, k, v and the MLP (`proj_mlp`), so a fused rank-3r LoRA with zero MLP rows would load there as
+  four rank-3r LoRAs per single block, one of them all zero (3x the LoRA compute); and in a file that
+  mixes kohya and diffusers names, that converter keeps only the diffusers names. `--from-comfyui` reads
+  this file and kohya files other tools write.
 
 Sign convention. Both tools add strength * (B A) to the weight: W' = W + s * B A, exactly our
 slider's y = W x + alpha * B (A x) on every token. So a ComfyUI LoRA strength (strength_model) s, or a
@@ -116,7 +114,7 @@ def read_gstlora(path: str | Path) -> Parts:
 
 
 # ---------------------------------------------------------------------------------------------------
-# (a) diffusers / PEFT and (b) kohya / ComfyUI
+# Writing (diffusers / PEFT names, both files) and reading kohya files
 # ---------------------------------------------------------------------------------------------------
 
 def diffusers_state_dict(weights: Parts) -> dict[str, Tensor]:
@@ -128,36 +126,6 @@ def diffusers_state_dict(weights: Parts) -> dict[str, Tensor]:
             # A copy each: q, k and v split from a fused LoRA share A, and safetensors refuses shared storage.
             out[f"{name}.lora_A.weight"] = a.float().clone(memory_format=torch.contiguous_format)
             out[f"{name}.lora_B.weight"] = b.float().clone(memory_format=torch.contiguous_format)
-    return out
-
-
-def _mlp_width(weights: Parts) -> int:
-    """The FLUX MLP width, read from a double block's img_mlp.0 LoRA (its output rows): linear1 has
-    3 * hidden + this many rows."""
-    for module, parts in weights.items():
-        if module.endswith("img_mlp.0") and "all" in parts:
-            return parts["all"][1].shape[0]
-    raise ExportError("cannot tell linear1's MLP width: the GSTLoRA has no img_mlp.0 LoRA")
-
-
-def kohya_state_dict(weights: Parts) -> dict[str, Tensor]:
-    """One LoRA per BFL weight: lora_unet_<module>.lora_down.weight, .lora_up.weight and .alpha (= its rank).
-
-    A fused projection's q, k and v LoRAs are stacked: down = [A_q; A_k; A_v], up block-diagonal (q's rows
-    see only A_q's rank block, and so on), with zero rows for linear1's MLP."""
-    out = {}
-    for module, parts in weights.items():
-        if is_fused_qkv(module):
-            a = torch.cat([parts[p][0] for p in "qkv"])
-            b = torch.block_diag(*(parts[p][1] for p in "qkv"))
-            if module.endswith("linear1"):
-                b = torch.cat([b, b.new_zeros(_mlp_width(weights), b.shape[1])])
-        else:
-            a, b = parts["all"]
-        name = KOHYA_PREFIX + module.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = a.float().clone(memory_format=torch.contiguous_format)
-        out[f"{name}.lora_up.weight"] = b.float().clone(memory_format=torch.contiguous_format)
-        out[f"{name}.alpha"] = torch.tensor(float(a.shape[0]))
     return out
 
 
@@ -200,20 +168,20 @@ def _save(tensors: dict[str, Tensor], path: Path) -> Path:
     return path
 
 
-FORMATS = {"diffusers": (DIFFUSERS_FILE, diffusers_state_dict), "comfyui": (COMFYUI_FILE, kohya_state_dict)}
-
-
 def export_gstlora(source: str | Path, out: str | Path, formats: tuple[str, ...] = ("diffusers", "comfyui")) -> list[Path]:
-    """Write out/pytorch_lora_weights.safetensors (diffusers/PEFT names) and/or out/gstlora_comfyui.safetensors
-    (kohya names), each in its own layout (see the module docstring)."""
-    weights = read_gstlora(source)
+    """Write out/pytorch_lora_weights.safetensors (diffusers/PEFT) and/or out/gstlora_comfyui.safetensors.
+
+    Both hold the same tensors: per-projection rank-r LoRAs under diffusers names, the one layout that
+    diffusers and ComfyUI both load without a LoRA on linear1's MLP rows (see the module docstring)."""
+    tensors = diffusers_state_dict(read_gstlora(source))
     out = Path(out)
-    return [_save(layout(weights), out / file) for name, (file, layout) in FORMATS.items() if name in formats]
+    files = {"diffusers": DIFFUSERS_FILE, "comfyui": COMFYUI_FILE}
+    return [_save(tensors, out / files[name]) for name in files if name in formats]
 
 
 def import_comfyui(source: str | Path, out: str | Path) -> Path:
     """A ComfyUI FLUX LoRA on the GSTLoRA's layers -> out/pytorch_lora_weights.safetensors: kohya names
-    (lora_unet_..., as export_gstlora and other tools write them), or the release's names."""
+    (lora_unet_..., as other tools write them), or the names export_gstlora writes."""
     source = Path(source).expanduser()
     if not source.is_file():
         raise ExportError(f"{source}: no such LoRA file")
@@ -231,8 +199,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("source", nargs="?", help="GSTLoRA file or checkpoint folder (what load_gstlora reads)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--format", choices=("both", "diffusers", "comfyui"), default="both",
-                        help="diffusers: pytorch_lora_weights.safetensors (diffusers/PEFT names); comfyui: "
-                             "gstlora_comfyui.safetensors (kohya names, for ComfyUI's LoRA loader); both (default)")
+                        help="diffusers: pytorch_lora_weights.safetensors; comfyui: gstlora_comfyui.safetensors "
+                             "(the same tensors, for ComfyUI's LoRA loader); both (default)")
     parser.add_argument("--from-comfyui", type=Path, metavar="FILE",
                         help="import instead: a kohya/ComfyUI FLUX LoRA -> OUT/pytorch_lora_weights.safetensors")
     args = parser.parse_args(argv)

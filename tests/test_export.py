@@ -1,10 +1,9 @@
-"""python -m slideredit.export: a GSTLoRA as (a) a diffusers/PEFT file in the release's names (one rank-r LoRA
-per projection) and (b) a ComfyUI file in kohya names (one LoRA per fused BFL weight). Each loads back through
-our loaders to exactly the same adapter. (a) loads into diffusers + peft as one rank-r LoRA per adapted
-module (none on linear1's MLP rows) with our slider's output, and edits as our pipeline does; (b), merged
-into the weights by kohya names the way ComfyUI's LoRA loader does it (written here from its key rule),
-gives the same transformer output at strength s as our slider at alpha s, and diffusers converts it to the
-same updates. kohya files import exactly. STLoRA is refused."""
+"""python -m slideredit.export: a GSTLoRA as (a) diffusers/PEFT and (b) ComfyUI files, both in the release's
+diffusers names (one rank-r LoRA per projection). Each loads back through our loaders to exactly the same
+adapter; each loads into diffusers + peft as one rank-r LoRA per adapted module (none on linear1's MLP rows)
+with our slider's output, and (a) edits as our pipeline does; (b), merged into the weights the way ComfyUI's
+LoRA loader does it (written here from its key mapping), gives the same transformer output at strength s as
+our slider at alpha s. kohya files import exactly. STLoRA is refused."""
 from __future__ import annotations
 
 import re
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from slideredit import FluxParams, load_flux
 from slideredit.export import COMFYUI_FILE, DIFFUSERS_FILE, ExportError, export_gstlora, import_comfyui, main
 from slideredit.slider_checkpoints import adapter_state_dict, diffusers_name, load_adapter
-from slideredit.sliders import GSTLORA, set_slider_scale
+from slideredit.sliders import GSTLORA, STLORA, set_slider_scale
 from test_sliders import PARAMS, RANK, double_inputs, forward, release_checkpoint, tiny_model
 from test_transformer import diffusers_flux, diffusers_forward
 from tolerances import assert_close_ulps
@@ -113,29 +112,13 @@ def test_a_bfl_named_source_exports_as_the_release_file(tmp_path, release):
         export_gstlora(tmp_path / "mlp.safetensors", tmp_path / "out")
 
 
-def test_comfyui_export_is_kohya_and_round_trips(tmp_path, release):
-    """One kohya LoRA per BFL weight the release adapts: q, k and v of a fused projection stacked into one
-    of rank 3r with a block-diagonal lora_up (zero rows for linear1's MLP), alpha = the rank; imported
-    back, it is exactly the original adapter."""
+def test_comfyui_export_is_the_diffusers_layout_and_round_trips(tmp_path, release):
+    """The ComfyUI file holds the release's tensors (one rank-r LoRA per projection, diffusers names: no fused
+    linear1 LoRA with zero MLP rows); imported back, it is exactly the original adapter."""
     (path,) = export_gstlora(tmp_path / "src", tmp_path / "c", ("comfyui",))
     assert path.name == COMFYUI_FILE
     tensors = load_file(path)
-    bfl = bfl_checkpoint(release)  # A = [A_q; A_k; A_v], B block-diagonal: the same thing, written in the test
-    modules = [key.removesuffix(".lora_A.weight") for key in bfl if key.endswith(".lora_A.weight")]
-    names = {module: "lora_unet_" + module.replace(".", "_") for module in modules}
-    assert set(tensors) == {f"{names[m]}.{half}" for m in modules for half in ("lora_down.weight", "lora_up.weight",
-                                                                                "alpha")}
-    hidden, mlp = PARAMS.hidden_size, PARAMS.mlp_hidden_dim
-    for module in modules:
-        down, up = tensors[f"{names[module]}.lora_down.weight"], tensors[f"{names[module]}.lora_up.weight"]
-        assert tensors[f"{names[module]}.alpha"].item() == down.shape[0]
-        assert torch.equal(down, bfl[f"{module}.lora_A.weight"])
-        if module.endswith("linear1"):  # the whole weight's rows: q, k, v, then the MLP's, untouched
-            assert up.shape == (3 * hidden + mlp, 3 * RANK) and not up[3 * hidden:].any()
-            up = up[:3 * hidden]
-        assert torch.equal(up, bfl[f"{module}.lora_B.weight"])
-    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (3 * RANK, hidden)
-    assert tensors["lora_unet_double_blocks_1_txt_mlp_2.lora_up.weight"].shape == (hidden, RANK)
+    assert set(tensors) == set(release) and all(torch.equal(tensors[k], release[k]) for k in release)
 
     back = import_comfyui(path, tmp_path / "back")
     _, want = loaded(tmp_path / "src")
@@ -143,29 +126,23 @@ def test_comfyui_export_is_kohya_and_round_trips(tmp_path, release):
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def comfyui_merge(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength: float) -> set[str]:
-    """ComfyUI's LoRA loader on a kohya FLUX LoRA: the BFL weight `<k>.weight` takes the LoRA named
-    `lora_unet_<k with dots as underscores>` (lora_up, lora_down, alpha) and becomes
-    W + strength * (alpha / rank) * (up @ down) reshaped to W's shape. Returns the LoRA names it used."""
-    used = set()
+def comfyui_merge(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength: float) -> None:
+    """ComfyUI's LoRA loader on a FLUX LoRA under diffusers names: each LoRA's B A, times strength (a file
+    without alpha scales by 1), is added to the rows of the BFL weight that ComfyUI's map names."""
+    hidden = model.params.hidden_size
     with torch.no_grad():
-        for key, weight in model.state_dict(keep_vars=True).items():
-            name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
-            if key.endswith(".weight") and f"{name}.lora_up.weight" in lora:
-                up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
-                scale = lora[f"{name}.alpha"].item() / down.shape[0]
-                weight += strength * scale * (up @ down).reshape(weight.shape)
-                used.add(name)
-    return used
+        for name in release_loras(lora):
+            module, block = bfl_target(name)
+            rows = slice(None) if block is None else slice(block * hidden, (block + 1) * hidden)
+            update = lora[f"{name}.lora_B.weight"] @ lora[f"{name}.lora_A.weight"]
+            model.get_submodule(module).weight[rows] += strength * update
 
 
 @pytest.mark.parametrize("strength", [0.7, -1.0])
 def test_comfyui_strength_is_our_alpha(tmp_path, release, strength):
     (path,) = export_gstlora(tmp_path / "src", tmp_path / "c", ("comfyui",))
-    lora = load_file(path)
     merged = tiny_model(torch.float32)
-    used = comfyui_merge(merged, lora, strength)
-    assert {f"{name}.{half}" for name in used for half in ("lora_up.weight", "lora_down.weight", "alpha")} == set(lora)
+    comfyui_merge(merged, load_file(path), strength)
 
     ours = tiny_model(torch.float32)
     load_adapter(ours, GSTLORA, tmp_path / "src")
@@ -310,8 +287,9 @@ def lora_layers(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, bool]]
     return layers
 
 
-def test_diffusers_export_loads_into_diffusers_as_one_rank_r_lora_per_projection(tmp_path, release):
-    """The diffusers file, loaded as FluxKontextPipeline.load_lora_weights loads it (its lora_state_dict
+@pytest.mark.parametrize("file", [DIFFUSERS_FILE, COMFYUI_FILE])
+def test_exports_load_into_diffusers_as_one_rank_r_lora_per_projection(tmp_path, release, file):
+    """Each exported file, loaded as FluxKontextPipeline.load_lora_weights loads it (its lora_state_dict
     converter, then peft), adapts exactly the modules the release adapts, each with a rank-r LoRA that is not
     all zero: no LoRA on the single blocks' MLP (proj_mlp), no rank 3r. diffusers' output at adapter weight
     alpha is our slider's at alpha."""
@@ -320,7 +298,7 @@ def test_diffusers_export_loads_into_diffusers_as_one_rank_r_lora_per_projection
     export_gstlora(tmp_path / "src", tmp_path / "x")
     reference = diffusers_flux(PARAMS, seed=5)
     reference.save_pretrained(tmp_path / "model")
-    converted = FluxKontextPipeline.lora_state_dict(tmp_path / "x", weight_name=DIFFUSERS_FILE)
+    converted = FluxKontextPipeline.lora_state_dict(tmp_path / "x", weight_name=file)
     reference.load_lora_adapter(converted, adapter_name="gst", prefix="transformer")
     layers = lora_layers(reference.state_dict())
     assert layers == {lora.removeprefix("transformer."): (RANK, False) for lora in release_loras(release)}
@@ -341,26 +319,16 @@ def test_diffusers_export_loads_into_diffusers_as_one_rank_r_lora_per_projection
     assert (got - base).abs().max() > 1e-2 * base.abs().max()
 
 
-def test_flux_width_exports_convert_to_the_release_updates_in_diffusers(tmp_path):
+def test_flux_width_exports_convert_to_rank_r_loras_in_diffusers(tmp_path):
     """At FLUX.1's widths (diffusers' kohya converter hard-codes linear1's split: 3 x 3072 q, k, v rows and
-    12288 MLP rows), on one double and one single block: diffusers converts the diffusers file to one rank-r
-    LoRA per adapted module, none all zero and none on proj_mlp, as peft then builds them; and the kohya
-    (ComfyUI) file to the same update B A on each of those modules: rank r where the converter splits a
-    block-diagonal qkv LoRA, rank 3r on linear1's q, k and v, plus an all-zero rank-3r LoRA on proj_mlp."""
+    12288 MLP rows), on one double and one single block: diffusers converts each exported file to one
+    rank-r LoRA per adapted module, none all zero and none on proj_mlp, as peft then builds them."""
     from diffusers import FluxKontextPipeline
 
     release = release_checkpoint("gstlora", FluxParams(depth=1, depth_single_blocks=1), rank=2, seed=6)
     (tmp_path / "src").mkdir()
     save_file(release, tmp_path / "src" / DIFFUSERS_FILE)
     export_gstlora(tmp_path / "src", tmp_path / "x")
-    converted = FluxKontextPipeline.lora_state_dict(tmp_path / "x", weight_name=DIFFUSERS_FILE)
-    assert lora_layers(converted) == {lora: (2, False) for lora in release_loras(release)}
-
-    converted = FluxKontextPipeline.lora_state_dict(tmp_path / "x", weight_name=COMFYUI_FILE)
-    mlp = "transformer.single_transformer_blocks.0.proj_mlp"
-    linear1 = {lora: bfl_target(lora)[0].endswith("linear1") for lora in release_loras(release)}
-    assert lora_layers(converted) == {**{lora: (6 if linear1[lora] else 2, False) for lora in linear1}, mlp: (6, True)}
-    for lora in release_loras(release):
-        want = release[f"{lora}.lora_B.weight"] @ release[f"{lora}.lora_A.weight"]
-        got = converted[f"{lora}.lora_B.weight"] @ converted[f"{lora}.lora_A.weight"]
-        assert_close_ulps(got, want, ulps=4)  # the same r products, and exact zeros from the other blocks
+    for file in (DIFFUSERS_FILE, COMFYUI_FILE):
+        converted = FluxKontextPipeline.lora_state_dict(tmp_path / "x", weight_name=file)
+        assert lora_layers(converted) == {lora: (2, False) for lora in release_loras(release)}, file
