@@ -25,12 +25,16 @@ One edit with sliders (one alpha per sub-prompt for STLoRA, one alpha for GSTLoR
 Alpha 0 is the base edit, 1 suppresses the instruction, negative values exaggerate it. Sliders are trained
 for alphas in [-1, 1] (the release validates -1.5 .. 1.5); alphas must be finite, and beyond |alpha| > 10
 infer.py warns once (the edit turns to noise). Every cell of a sweep uses the same seed, and the prompt is
-encoded once per sweep. A sweep is written into a hidden temporary folder beside --out and swapped in when
-it is complete: an interrupted sweep (Ctrl-C) leaves the previous sweep in --out as it was. An existing
---out folder is replaced only if it holds nothing but a previous sweep's files.
+encoded once per sweep. An existing --out folder is replaced only if it holds nothing but a previous
+sweep's files, and only when the new sweep is complete: each cell is written, as soon as it is made, into a
+hidden work folder beside --out (.NAME.partial, with manifest.json); when every cell is there the sweep's
+folder is swapped in for --out at once and the work folder removed. An interrupted sweep (Ctrl-C, a kill)
+leaves --out as it was, and the same command again makes only the missing cells; a cell made with other
+settings (seed, steps, guidance, size, dtype, device, the image's or the adapter's bytes, ...) is made again.
 
 A sweep on several GPUs (or CPU processes): torchrun splits its cells (in --batch-size batches) over the
-ranks, one GPU per rank, and rank 0 writes the sweep folder, the same files as one process:
+ranks, one GPU per rank, and rank 0 writes the sweep folder, the same files as one process (and the work
+folder: a killed torchrun sweep goes on as one process, or with any number of processes, and vice versa):
     torchrun --nproc_per_node 4 infer.py --model ... --image face.png --stlora ... --subprompts ... --alphas ...
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import signal
 import sys
 import warnings
@@ -56,6 +61,7 @@ DEFAULT_MODEL = str(TOY_MODEL)  # the embedded default; the real model: black-fo
 ALPHA_WARNING = 10.0  # |alpha| beyond this is far outside any trained range
 ASPECT_NOTICE = 0.10  # tell the user when resizing changes the aspect ratio by more than this (relative)
 SWEEP_ENTRIES = {"sweep.json", "source.png", "grid.png", "sweep.gif", "cells", "index.html"}  # what a sweep folder holds
+WORK_MANIFEST = "manifest.json"  # in a sweep's work folder: the cells made so far (sharding.CellManifest)
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
@@ -68,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the edit instruction (STLoRA: defaults to the sub-prompts joined by ' and ')")
     parser.add_argument("--out", default=None,
                         help="one edit: the image file, .png, .jpg/.jpeg or .webp (default outputs/edit.png); "
-                             "a sweep: its folder (default outputs/sweep), replaced when the sweep completes")
+                             "a sweep: its folder (default outputs/sweep), replaced when the sweep completes (until then its "
+                             "cells wait beside it, in .NAME.partial, for a rerun after a kill to go on from)")
     parser.add_argument("--overwrite", action="store_true",
                         help="one edit: replace an existing --out file (refused otherwise). A sweep replaces a "
                              "previous sweep's folder without it, and never a folder holding other files")
@@ -243,6 +250,8 @@ def sweep_out_problem(out: Path) -> str | None:
         return "is an existing file; a sweep writes a folder (grid.png, sweep.gif, sweep.json, cells/)"
     if not out.exists() and out.suffix.lower() in IMAGE_FORMATS:
         return "looks like an image file, but a sweep writes a folder (grid.png, sweep.gif, sweep.json, cells/)"
+    if work_folder(out).exists() and not work_folder(out).is_dir():
+        return f"cannot keep the sweep's cells in {work_folder(out)}: a file has that name"
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in SWEEP_ENTRIES
                          and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # an atomic write's leftover
@@ -404,52 +413,113 @@ def frame_caption(args: argparse.Namespace, alphas: tuple[float, ...]) -> str:
     return "\n".join(lines + ["base edit" if not any(alphas) else ""])
 
 
+def work_folder(out: Path) -> Path:
+    """Where a sweep into `out` keeps its cells until all are made: a hidden sibling, so that --out changes
+    once, when the sweep is complete, and a rerun after a kill goes on from the cells already made."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def cell_name(alphas: tuple[float, ...]) -> str:
+    """A cell's image file, relative to the sweep folder (and to the work folder)."""
+    return "cells/" + "_".join(f"{a:+.2f}" for a in alphas) + ".png"
+
+
+def cell_keys(args: argparse.Namespace, auto_resize: bool,
+              chunks: list[list[tuple[float, ...]]]) -> dict[tuple[float, ...], str]:
+    """Per cell (its alphas), the key of everything its image is made from (sharding.CellManifest): the
+    image's and the adapter's bytes, the instructions and every setting of the call, and the alphas of every
+    cell in its batch (a pipeline call on several cells rounds differently from one on a single cell). The
+    model is named, not hashed: its weights are tens of GB."""
+    from slideredit.evaluation.sharding import digest, file_digest
+
+    model = Path(args.model).expanduser()
+    device = args.device.split(":")[0]  # the kind of device, not which one: the ranks of torchrun use several
+    settings = {"model": str(model.resolve()) if model.is_dir() else args.model,
+                "method": "stlora" if args.stlora else "gstlora",
+                "adapter": file_digest(Path(args.stlora or args.gstlora)), "image": file_digest(Path(args.image)),
+                "prompt": args.prompt, "subprompts": args.subprompts,
+                "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "size": [args.height, args.width],
+                "auto_resize": auto_resize, "slider_start": args.slider_start,
+                "dtype": str(resolve_dtype(args.dtype, args.device)), "device": device, "offload": args.offload,
+                "quantize": args.quantize, "t5_quantize": args.t5_quantize, "compile": args.compile}
+    return {alphas: digest({**settings, "alphas": list(alphas), "batch": [list(cell) for cell in chunk]})
+            for chunk in chunks for alphas in chunk}
+
+
 def run_sweep(pipe, args: argparse.Namespace, source, ranks: Distributed) -> Path:
-    """Every cell of the sweep into a temporary folder, swapped in for args.out when all is written. Under
-    torchrun the ranks render the batches of cells in turn and rank 0 writes them (evaluation/sharding.py)."""
+    """Make the cells the work folder lacks, then the sweep folder from them, swapped in for args.out.
+
+    Each cell is written atomically into the work folder (work_folder) as soon as its batch is made, and
+    recorded in the folder's manifest with its key (cell_keys): a rerun renders only the batches holding a
+    cell that is not done, each batch as it was (the same cells in one call, so the same bytes). Under
+    torchrun the ranks render the batches in turn and rank 0 alone writes (evaluation/sharding.py)."""
     from tqdm.auto import tqdm
 
-    from slideredit.atomic import atomic_folder
-    from slideredit.evaluation.sharding import from_main, render_in_rounds
-    from slideredit.evaluation.sweep import Sweep, SweepCell, write_sweep
-    from slideredit.explorer import write_explorer
-    from slideredit.grids import cell_scale, enlarge, motion_order, save_gif, save_png, with_caption
+    from slideredit.evaluation.sharding import CellManifest, from_main, render_in_rounds
+    from slideredit.grids import save_png
 
-    method = "stlora" if args.stlora else "gstlora"
+    cells = sweep_cells(args)
+    batch = from_main(resolve_batch_size(pipe, args), ranks)  # rank 0's batches: the calls one process makes
+    chunks = [cells[start:start + batch] for start in range(0, len(cells), batch)]
+    work, todo = work_folder(args.out), None
+    if ranks.is_main:
+        manifest = CellManifest(work / WORK_MANIFEST)
+        auto_resize = pipe.defaults.auto_resize if args.auto_resize is None else args.auto_resize
+        keys = cell_keys(args, auto_resize, chunks)
+        todo = [chunk for chunk in chunks if not all(manifest.is_done(cell_name(a), keys[a]) for a in chunk)]
+        done = len(cells) - sum(map(len, todo))
+        if done:
+            print(f"infer.py: {done} of {len(cells)} cells were made by an interrupted run ({work}); making "
+                  f"the other {len(cells) - done}", file=sys.stderr)
+    todo = from_main(todo, ranks)
     embeds, pooled = pipe.encode_prompt(args.prompt)  # once for the whole sweep
     pipe.set_progress_bar_config(disable=True)  # one bar over the cells instead of one per cell
-    todo = sweep_cells(args)
-    batch = from_main(resolve_batch_size(pipe, args), ranks)  # rank 0's batches: the calls one process makes
-    chunks = [todo[start:start + batch] for start in range(0, len(todo), batch)]
-    rendered = render_in_rounds(chunks, lambda chunk: edit(pipe, args, source, chunk, prompt_embeds=embeds,
-                                                           pooled_prompt_embeds=pooled), ranks)
+    rendered = render_in_rounds(todo, lambda chunk: edit(pipe, args, source, chunk, prompt_embeds=embeds,
+                                                         pooled_prompt_embeds=pooled), ranks)
     if not ranks.is_main:
         for _ in rendered:  # this rank's share of the rounds; the images go to rank 0, which writes them
             pass
         return args.out
+    with tqdm(total=len(cells), initial=done, desc="sweep", unit="cell") as bar:
+        for chunk, chunk_images in rendered:
+            for alphas, image in zip(chunk, chunk_images, strict=True):
+                save_png(image, work / cell_name(alphas))
+                manifest.record(cell_name(alphas), keys[alphas])
+            bar.update(len(chunk))
+    write_sweep_folder(args, source, work, cells)
+    shutil.rmtree(work)  # complete: a rerun makes every cell again, as a first run does
+    print(f"wrote {len(cells)} cells, {args.out / 'grid.png'}, {args.out / 'sweep.gif'}, {args.out / 'sweep.json'} "
+          f"and {args.out / 'index.html'} (open it in a browser to drag the sliders)")
+    return args.out
+
+
+def write_sweep_folder(args: argparse.Namespace, source, work: Path, cells: list[tuple[float, ...]]) -> None:
+    """The sweep folder, from the cells in the work folder (copied as they are): the source, the grid, the
+    GIF, sweep.json and the explorer page, written into a temporary folder swapped in for args.out."""
+    from PIL import Image
+
+    from slideredit.atomic import atomic_folder
+    from slideredit.evaluation.sweep import Sweep, SweepCell, write_sweep
+    from slideredit.explorer import write_explorer
+    from slideredit.grids import cell_scale, enlarge, motion_order, save_gif, save_png, with_caption
+
     with atomic_folder(args.out) as folder:
         (folder / "cells").mkdir()
         save_png(source, folder / "source.png")
-        images, cells = {}, []
-        with tqdm(total=len(todo), desc="sweep", unit="cell") as bar:
-            for chunk, chunk_images in rendered:
-                for alphas, image in zip(chunk, chunk_images, strict=True):
-                    name = "cells/" + "_".join(f"{a:+.2f}" for a in alphas) + ".png"
-                    save_png(image, folder / name)
-                    images[alphas] = image
-                    cells.append(SweepCell(alphas=alphas, image=name))
-                bar.update(len(chunk))
+        images = {}
+        for alphas in cells:
+            shutil.copyfile(work / cell_name(alphas), folder / cell_name(alphas))
+            with Image.open(work / cell_name(alphas)) as image:
+                images[alphas] = image.convert("RGB")  # PNG is lossless: the pixels the pipeline made
         save_png(sweep_picture(args, source, images), folder / "grid.png")
         scale = cell_scale(next(iter(images.values())).size)
         save_gif([with_caption(enlarge(images[alphas], scale), frame_caption(args, alphas))
                   for alphas in motion_order(list(images))], folder / "sweep.gif")
         write_sweep(folder, Sweep(source_image="source.png", prompt=args.prompt, subprompts=args.subprompts,
-                                  seed=args.seed, method=method, model=str(args.model), steps=args.steps,
-                                  guidance=args.guidance, cells=cells))
+                                  seed=args.seed, method="stlora" if args.stlora else "gstlora",
+                                  model=str(args.model), steps=args.steps, guidance=args.guidance,
+                                  cells=[SweepCell(alphas=alphas, image=cell_name(alphas)) for alphas in cells]))
         write_explorer(folder)
-    print(f"wrote {len(cells)} cells, {args.out / 'grid.png'}, {args.out / 'sweep.gif'}, {args.out / 'sweep.json'} "
-          f"and {args.out / 'index.html'} (open it in a browser to drag the sliders)")
-    return args.out
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -505,13 +575,14 @@ def edit_or_sweep(args: argparse.Namespace, source, ranks: Distributed) -> Path:
 
 def cli() -> None:
     """`python infer.py` and the `slideredit-infer` command: main() with one-line errors."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill unwinds too: no temporary folder is left
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill unwinds too: no half-written file is left
     try:
         main()
     except (ValueError, TypeError, OSError) as err:  # CheckpointError is a ValueError: one readable line
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt:
-        print("interrupted: nothing was written (a previous sweep in --out is left as it was)", file=sys.stderr)
+        print("interrupted: --out is left as it was; a sweep keeps the cells it made in the hidden folder beside "
+              "--out (.NAME.partial), and the same command again makes only the others", file=sys.stderr)
         raise SystemExit(130) from None
 
 

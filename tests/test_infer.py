@@ -334,11 +334,117 @@ def test_an_interrupted_sweep_leaves_the_previous_one_intact(tiny_kontext_dir, p
         with pytest.raises(KeyboardInterrupt):
             infer.main([*argv, "--seed", "2"])
     assert folder_bytes(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".sweep")) == []  # no temporary left
+    # beside it, only the work folder with the cell made (no half-written file: atomic writes' .tmp/.old)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".sweep")) == [".sweep.partial"]
+    assert sorted(folder_bytes(tmp_path / ".sweep.partial")) == ["cells/-1.00.png", "manifest.json"]
 
+    calls = spy_calls(monkeypatch)
     infer.main([*argv, "--seed", "2"])
+    assert [call["slider_alpha"] for call in calls] == [[1.0]]  # the cell the interrupted run did not make
     after = read_sweep(out)
     assert after.seed == 2 and len(folder_bytes(out)) == len(before) and folder_bytes(out) != before
+    assert not (tmp_path / ".sweep.partial").exists()
+
+
+def killed_sweep(monkeypatch, argv: list[str], calls: int) -> None:
+    """A sweep stopped after `calls` pipeline calls: the next one raises, as a kill would stop it there."""
+    with monkeypatch.context() as patch:
+        interrupt_on_call(patch, calls + 1)
+        with pytest.raises(KeyboardInterrupt):
+            infer.main(argv)
+
+
+def st_sweep(photo, model, st_ckpt, out, *extra: str) -> list[str]:
+    """Both sliders over -1, 1: cells (-1, -1), (-1, 1), (1, -1), (1, 1)."""
+    return ["--image", str(photo), "--model", str(model), "--stlora", str(st_ckpt), "--subprompts",
+            "make the hair red", "add a hat", "--alphas", "-1", "1", "--out", str(out), *FAST, *extra]
+
+
+def test_a_killed_sweep_makes_only_the_missing_cells(tiny_kontext_dir, photo, tmp_path, st_ckpt, monkeypatch):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    calls = spy_calls(monkeypatch)
+    infer.main(st_sweep(photo, tiny_kontext_dir, st_ckpt, whole))
+    assert len(calls) == 4
+    killed_sweep(monkeypatch, st_sweep(photo, tiny_kontext_dir, st_ckpt, resumed), calls=2)
+    assert not resumed.exists()  # --out appears only when the sweep is complete
+    work = tmp_path / ".resumed.partial"
+    assert sorted(json.loads((work / "manifest.json").read_text())["cells"]) == ["cells/-1.00_+1.00.png",
+                                                                                  "cells/-1.00_-1.00.png"]
+
+    calls.clear()
+    infer.main(st_sweep(photo, tiny_kontext_dir, st_ckpt, resumed))
+    assert [call["slider_alpha_list"] for call in calls] == [[[1.0], [-1.0]], [[1.0], [1.0]]]  # per slider
+    assert folder_bytes(resumed) == folder_bytes(whole)  # the cells byte for byte, grid, GIF, sweep.json, page
+    assert not work.exists()
+
+
+def test_a_batch_cut_short_is_made_again_whole(tiny_kontext_dir, photo, tmp_path, st_ckpt, monkeypatch):
+    """Cells of one pipeline call are made together: a kill between recording the two cells of the second
+    batch makes that batch again, both cells in one call, as the uninterrupted run made them."""
+    from slideredit.evaluation.sharding import CellManifest
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    infer.main(st_sweep(photo, tiny_kontext_dir, st_ckpt, whole, "--batch-size", "2"))
+    recorded, record = [], CellManifest.record
+
+    def cut(self, name, key):
+        if len(recorded) == 3:
+            raise KeyboardInterrupt
+        recorded.append(name)
+        record(self, name, key)
+    with monkeypatch.context() as patch:
+        patch.setattr(CellManifest, "record", cut)
+        with pytest.raises(KeyboardInterrupt):
+            infer.main(st_sweep(photo, tiny_kontext_dir, st_ckpt, resumed, "--batch-size", "2"))
+    assert len(recorded) == 3  # the first batch and the first cell of the second
+
+    calls = spy_calls(monkeypatch)
+    infer.main(st_sweep(photo, tiny_kontext_dir, st_ckpt, resumed, "--batch-size", "2"))
+    assert [call["slider_alpha_list"] for call in calls] == [[[1.0, 1.0], [-1.0, 1.0]]]
+    assert folder_bytes(resumed) == folder_bytes(whole)
+
+
+def test_a_changed_setting_or_a_lost_cell_is_made_again(tiny_kontext_dir, photo, tmp_path, st_ckpt, monkeypatch):
+    out, work = tmp_path / "sweep", tmp_path / ".sweep.partial"
+    killed_sweep(monkeypatch, st_sweep(photo, tiny_kontext_dir, st_ckpt, out), calls=2)
+    calls = spy_calls(monkeypatch)
+    infer.main(st_sweep(photo, tiny_kontext_dir, st_ckpt, out, "--seed", "1"))  # other noise: every cell again
+    assert len(calls) == 4 and read_sweep(out).seed == 1
+
+    killed_sweep(monkeypatch, st_sweep(photo, tiny_kontext_dir, st_ckpt, out), calls=2)
+    (work / "cells" / "-1.00_-1.00.png").unlink()  # recorded, but gone
+    calls.clear()
+    infer.main(st_sweep(photo, tiny_kontext_dir, st_ckpt, out))
+    assert len(calls) == 3 and calls[0]["slider_alpha_list"] == [[-1.0], [-1.0]]
+
+    killed_sweep(monkeypatch, st_sweep(photo, tiny_kontext_dir, st_ckpt, out), calls=2)
+    torch.save({k: 2 * v for k, v in torch.load(st_ckpt).items()}, st_ckpt)  # retrained at the same path
+    calls.clear()
+    infer.main(st_sweep(photo, tiny_kontext_dir, st_ckpt, out))
+    assert len(calls) == 4
+
+
+def test_a_cells_key_covers_every_setting_of_its_image(tiny_kontext_dir, photo, tmp_path, st_ckpt):
+    base = ["--image", str(photo), "--model", str(tiny_kontext_dir), "--stlora", str(st_ckpt), "--subprompts", "a",
+            "b", "--alphas", "-1", "1", "--out", str(tmp_path / "sweep"), *FAST]
+    cell, chunks = (1.0, -1.0), [[(1.0, -1.0)]]
+
+    def key(argv: list[str], auto_resize: bool = False, chunks: list = chunks) -> str:
+        return infer.cell_keys(infer.parse_args(argv), auto_resize, chunks)[cell]
+
+    same = key(base)
+    assert key(list(base)) == same  # a rerun with the same arguments finds its cells
+    changed = [["--seed", "1"], ["--steps", "2"], ["--guidance", "3"], ["--height", "48", "--width", "32"],
+               ["--dtype", "bfloat16"], ["--device", "cuda"], ["--prompt", "p"], ["--slider-start", "0.5"],
+               ["--offload"], ["--quantize", "fp8"], ["--t5-quantize", "fp8"], ["--compile"],
+               ["--subprompts", "a", "c"], ["--model", str(TOY)]]
+    keys = [key([*base, *extra]) for extra in changed]
+    keys += [key(base, auto_resize=True), key(base, chunks=[[(1.0, -1.0), (1.0, 1.0)]])]  # snapped; in a batch
+    photo.write_bytes(photo.read_bytes() + b"\0")  # another file, the same pixels
+    keys.append(key(base))
+    torch.save({k: 2 * v for k, v in torch.load(st_ckpt).items()}, st_ckpt)
+    keys.append(key(base))
+    assert len(set(keys)) == len(keys) and same not in keys
 
 
 def test_one_progress_bar_over_the_cells(tiny_kontext_dir, photo, tmp_path, gst_ckpt, capsys):

@@ -11,7 +11,8 @@ seed, same batch), so on identical devices the images are identical.
 
 A killed evaluation resumes: rank 0 writes each cell atomically and then records it in a manifest
 (CellManifest) with a key of everything the image was made from; a rerun renders only the cells whose
-file and key are not both there, whatever the number of processes.
+file and key are not both there, whatever the number of processes. (infer.py keeps a sweep's cells and
+manifest in a hidden work folder beside its --out, .NAME.partial, until the sweep is complete.)
 """
 from __future__ import annotations
 
