@@ -4,12 +4,16 @@ Op counts are deterministic (unlike timings), so they show per-call waste exactl
 autograd is one dispatcher call, and on a GPU each non-view op is usually one kernel launch.
 
 Columns, per layer structure (width 64; the counts do not depend on the width):
-  linear     the plain nn.Linear the layer replaced: the floor
+  linear     the module the layer replaced (nn.Linear, or Fp8Linear for an fp8 weight): the floor
   restack    the layer with its adapters stacked again on every call (what every call did before the
              cache, and what a training forward still does, inside the autograd graph)
-  cached     the layer as inference runs it now: stacked A/B and token scales reused between calls
-Each as "all ops / non-view ops". The CPU's PyTorch path of the kernel is counted; on CUDA the Triton
-path replaces the shrink and GEMM ops with two launches, the stacking ops are the same.
+  cached     the layer as inference runs it now: stacked A/B, token scales and where they are 0 reused
+             between calls
+  beyond     cached minus linear, non-view ops: what the adapters cost per call. 3 (mm, mul_, addmm_)
+             where no token scale is 0; 4 with a hard token mask (masked_fill_: no multiply turns an inf
+             or NaN of x A^T into the 0 a zero scale promises); 0 when no adapter adds anything
+Each as "all ops / non-view ops" except beyond. The CPU's PyTorch path of the kernel is counted; on CUDA
+the Triton path replaces the shrink and GEMM ops with two launches, the stacking ops are the same.
 
     python benchmarks/op_counts.py
 """
@@ -23,22 +27,29 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from slideredit.quantization import Fp8Linear
 from slideredit.sliders import GSTLORA, STLORA, Adapter, LoRAPart, SliderLinear
 
 HIDDEN, TOKENS = 64, 24
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every ATen op dispatched inside the `with` block: `ops` by name, `views` those that alias."""
+    """Counts every ATen op dispatched inside the `with` block: `ops` by name, `views` those that alias
+    (views, transposes, detach: metadata only), `non_view` the others by name (the ones that launch work)."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.non_view: Counter[str] = Counter()
         self.views = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        self.views += bool(func.is_view)
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        if func.is_view:
+            self.views += 1
+        else:
+            self.non_view[name] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -51,11 +62,12 @@ def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
 
 
 def make_layer(d_in: int, d_out: int, adapters: dict[str, tuple[tuple[str, int, int], ...]], rank: int = 16,
-               seed: int = 0) -> SliderLinear:
-    """A SliderLinear on a random nn.Linear; adapters[name] = ((part, first row, end row), ...)."""
+               seed: int = 0, fp8: bool = False) -> SliderLinear:
+    """A SliderLinear on a random nn.Linear (quantized to an Fp8Linear if fp8); adapters[name] = ((part,
+    first row, end row), ...)."""
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(d_in, d_out)
-    layer = SliderLinear(base).requires_grad_(False)
+    layer = SliderLinear(Fp8Linear.from_linear(base) if fp8 else base).requires_grad_(False)
     for name, parts in adapters.items():
         layer.adapters[name] = Adapter({
             part: LoRAPart(torch.randn(rank, d_in, generator=g), torch.randn(end - start, rank, generator=g), start, end)
@@ -77,6 +89,10 @@ def cases() -> dict[str, tuple[SliderLinear, dict[str, object]]]:
         "STLoRA, 3-part txt qkv (one span)": (make_layer(d, 3 * d, {STLORA: qkv}), {STLORA: text_scale}),
         "GSTLoRA + STLoRA, txt qkv": (make_layer(d, 3 * d, {GSTLORA: qkv, STLORA: qkv}),
                                       {GSTLORA: 0.7, STLORA: text_scale}),
+        "GSTLoRA, 3-part qkv, fp8 weight (alpha 0.7)": (make_layer(d, 3 * d, {GSTLORA: qkv}, fp8=True),
+                                                        {GSTLORA: 0.7}),
+        "GSTLoRA + STLoRA, txt qkv, fp8 weight": (make_layer(d, 3 * d, {GSTLORA: qkv, STLORA: qkv}, fp8=True),
+                                                  {GSTLORA: 0.7, STLORA: text_scale}),
         "GSTLoRA, 3-part qkv, alpha 0": (make_layer(d, 3 * d, {GSTLORA: qkv}), {GSTLORA: 0.0}),
         "GSTLoRA, 3-part qkv, switched off": (make_layer(d, 3 * d, {GSTLORA: qkv}), {GSTLORA: None}),
     }
@@ -102,11 +118,12 @@ def layer_counts(layer: SliderLinear, scales: dict[str, object]) -> dict[str, tu
 
 
 def table() -> list[str]:
-    lines = ["| layer | nn.Linear | restack every call (before) | cached (now) |", "|---|---|---|---|"]
+    lines = ["| layer | linear | restack every call (before) | cached (now) | beyond the linear |",
+             "|---|---|---|---|---|"]
     for name, (layer, scales) in cases().items():
         c = layer_counts(layer, scales)
         lines.append(f"| {name} | " + " | ".join(f"{c[k][0]} / {c[k][1]}" for k in ("linear", "restack", "cached"))
-                     + " |")
+                     + f" | {c['cached'][1] - c['linear'][1]} |")
     return lines
 
 

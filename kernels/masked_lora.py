@@ -17,6 +17,7 @@ if __package__ != "slideredit.kernels":  # checked first, before torch loads: im
         "from slideredit.kernels.masked_lora import masked_lora_linear, fp8_linear"
     )
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -58,7 +59,10 @@ def masked_lora_reference(
 #     H~, Y = path(X, W, b, A, B, S)    H~ = S (x) (X A^T): column group k of X A^T times S[:, k] (hard mask)
 #                                       Y  = X W^T + b + H~ B^T
 #
-# PyTorch (`_torch_masked_lora`): two small GEMMs, one masked scale, one add into the base output. Triton
+# PyTorch (`_torch_masked_lora`): one GEMM for X A^T, one multiply by S, the hard mask, one GEMM added into
+# the base output. The hard mask is an op of its own (masked_fill_ where S == 0): no multiply turns an inf
+# or NaN of X A^T into 0. A caller that keeps S between calls (SliderLinear) keeps S == 0 with it, or says
+# that no scale is 0 and the mask is skipped (masked_lora_linear's zero_scale). Triton
 # (kernels/masked_lora_triton.py): two launches for all K adapters, Y written once, and row tiles whose
 # scales are all zero never read A or B (the PyTorch path multiplies those zero rows of H~ by B). The
 # backward is the same function on transposed operands; weight and bias are usually frozen, and get
@@ -88,21 +92,26 @@ def _torch_masked_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int, *,
     weight_scale: torch.Tensor | None = None, weight_scale_dim: int = 0, need_y: bool = True,
+    zero_scale: torch.Tensor | bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The PyTorch path: (H~, Y) for x (M, D), weight (N, D), lora_a (K*r, D), lora_b (N, K*r), scale (M, K)
     in the accumulation dtype. H~ is None without adapters (lora_a, lora_b, scale None), Y is None if not
     need_y (a backward that needs G~ only). An fp8 weight is dequantized to x's dtype first: weight times
     weight_scale along weight's dim `weight_scale_dim` (0: one per row; 1: per column, for W^T).
-    With adapters in x's dtype (SliderLinear caches them so) the adapters cost 5 ops beyond the base
-    linear: one GEMM, the masked scale (mul_, then eq and masked_fill_: no multiply turns inf or NaN into
-    the 0 the hard mask promises) and one GEMM added into Y in place."""
+    zero_scale: scale == 0 as an (M, K) bool tensor, False where no scale is 0, None: compared here.
+    With adapters in x's dtype (SliderLinear caches them so) the adapters cost, beyond the base linear,
+    one GEMM, mul_, masked_fill_ for the hard mask (skipped for zero_scale=False; preceded by eq for
+    zero_scale=None) and one GEMM added into Y in place: 3, 4 or 5 ops."""
     h = None
     if lora_a is not None:
         M, K = scale.shape
-        s = scale[:, :, None]
         h = (x @ lora_a.to(x.dtype).t()).view(M, K, rank)
-        h.mul_(s)  # computed in S's dtype and rounded once to x's dtype, in place
-        h = h.masked_fill_(s == 0, 0.0).view(M, K * rank)  # the hard mask: 0 * inf and 0 * NaN give 0 here
+        h.mul_(scale[:, :, None])  # computed in S's dtype and rounded once to x's dtype, in place
+        if zero_scale is None:
+            zero_scale = scale == 0
+        if zero_scale is not False:
+            h.masked_fill_(zero_scale[:, :, None], 0.0)  # the hard mask: 0 * inf and 0 * NaN give 0 here
+        h = h.view(M, K * rank)
     if not need_y:
         return h, None
     if weight_scale is not None:
@@ -114,13 +123,15 @@ def _torch_masked_lora(
     return h, y
 
 
-def _path(backend: str) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """`_torch_masked_lora`, or its Triton twin with the same signature (kernels/masked_lora_triton.py)."""
+def _path(backend: str, zero_scale: torch.Tensor | bool | None = None
+          ) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """`_torch_masked_lora` with the caller's zero_scale, or its Triton twin with the same signature
+    (kernels/masked_lora_triton.py), which masks zero scales by itself."""
     if backend == "triton":
         from . import masked_lora_triton  # imported on first use: torch-only installs never need triton
 
         return masked_lora_triton.masked_lora
-    return _torch_masked_lora
+    return functools.partial(_torch_masked_lora, zero_scale=zero_scale)
 
 
 def _major(t: torch.Tensor) -> str:
@@ -199,20 +210,23 @@ def _unbuildable(error: Exception) -> bool:
 
 def _compute(backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int,
+             *, zero_scale: torch.Tensor | bool | None = None,
              **options) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(H~, Y) = path(x, weight, bias, lora_a, lora_b, scale, rank, **options) on `backend`. In a graph
-    being compiled, Triton and "auto" are one opaque op that runs them when the graph runs: the launches
-    and the dispatcher's bookkeeping cannot be traced (each was a graph break)."""
+    """(H~, Y) = path(x, weight, bias, lora_a, lora_b, scale, rank, **options) on `backend`, the PyTorch
+    path given zero_scale. In a graph being compiled, Triton and "auto" are one opaque op that runs them
+    when the graph runs: the launches and the dispatcher's bookkeeping cannot be traced (each was a graph
+    break); that op leaves zero_scale out (its PyTorch path compares S with 0 itself)."""
     if backend == "torch":
-        return _torch_masked_lora(x, weight, bias, lora_a, lora_b, scale, rank, **options)
+        return _torch_masked_lora(x, weight, bias, lora_a, lora_b, scale, rank, zero_scale=zero_scale, **options)
     if torch.compiler.is_compiling():
         outputs = _outside_the_graph(backend, op, x, weight, bias, lora_a, lora_b, scale, rank, **options)
         return _pair(outputs, lora_a)
-    return _launch(backend, op, x, weight, bias, lora_a, lora_b, scale, rank, **options)
+    return _launch(backend, op, x, weight, bias, lora_a, lora_b, scale, rank, zero_scale=zero_scale, **options)
 
 
 def _launch(backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: torch.Tensor | None, rank: int,
+            *, zero_scale: torch.Tensor | bool | None = None,
             **options) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Triton on x's device, or "auto": the dispatcher, keyed by `op` and these operands; the first call
     of a key runs both paths and compares the outputs the call produces (H~ if there are adapters, then Y
@@ -221,11 +235,11 @@ def _launch(backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: 
         with dispatch.on_device(x.device):  # Triton launches on the current device, whatever x's is
             return _path(backend)(x, weight, bias, lora_a, lora_b, scale, rank, **options)
     if _triton_off(x.device):
-        return _torch_masked_lora(x, weight, bias, lora_a, lora_b, scale, rank, **options)
+        return _torch_masked_lora(x, weight, bias, lora_a, lora_b, scale, rank, zero_scale=zero_scale, **options)
 
     def produced(name: str) -> tuple[torch.Tensor, ...]:
         try:
-            return _tensors(_path(name)(x, weight, bias, lora_a, lora_b, scale, rank, **options))
+            return _tensors(_path(name, zero_scale)(x, weight, bias, lora_a, lora_b, scale, rank, **options))
         except Exception as error:
             if name == "triton" and _unbuildable(error):
                 raise dispatch.CardUnsupported(dispatch.describe(error)) from error
@@ -240,7 +254,7 @@ def _launch(backend: str, op: str, x: torch.Tensor, weight: torch.Tensor, bias: 
         card = _device_name(x.device)
         _TRITON_PROBLEMS[x.device] = f"triton {triton.__version__} cannot build them for {card}: {failure}"
         _triton_off(x.device)  # the card's one warning
-        return _torch_masked_lora(x, weight, bias, lora_a, lora_b, scale, rank, **options)
+        return _torch_masked_lora(x, weight, bias, lora_a, lora_b, scale, rank, zero_scale=zero_scale, **options)
     return _pair(outputs, lora_a)
 
 
@@ -279,20 +293,23 @@ def _outside_the_graph_shapes(backend, op, x, weight, bias, lora_a, lora_b, scal
 
 
 class _MaskedLoraLinear(torch.autograd.Function):
-    """Autograd on flattened tokens: x (M, d_in), scale (M, K) in the accumulation dtype; lora_a, lora_b
-    and scale None for a plain (fp8) linear. backend "auto" asks the dispatcher, separately for the
-    forward and the backward."""
+    """Autograd on flattened tokens: x (M, d_in), scale (M, K) in the accumulation dtype, zero_scale (M, K)
+    bool, False or None (as `_torch_masked_lora` takes it); lora_a, lora_b and scale None for a plain (fp8)
+    linear. backend "auto" asks the dispatcher, separately for the forward and the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias, lora_a, lora_b, scale, rank, backend):
-        h, y = _compute(backend, "forward", x, weight, bias, lora_a, lora_b, scale, rank, weight_scale=weight_scale)
-        ctx.save_for_backward(x, weight, weight_scale, bias, lora_a, lora_b, scale, h)
-        ctx.rank, ctx.backend = rank, backend
+    def forward(ctx, x, weight, weight_scale, bias, lora_a, lora_b, scale, zero_scale, rank, backend):
+        h, y = _compute(backend, "forward", x, weight, bias, lora_a, lora_b, scale, rank, weight_scale=weight_scale,
+                        zero_scale=zero_scale)
+        mask = zero_scale if isinstance(zero_scale, torch.Tensor) else None
+        ctx.save_for_backward(x, weight, weight_scale, bias, lora_a, lora_b, scale, h, mask)
+        ctx.rank, ctx.backend, ctx.no_zero_scale = rank, backend, zero_scale is False
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, weight_scale, bias, lora_a, lora_b, scale, h = ctx.saved_tensors
+        x, weight, weight_scale, bias, lora_a, lora_b, scale, h, zero_scale = ctx.saved_tensors
+        zero_scale = False if ctx.no_zero_scale else zero_scale
         need_x, need_w, _, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
         dy = dy.contiguous()
         dx = dw = dbias = da = db = g = None
@@ -300,7 +317,7 @@ class _MaskedLoraLinear(torch.autograd.Function):
             op = "backward_dx" if need_x else "backward_g"
             lora_bt, lora_at = (None, None) if lora_a is None else (lora_b.t(), lora_a.t())
             g, dx = _compute(ctx.backend, op, dy, weight.t(), None, lora_bt, lora_at, scale, ctx.rank,
-                             weight_scale=weight_scale, weight_scale_dim=1, need_y=need_x)
+                             weight_scale=weight_scale, weight_scale_dim=1, need_y=need_x, zero_scale=zero_scale)
         if need_a:
             da = (g.t().to(x.dtype) @ x).to(lora_a.dtype)
         if need_b:
@@ -309,7 +326,7 @@ class _MaskedLoraLinear(torch.autograd.Function):
             dw = (dy.t() @ x).to(weight.dtype)
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(bias.dtype)
-        return dx, dw, None, dbias, da, db, None, None, None
+        return dx, dw, None, dbias, da, db, None, None, None, None
 
 
 def _auto_measures(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None) -> bool:
@@ -399,11 +416,7 @@ def _check_adapters(x, d_out, lora_a, lora_b, token_scale, fn) -> tuple[int, int
         raise ValueError(f"{fn}: token_scale must be (..., K) with K >= 1, got {tuple(token_scale.shape)}")
     K = token_scale.shape[-1]
     target = (*x.shape[:-1], K)
-    try:
-        broadcast_ok = torch.broadcast_shapes(token_scale.shape, target) == target
-    except RuntimeError:
-        broadcast_ok = False
-    if not broadcast_ok:
+    if not _broadcasts(token_scale.shape, target):
         raise ValueError(f"{fn}: token_scale {tuple(token_scale.shape)} does not broadcast to x's tokens {target}")
     if lora_a.dim() != 2 or lora_a.shape[1] != d_in:
         raise ValueError(f"{fn}: lora_a must be (K*r, d_in={d_in}), got {tuple(lora_a.shape)}")
@@ -417,7 +430,28 @@ def _check_adapters(x, d_out, lora_a, lora_b, token_scale, fn) -> tuple[int, int
     return K, stacked_rank // K
 
 
-def _prepare(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, backend, fn) -> tuple[tuple, tuple]:
+def _broadcasts(shape: torch.Size, target: tuple[int, ...]) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def _check_zero_scale(zero_scale, x, target, fn) -> None:
+    if zero_scale is None or zero_scale is False:
+        return
+    if not isinstance(zero_scale, torch.Tensor) or zero_scale.dtype != torch.bool:
+        got = zero_scale.dtype if isinstance(zero_scale, torch.Tensor) else repr(zero_scale)
+        raise TypeError(f"{fn}: zero_scale must be a bool tensor (token_scale == 0), False (no scale is 0) or "
+                        f"None, got {got}")
+    if zero_scale.device != x.device:
+        raise ValueError(f"{fn}: zero_scale is on {zero_scale.device} but x is on {x.device}")
+    if not _broadcasts(zero_scale.shape, target):
+        raise ValueError(f"{fn}: zero_scale {tuple(zero_scale.shape)} does not broadcast to x's tokens {target}")
+
+
+def _prepare(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, backend, fn,
+             zero_scale=None) -> tuple[tuple, tuple]:
     """Check the inputs (fn: the public function, for the messages) and pick the backend; -> the arguments
     of _MaskedLoraLinear.apply (tokens flattened, one scale row per token) and the output's shape."""
     backend = dispatch.resolve(backend, isinstance(x, torch.Tensor) and x.is_cuda)
@@ -428,11 +462,14 @@ def _prepare(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, backend
     lead = x.shape[:-1]
     scale = None
     if lora_a is not None:
+        _check_zero_scale(zero_scale, x, (*lead, K), fn)
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         scale = token_scale.detach().to(acc_dtype).expand(*lead, K).reshape(-1, K)
+        if isinstance(zero_scale, torch.Tensor):
+            zero_scale = zero_scale.expand(*lead, K).reshape(-1, K)
     if weight_scale is not None:
         weight_scale = weight_scale.detach().contiguous()  # the kernel reads it with unit stride
-    args = (x.reshape(-1, x.shape[-1]), weight, weight_scale, bias, lora_a, lora_b, scale, rank, backend)
+    args = (x.reshape(-1, x.shape[-1]), weight, weight_scale, bias, lora_a, lora_b, scale, zero_scale, rank, backend)
     return args, (*lead, weight.shape[0])
 
 
@@ -446,6 +483,7 @@ def masked_lora_linear(
     *,
     backend: str | None = None,
     weight_scale: torch.Tensor | None = None,
+    zero_scale: torch.Tensor | bool | None = None,
 ) -> torch.Tensor:
     """Y = x W^T + b + sum_k token_scale[..., k] * (x A_k^T) B_k^T for K stacked adapters, a zero scale
     adding exactly 0 (the definition: masked_lora_reference).
@@ -460,9 +498,14 @@ def masked_lora_linear(
     both once per shape on this GPU, keep the faster that agrees: kernels/dispatch.py), or None: torch on
     CPU tensors; on CUDA tensors $SLIDEREDIT_LORA_BACKEND (auto|triton|torch) if set, else auto. The
     argument wins over the variable.
+    zero_scale: for a caller that keeps token_scale between calls, what the PyTorch path's hard mask needs
+    to know, computed once with it: `token_scale == 0` (a bool tensor broadcastable like token_scale), or
+    False when no entry of token_scale is 0 (no mask: one op fewer). It must agree with token_scale.
+    None (the default): the PyTorch path compares token_scale with 0 on every call. The Triton path masks
+    zero scales by itself.
     """
     args, out_shape = _prepare(x, weight, weight_scale, bias, lora_a, lora_b, token_scale, backend,
-                               "masked_lora_linear")
+                               "masked_lora_linear", zero_scale)
     return _MaskedLoraLinear.apply(*args).reshape(out_shape)
 
 

@@ -170,17 +170,26 @@ def _stack_scales(scales: list[Tensor]) -> Tensor:
     return torch.stack(torch.broadcast_tensors(*scales), dim=-1)
 
 
+# What SliderLinear hands the kernel: A (K*r, d_in), B (d_out, K*r), token scales (..., K) and what the
+# kernel's PyTorch path needs for its hard mask (masked_lora_linear's zero_scale): token scales == 0, False
+# when none is 0, None to compare on every call.
+Stack = tuple[Tensor, Tensor, Tensor, Tensor | bool | None]
+
+
 class AdapterStack:
     """One layer's adapters as the kernel takes them, kept between calls.
 
     The K adapters sit side by side along the rank: A (K*r, d_in), B (d_out, K*r), ranks zero-padded to
-    the largest (the kernel stacks equal ranks); token scales (..., K) fp32 hold each token's K scales.
+    the largest (the kernel stacks equal ranks); token scales (..., K) fp32 hold each token's K scales;
+    zero scales (`Stack`) tell the kernel's PyTorch path where its hard mask applies.
     A kept stack is rebuilt only when what it was built from changes (`_fingerprint`: the adapters, their
     scale tensors and LoRA tensors, where an optimizer step's in-place write counts as a change; x's
     device, dtype and token shape).
     - Eager inference (`for_call`): only the adapters whose scale is not all zero (a zero scale adds exactly
       0: with none left the layer is exactly its base linear), A and B in x's dtype (the kernel casts them
-      so for its GEMMs anyway), the scales expanded to x's tokens.
+      so for its GEMMs anyway), the scales expanded to x's tokens, and token scales == 0 beside them, or
+      False when no scale is 0 (a call then costs 3 ops beyond the base linear on the PyTorch path: 4
+      with the hard mask).
     - Training (autograd records): `restack` on every call, inside the graph and zero scales included, so
       that every LoRA parameter of a switched-on adapter gets its gradient.
     - Compiled blocks (`for_graph`): every adapter ever scaled, whatever its values, so that the graph
@@ -191,16 +200,16 @@ class AdapterStack:
 
     def __init__(self, out_features: int):
         self.out_features = out_features
-        self._call = _Cached()  # eager inference: (A, B, token scales), None when every scale is zero
+        self._call = _Cached()  # eager inference: the Stack, None when every scale is zero
         self._graph = _Cached()  # compiled blocks: (A, B); None until refreshed (then stacked in the graph)
 
-    def for_call(self, adapters: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(A, B, token scales) for an eager call on x, or None when no adapter adds anything."""
+    def for_call(self, adapters: list[Adapter], x: Tensor) -> Stack | None:
+        """The stack for an eager call on x, or None when no adapter adds anything."""
         on = [a for a in adapters if a.scale is not None]
         if not on:
             return None
         if _records_grad(on):
-            return self.restack(on, x)
+            return *self.restack(on, x), None
         sources = [s for a in on for s in (a, a.scale, *a.parameters())]
         return self._call.get(sources, (x.device, x.dtype, x.shape[:-1]), lambda: self._inference_stack(on, x))
 
@@ -209,16 +218,18 @@ class AdapterStack:
         lora_a, lora_b = self._stack_ab(adapters)
         return lora_a, lora_b, _stack_scales([a.scale for a in adapters]).to(x.device)
 
-    def _inference_stack(self, on: list[Adapter], x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _inference_stack(self, on: list[Adapter], x: Tensor) -> Stack | None:
         # inference_mode(False): a stack built under inference mode must still be usable by autograd
         # later (x requiring grad); no_grad: nothing here is differentiated.
         with torch.inference_mode(False), torch.no_grad():
-            live = [a for a in on if bool(a.scale.any())]  # one sync per rebuild, not per call
+            nonzero = torch.stack([torch.count_nonzero(a.scale) for a in on]).tolist()  # one sync per rebuild
+            live = [a for a, n in zip(on, nonzero) if n]
             if not live:
                 return None
             lora_a, lora_b, token_scale = self.restack(live, x)
-            lead = (*x.shape[:-1], len(live))
-            return lora_a.to(x.dtype), lora_b.to(x.dtype), token_scale.expand(lead).contiguous()
+            token_scale = token_scale.expand(*x.shape[:-1], len(live)).contiguous()
+            masked = any(n < a.scale.numel() for a, n in zip(on, nonzero) if n)  # a live adapter with a 0
+            return lora_a.to(x.dtype), lora_b.to(x.dtype), token_scale, (token_scale == 0) if masked else False
 
     def refresh_for_graph(self, adapters: list[Adapter]) -> None:
         """Outside the graph: restack A and B of the adapters ever scaled if they changed since the last call."""
@@ -227,9 +238,10 @@ class AdapterStack:
         with torch.inference_mode(False), torch.no_grad():
             self._graph.get(sources, (), lambda: self._stack_ab(scaled) if scaled else None)
 
-    def for_graph(self, adapters: list[Adapter]) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(A, B, token scales) inside torch.compile: depends on which adapters were ever scaled (and the
-        shapes of their scales), never on the scales' values; None when none was."""
+    def for_graph(self, adapters: list[Adapter]) -> Stack | None:
+        """The stack inside torch.compile: depends on which adapters were ever scaled (and the shapes of
+        their scales), never on the scales' values (so the kernel compares them with 0 in the graph); None
+        when none was."""
         scaled = _ever_scaled(adapters)
         if not scaled:
             return None
@@ -237,7 +249,7 @@ class AdapterStack:
             lora_a, lora_b = self._stack_ab(scaled)
         else:
             lora_a, lora_b = self._graph.value
-        return lora_a, lora_b, _stack_scales([a._scale for a in scaled])
+        return lora_a, lora_b, _stack_scales([a._scale for a in scaled]), None
 
     def _stack_ab(self, adapters: list[Adapter]) -> tuple[Tensor, Tensor]:
         rank = max(a.rank for a in adapters)
@@ -291,11 +303,11 @@ class SliderLinear(nn.Module):
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def _lora(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, token_scale: Tensor,
-              backend: str | None = None) -> Tensor:
+              zero_scale: Tensor | bool | None = None, backend: str | None = None) -> Tensor:
         # the Triton kernel holds up to 128 stacked ranks; larger stacks take the PyTorch path
         backend = "torch" if lora_a.shape[0] > MAX_STACKED_RANK else backend
         return masked_lora_linear(x, self.weight, self.bias, lora_a, lora_b, token_scale, backend=backend,
-                                  weight_scale=self.weight_scale)
+                                  weight_scale=self.weight_scale, zero_scale=zero_scale)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import ast
 import re
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,9 @@ def test_scale_broadcasts_over_leading_dims(backend, scale_shape, poisoned_outpu
     y = run(backend, poisoned_outputs, x, weight, bias, lora_a, lora_b, s)
     ref_inputs = as_reference(x, weight, bias, lora_a, lora_b, s.expand(BATCH, TOKENS, 2))
     assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, ULPS[torch.float32], EPS[torch.float32]), "y")
+    if backend == "torch":  # the caller's S == 0 broadcasts as S does
+        kept = masked_lora_linear(x, weight, bias, lora_a, lora_b, s, backend=backend, zero_scale=s == 0)
+        assert torch.equal(kept, y)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -192,12 +196,15 @@ def test_all_zero_row_tiles_never_read_lora_b():
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kept", [False, True], ids=["compared per call", "zero_scale kept"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's inf
-def test_zero_scale_is_a_hard_mask(backend, poison):
-    """Tokens with every scale zero get exactly the base output even if X A^T is NaN or inf (from A)."""
+def test_zero_scale_is_a_hard_mask(backend, poison, kept):
+    """Tokens with every scale zero get exactly the base output even if X A^T is NaN or inf (from A),
+    also where the caller passes S == 0 kept from an earlier call (zero_scale)."""
     x, weight, bias, lora_a, lora_b, s = make_inputs(torch.float32, 3, 4, "mixed")
     base = masked_lora_linear(x, weight, bias, lora_a, lora_b, torch.zeros_like(s), backend=backend)
-    y = masked_lora_linear(x, weight, bias, torch.full_like(lora_a, poison), lora_b, s, backend=backend)
+    y = masked_lora_linear(x, weight, bias, torch.full_like(lora_a, poison), lora_b, s, backend=backend,
+                           zero_scale=s == 0 if kept else None)
     off = (s == 0).all(-1)
     assert off.sum() > INTERP_BLOCK_M
     assert torch.equal(y[off], base[off])
@@ -205,20 +212,56 @@ def test_zero_scale_is_a_hard_mask(backend, poison):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_path_costs_five_ops_beyond_the_base_linear(dtype):
-    """Per call, beside the base linear: one GEMM (X A^T), the masked scale (mul_, then eq and masked_fill_
-    for the hard mask) and one GEMM added into Y (addmm_), with adapters already in x's dtype and fp32
-    scales, as SliderLinear passes them. Views (reshapes, transposes) launch nothing."""
-    x, weight, bias, lora_a, lora_b, s = make_inputs(dtype, 3, 4, "mixed")
+@pytest.mark.parametrize("zero_scale,scales,ops", [
+    (None, "mixed", ("mm", "mul_", "eq", "masked_fill_", "addmm_")),
+    ("kept", "mixed", ("mm", "mul_", "masked_fill_", "addmm_")),
+    (False, "signed", ("mm", "mul_", "addmm_")),
+], ids=["compared per call", "zero_scale kept", "no zero scale"])
+def test_torch_path_costs_3_to_5_ops_beyond_the_base_linear(dtype, zero_scale, scales, ops):
+    """Per call, beside the base linear: one GEMM (X A^T), the scale (mul_), the hard mask (masked_fill_ where
+    S == 0; eq first unless the caller keeps S == 0; none where it says no scale is 0) and one GEMM added
+    into Y (addmm_), with adapters already in x's dtype and fp32 scales, as SliderLinear passes them.
+    Views (reshapes, transposes) launch nothing."""
+    x, weight, bias, lora_a, lora_b, s = make_inputs(dtype, 3, 4, scales)
     lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+    zero_scale = s == 0 if zero_scale == "kept" else zero_scale
     with OpCounter() as layer:
-        masked_lora_linear(x, weight, bias, lora_a, lora_b, s, backend="torch")
+        masked_lora_linear(x, weight, bias, lora_a, lora_b, s, backend="torch", zero_scale=zero_scale)
     with OpCounter() as base:
         F.linear(x.reshape(-1, D_IN), weight, bias)
-    non_view = lambda counter: sum(counter.ops.values()) - counter.views
-    assert non_view(layer) - non_view(base) == 5
-    extra = layer.ops - base.ops
-    assert all(extra[f"aten.{op}"] == 1 for op in ("mm", "mul_", "eq", "masked_fill_", "addmm_")), extra
+    assert not base.non_view - layer.non_view
+    assert layer.non_view - base.non_view == Counter({f"aten.{op}": 1 for op in ops})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scales", ["signed", "mixed"])
+def test_a_kept_zero_scale_gives_the_same_outputs_and_gradients(dtype, scales):
+    """zero_scale as SliderLinear keeps it (S == 0, or False where no scale is 0): the PyTorch path gives
+    bit for bit what it computes comparing S with 0 itself, forward and backward, and matches the
+    float64 reference."""
+    trainable = ("x", "lora_a", "lora_b")
+    inputs = make_inputs(dtype, 3, 4, scales)
+    zero_scale = inputs[-1] == 0 if scales == "mixed" else False
+    dy = torch.randn(BATCH, TOKENS, D_OUT, generator=torch.Generator().manual_seed(5)).to(dtype)
+    kept = lambda *a: masked_lora_linear(*a, backend="torch", zero_scale=zero_scale)
+    got = grads(kept, leaves(inputs, trainable), dy)
+    want = grads(lambda *a: masked_lora_linear(*a, backend="torch"), leaves(inputs, trainable), dy)
+    assert set(got) == set(trainable) and all(torch.equal(got[n], want[n]) for n in trainable)
+    y = kept(*inputs)
+    assert torch.equal(y, masked_lora_linear(*inputs, backend="torch"))
+    ref_inputs = as_reference(*inputs)
+    assert_within(y, reference(*ref_inputs), error_bound(ref_inputs, ULPS[dtype], EPS[dtype]), "y")
+
+
+@pytest.mark.parametrize("zero_scale,error,message", [
+    (True, TypeError, "zero_scale must be a bool tensor"),
+    (torch.zeros(BATCH, TOKENS, 2), TypeError, "zero_scale must be a bool tensor .* got torch.float32"),
+    (torch.zeros(3, TOKENS, 2, dtype=torch.bool), ValueError, r"zero_scale \(3, 35, 2\) does not broadcast"),
+    (torch.zeros(2, dtype=torch.bool, device="meta"), ValueError, "zero_scale is on meta"),
+], ids=["True", "float", "shape", "device"])
+def test_bad_zero_scale_raises_clear_errors(zero_scale, error, message):
+    with pytest.raises(error, match=message):
+        masked_lora_linear(*make_inputs(torch.float32, 2, 3), backend="torch", zero_scale=zero_scale)
 
 
 NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "token_scale")

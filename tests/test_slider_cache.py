@@ -13,7 +13,7 @@ from slideredit.sliders import GSTLORA, STLORA, Adapter, LoRAPart, SliderLinear,
     remove_adapters, set_slider_scale
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from op_counts import count_ops  # noqa: E402
+from op_counts import OpCounter, count_ops  # noqa: E402
 
 D, T, R = 8, 6, 2
 EPS64 = torch.finfo(torch.float64).eps
@@ -111,6 +111,35 @@ def test_cache_follows_every_change():
         set_slider_scale(layer, STLORA, -0.5)
         for tokens in (x, x[:1, :3], x):  # another token shape and back, the scales unchanged
             assert close(layer(tokens), reference(layer, tokens))
+
+
+def test_the_kept_hard_mask_follows_the_scales():
+    """The stack keeps token scales == 0 beside the scales, or says that none is 0 (the kernel's PyTorch
+    path then skips its mask, masked_fill_): a token whose scale is 0 gets exactly what it gets from
+    finite adapters even where A is NaN, through scale changes to no zero at all and back."""
+    layer, x = qkv_layer((STLORA,)), x_in()
+    span = torch.zeros(2, T)
+    span[0, 1:4], span[1, 3:5] = 0.8, -1.5
+    set_slider_scale(layer, STLORA, span)
+    off = span == 0
+
+    def call() -> tuple[torch.Tensor, int]:
+        with OpCounter() as counter:
+            y = layer(x)
+        return y, counter.non_view["aten.masked_fill_"]
+
+    with torch.no_grad():
+        finite, _ = call()
+        layer.adapters[STLORA].parts["k"].lora_A.fill_(float("nan"))
+        for scale, masks in ((span, 1), (torch.full((2, T), 0.3), 0), (span, 1)):
+            set_slider_scale(layer, STLORA, scale)  # in place: same shape
+            layer(x)  # rebuilds the stack
+            y, masked_fills = call()
+            assert masked_fills == masks
+            if masks:
+                assert torch.equal(y[off], finite[off]) and not y[~off].isfinite().any()
+            else:
+                assert not y.isfinite().any()
 
 
 def test_set_slider_scale_copies_the_value_and_never_writes_the_callers_tensor():
