@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 
 from slideredit.cli import finite_float, join_alphas, parse_alphas, positive_int, torchrun_rank, writable_problem
 from slideredit.grids import IMAGE_FORMATS
+from slideredit.hub import looks_like_repo_id
 
 if TYPE_CHECKING:
     from slideredit.training.distributed import Distributed
@@ -188,8 +189,7 @@ def model_problem(model: str) -> str | None:
         return None
     if path.exists():
         return "is a file; give a diffusers-layout model folder or a hub repo id (owner/name)"
-    # slideredit.checkpoint.looks_like_repo_id's rule (that module imports torch)
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+    if looks_like_repo_id(model):
         return None
     return "model folder not found (and not a hub repo id of the form owner/name)"
 
