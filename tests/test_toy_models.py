@@ -144,3 +144,15 @@ def test_bfloat16_folder_loads_in_float32(parts, tmp_path):
     torch.testing.assert_close(loaded.img_in.weight, flux.img_in.weight.bfloat16().float(), atol=0, rtol=0)
     fp32_bytes = 4 * sum(p.numel() for p in flux.parameters())
     assert (folder / models.TRANSFORMER_FILE).stat().st_size < 0.6 * fp32_bytes
+
+
+def test_saved_tokenizers_carry_no_padding_of_an_earlier_call(parts, tmp_path):
+    """Encoding pads to max_length, which leaves the fast tokenizers' backends padding and truncating; the
+    saved tokenizer.json must not keep that (the shipped files once did after a retraining)."""
+    flux, ae, encoders = parts
+    encoders.encode(["make the square red"], max_length=models.MAX_SEQUENCE_LENGTH)
+    assert encoders.t5_tokenizer.backend_tokenizer.padding is not None  # what the call left behind
+    folder = models.save_model_folder(tmp_path / "model", flux, ae, encoders)
+    for name in ("tokenizer", "tokenizer_2"):
+        saved = json.loads((folder / name / "tokenizer.json").read_text())
+        assert saved["padding"] is None and saved["truncation"] is None, name

@@ -148,7 +148,7 @@ def test_the_model_card_is_the_text_the_f_string_wrote(tmp_path, monkeypatch, na
     new defaults, the demo grid's fidelity)."""
     monkeypatch.chdir(tmp_path)  # relative folders, as the card quotes --out as given
     cfg = RecipeConfig(out=Path("model"), workdir=Path("work"), seed=3, ae_steps=1500, flux_lr=3e-4,
-                       identity_fraction=0.125, slider_steps=400)
+                       identity_fraction=0.125, slider_steps=400, copy_loss_weight=2.5)
     metrics, sliders, demo = _record_a_run(cfg)
     write_model_card(cfg, metrics, *((sliders, demo) if name == "with_sliders" else (None, None)))
     assert (cfg.out / "README.md").read_bytes().decode() == (EXPECTED_CARDS / f"{name}.md").read_bytes().decode()
@@ -167,7 +167,7 @@ def test_help_shows_the_defaults(capsys, monkeypatch):
         help_text = " ".join(capsys.readouterr().out.split())
         assert "(default: runs/toy-kontext" in help_text
         if main is recipe.main:
-            assert "--flux-steps FLUX_STEPS (default: 12000)" in help_text
+            assert "--flux-steps FLUX_STEPS (default: 9000)" in help_text
             assert "--workdir WORKDIR (default: outputs/toy-kontext-work)" in help_text
         else:
             assert "(default: outputs/toy-sliders-work)" in help_text and "(default: 512)" in help_text

@@ -55,6 +55,10 @@ def card_values(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | Non
         "autoencoder_report": json.loads((cfg.workdir / "autoencoder.json").read_text()),
         "pool_pairs": len(pool["pair_source"]), "pool_prompts": len(pool["texts"]),
         "transformer_minutes": flux_run["seconds"] / 60,
+        "identity_term": "" if not cfg.copy_loss_weight else (
+            f", the tokens it leaves alone weighted 1 + {cfg.copy_loss_weight:g} t^2 (an identity term: t^2 times the "
+            "velocity error is the error of the clean latent the model implies, so untouched shapes must come out as "
+            "the source's)"),
         "losses": ", ".join(f"{loss:.3f} (step {step})" for step, loss in history[:: max(1, len(history) // 6)]),
         "sliders": sliders_section(cfg, sliders, demo),
         "metrics": metrics, "scenes_per_edit_count": metrics["scenes"] // 2, "edit_table": edit_table(metrics),

@@ -198,9 +198,13 @@ def save_model_folder(out: str | Path, flux: Flux, autoencoder: AutoEncoder, tex
     _save_tensors(flux, out / TRANSFORMER_FILE, dtype)
     _save_tensors(autoencoder, out / AE_FILE, dtype)
     text_encoders.clip.save_pretrained(out / "text_encoder")
-    text_encoders.clip_tokenizer.save_pretrained(out / "tokenizer")
     text_encoders.t5.save_pretrained(out / "text_encoder_2")
-    text_encoders.t5_tokenizer.save_pretrained(out / "tokenizer_2")
+    for tokenizer, folder in ((text_encoders.clip_tokenizer, "tokenizer"), (text_encoders.t5_tokenizer, "tokenizer_2")):
+        # A call with padding="max_length" leaves the fast tokenizer's backend padding and truncating, and
+        # tokenizer.json would carry that last call's settings to every other reader of the file.
+        tokenizer.backend_tokenizer.no_padding()
+        tokenizer.backend_tokenizer.no_truncation()
+        tokenizer.save_pretrained(out / folder)
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
     (out / "slideredit.json").write_text(json.dumps(EDIT_DEFAULTS, indent=2) + "\n")

@@ -35,17 +35,17 @@ class RecipeConfig:
     pool_sources: int = 1200
     edits_per_source: int = 4
     # transformer
-    flux_steps: int = 12000
+    flux_steps: int = 9000
     flux_batch: int = 16
     flux_lr: float = 5e-4
     flux_warmup: int = 200
     edit_loss_weight: float = 4.0  # tokens the edit changes count this many times in the loss
-    copy_loss_weight: float = 3.0  # the identity term on the tokens it leaves alone (token_weights)
-    identity_fraction: float = 0.2
+    copy_loss_weight: float = 0.0  # an identity term on the tokens it leaves alone (token_weights); 3 measured
+    identity_fraction: float = 0.1
     ema_decay: float = 0.999
     # sliders (train.py's trainer)
     slider_scenes: int = 512
-    slider_steps: int = 1000
+    slider_steps: int = 800
     # bookkeeping
     checkpoint_every: int = 250
     sample_every: int = 1000

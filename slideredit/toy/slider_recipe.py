@@ -28,7 +28,7 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy-kontext"  
 DEFAULT_MODEL = Path("runs/toy-kontext")  # where `python -m slideredit.toy.recipe` writes (git-ignored)
 SHIPPED_OUTPUT_DIR = Path("outputs/toy-sliders-work")  # where the shipped configs train
 ADAPTER_FILE = {"gstlora": "pytorch_lora_weights.safetensors", "stlora": "selective_lora.safetensors"}
-COMMON = dict(resolution=128, lora_rank=16, learning_rate=1e-3, train_batch_size=8, max_train_steps=1000,
+COMMON = dict(resolution=128, lora_rank=16, learning_rate=1e-3, train_batch_size=8, max_train_steps=800,
               checkpointing_steps=100, checkpoints_total_limit=1, validation_steps=200,
               validation_lora_scales=[-1.0, 0.0, 1.0], validation_num_inference_steps=12,
               mixed_precision="no", gradient_checkpointing=False, guidance_scale=2.5, seed=0, logging_steps=20)
