@@ -168,7 +168,8 @@ def _record_layer(target: T.GpuTarget, d_in: int, d_out: int, tokens: int, weigh
                 meta(tokens, ADAPTERS, dtype=torch.float32), stacked_rank // ADAPTERS)
     with _Recorder(target) as recorder:
         recorder.phase = "forward"
-        y = _MaskedLoraLinear.apply(x, weight, weight_scale, bias, lora[0], lora[1], lora[2], lora[3], "triton")
+        zero_scale = None  # compared per call (the Triton path masks zero scales itself)
+        y = _MaskedLoraLinear.apply(x, weight, weight_scale, bias, *lora[:3], zero_scale, lora[3], "triton")
         if backward:
             recorder.phase = "backward"
             y.backward(torch.empty_like(y))

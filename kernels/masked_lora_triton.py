@@ -185,19 +185,62 @@ def accumulators_per_thread(config: triton.Config) -> int:
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
 
 
-def gemm_spills(config: triton.Config, arch: int | None, w_scale: int, has_lora: bool, block_r: int) -> bool:
-    """Whether the GEMM's build spills registers: tiles of 128 fp32 accumulators per thread (128 x 256 with
-    8 warps, 128 x 128 with 4) beside extra live values, measured with benchmarks/aot_builds.py. Tiles
-    of 64 accumulators never spilled. Unknown cards (None) drop every tile that spills somewhere."""
-    if accumulators_per_thread(config) <= 64:
+# Which GEMM builds spill registers, as measured (benchmarks/aot_builds.py: Triton 3.9's ptxas, the FLUX
+# grid at K*r = 16 and 32 on every card, plus the fp8 forward and dX at K*r = 64 and 128). No register
+# count predicts it: tiles of the same count spill or not depending on their shape, on the card and on
+# ptxas' scheduling (sm_8x builds at 250-255 registers spill and others do not; one sm_89 build spills
+# at 168). So the pruning reads the measurements: per card and fp8 build kind, the smallest BLOCK_R
+# (16-128) from which a tile (BLOCK_M, BLOCK_N, num_warps) spilled with either adapter dtype. Tiles
+# and kinds not listed never spilled: bf16 weights (up to K*r = 32) and fp8_linear's forward.
+#   - fp8 forward: the low-rank tiles come after the loop, beside the whole accumulator;
+#   - fp8 dX: each W tile is dequantized in fp32 registers (wgmma on sm_90 reads it from shared memory).
+_FP8_FORWARD, _FP8_DX, _FP8_LINEAR_DX = "fp8 forward", "fp8 dX", "fp8_linear dX"
+_MMA_SYNC_FP8_FORWARD = {(128, 256, 8): 64, (128, 128, 4): 64, (64, 128, 4): 64, (128, 128, 8): 128,
+                         (128, 64, 4): 128}
+_MMA_SYNC_FP8_DX = {(128, 256, 8): 16, (128, 128, 4): 16, (128, 128, 8): 128, (64, 128, 4): 128, (128, 64, 4): 128}
+SPILLS_FROM = {
+    # sm_80 and sm_86 keep the 4-warp 128 x 128 dX tile at 250-255 registers without spilling (sm_86: only
+    # without adapters), sm_89 spills 104 B there
+    80: {_FP8_FORWARD: _MMA_SYNC_FP8_FORWARD, _FP8_DX: {**_MMA_SYNC_FP8_DX, (128, 128, 4): 128},
+         _FP8_LINEAR_DX: {(128, 256, 8): 16}},
+    86: {_FP8_FORWARD: _MMA_SYNC_FP8_FORWARD, _FP8_DX: _MMA_SYNC_FP8_DX, _FP8_LINEAR_DX: {(128, 256, 8): 16}},
+    89: {_FP8_FORWARD: _MMA_SYNC_FP8_FORWARD, _FP8_DX: _MMA_SYNC_FP8_DX,
+         _FP8_LINEAR_DX: {(128, 256, 8): 16, (128, 128, 4): 16}},
+    90: {_FP8_FORWARD: {(128, 256, 8): 128, (128, 128, 4): 128}},
+}
+# And single builds below those ranks, one adapter dtype only: ptxas keeps one 4-byte value on the stack
+# across the main loop (stored before it, loaded at the call it makes for the low-rank branch after it).
+# (card, kind, tile, BLOCK_R, adapter dtype)
+SPILLING_BUILDS = {
+    (80, _FP8_FORWARD, (128, 128, 4), 32, torch.bfloat16),  # 255 registers
+    (89, _FP8_FORWARD, (128, 64, 4), 16, torch.bfloat16),  # 168 registers
+}
+
+
+def _build_kind(w_scale: int, has_lora: bool) -> str | None:
+    if w_scale == W_SCALE_OUTPUTS.value:
+        return _FP8_FORWARD if has_lora else None  # fp8_linear's forward never spilled
+    if w_scale == W_SCALE_REDUCTION.value:
+        return _FP8_DX if has_lora else _FP8_LINEAR_DX
+    return None
+
+
+def gemm_spills(config: triton.Config, arch: int | None, w_scale: int, has_lora: bool, block_r: int,
+                adapter_dtype: torch.dtype | None = None) -> bool:
+    """Whether the GEMM's build spills registers on sm_`arch` (SPILLS_FROM, SPILLING_BUILDS). A card not
+    measured (None, or not in the table) drops every build that spills on some measured card; so does an
+    adapter dtype of None for the single builds."""
+    kind = _build_kind(w_scale, has_lora)
+    if kind is None:
         return False
-    if w_scale == W_SCALE_OUTPUTS.value and has_lora and block_r >= 128:
-        # fp8 forward: the low-rank tiles come after the loop, beside the accumulator (sm_90: 48-248 B)
+    if arch not in SPILLS_FROM:
+        return any(gemm_spills(config, card, w_scale, has_lora, block_r, adapter_dtype) for card in SPILLS_FROM)
+    tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
+    spills_from = SPILLS_FROM[arch].get(kind, {}).get(tile)
+    if spills_from is not None and block_r >= spills_from:
         return True
-    # fp8 dX dequantizes each W tile in fp32 registers: on mma.sync cards these tiles reach 255 registers
-    # and spill (sm_89: 64-104 B; sm_86: 20-40 B and sm_80: 4-16 B with the byte decode; two builds stay
-    # at 250-254 without spilling: dropped all the same); sm_90's wgmma builds stay at 250-254 registers
-    return w_scale == W_SCALE_REDUCTION.value and arch != 90
+    dtypes = [adapter_dtype] if adapter_dtype is not None else [torch.bfloat16, torch.float32]
+    return any((arch, kind, tile, block_r, dtype) in SPILLING_BUILDS for dtype in dtypes)
 
 
 def _fitting(configs: list, size, limit: int) -> list:
@@ -233,8 +276,10 @@ def keep_gemm_configs(configs, named_args, target: GpuTarget, **kwargs) -> list:
     build spills or cannot fit shared memory."""
     x, w = named_args["x_ptr"], named_args["w_ptr"]
     w_scale, block_r = kwargs.get("W_SCALE", W_SCALE_NONE.value), kwargs["BLOCK_R"]
+    has_lora = kwargs.get("HAS_LORA", False)
+    adapter_dtype = named_args["b_ptr"].dtype if has_lora else None  # B (forward) or A^T (dX)
     family = gemm_family(configs, x.dtype, kwargs["INPUT_PRECISION"])
-    family = [c for c in family if not gemm_spills(c, target.arch, w_scale, kwargs.get("HAS_LORA", False), block_r)
+    family = [c for c in family if not gemm_spills(c, target.arch, w_scale, has_lora, block_r, adapter_dtype)
               ] or family
     size = lambda c: gemm_smem_bytes(c, target.arch, block_r, x.dtype, w.dtype, w_scale)
     return _fitting(family, size, target.smem_limit)

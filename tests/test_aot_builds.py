@@ -1,7 +1,8 @@
 """benchmarks/aot_builds.py: the kernels built ahead of time for GPUs on this CPU, with Triton's ptxas.
 
 One quick run for sm_89 (the 99 KB card with native fp8: ten builds, one per kernel and weight dtype)
-checks the JSON and the pruning's estimates against real builds; the rest are the script's pure parts.
+checks the JSON and the pruning's estimates against real builds, seven builds at the edges of the spill
+table check that the pruning keeps exactly the ones that do not spill; the rest are the script's pure parts.
 The full grid (`--arch 80 86 89 90`, some 500 builds) is for kernel changes, not CI.
 """
 import json
@@ -73,6 +74,53 @@ def test_quick_builds_need_exactly_the_shared_memory_the_pruning_estimates(quick
     _, rows = quick_sm89
     assert [independent_estimate(r) for r in rows] == [r["shared_bytes"] for r in rows]
     assert "note:" not in quick_sm89[0].stderr  # the script's own check agrees
+
+
+# The spill table's edges (kernels/masked_lora_triton.py's SPILLS_FROM, SPILLING_BUILDS), built for real:
+# (arch, kernel, GEMM config index, stacked rank, adapter dtype, whether the build spills); fp8 weights.
+EDGE_BUILDS = [
+    (80, "gemm_forward", 2, 32, "bfloat16", True),  # 128x128, 4 warps: 255 registers, a 4-byte spill
+    (80, "gemm_forward", 2, 32, "float32", False),  # its sibling: 255 registers, none
+    (89, "gemm_forward", 4, 16, "bfloat16", True),  # 128x64: 168 registers, a 4-byte spill
+    (89, "gemm_forward", 4, 16, "float32", False),
+    (80, "gemm_dx", 2, 32, "bfloat16", False),  # 254 registers: kept
+    (86, "gemm_dx", 2, 32, "bfloat16", True),  # 255 registers, 32 B
+    (86, "fp8_linear_dx", 2, None, None, False),  # 250 registers: kept
+]
+EDGE_SCRIPT = """
+import json, sys
+import torch
+import aot_builds as A
+from slideredit.kernels import masked_lora_triton as T
+rows = []
+for arch, kernel, index, rank, adapters, _ in json.loads(sys.argv[1]):
+    target = T.GpuTarget(arch, T.SMEM_LIMITS[arch])
+    launches = A._record_layer(target, 3072, 3072, A.TOKENS, torch.float8_e4m3fn, adapters and getattr(torch, adapters),
+                               rank, backward=True)
+    launch = next(ln for ln in launches if ln.kernel == kernel)
+    config = T.GPU_GEMM_CONFIGS[index]
+    rows.append(A.build(launch, config, any(config is kept for kept in launch.kept()))[0])
+print(json.dumps(rows))
+"""
+
+
+@pytest.fixture(scope="module")
+def edge_builds():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", EDGE_SCRIPT, json.dumps(EDGE_BUILDS)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("position", range(len(EDGE_BUILDS)))
+def test_the_pruning_keeps_a_build_exactly_when_it_does_not_spill(edge_builds, position):
+    arch, kernel, _, _, _, spills = EDGE_BUILDS[position]
+    built = edge_builds[position]
+    assert (built["arch"], built["kernel"], built["ok"]) == (arch, kernel, True)
+    assert (built["spill_bytes"] > 0) == spills and built["kept"] == (not spills)
+    assert 0 < built["registers"] <= 255
 
 
 def row(**fields) -> dict:

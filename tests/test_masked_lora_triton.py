@@ -2,11 +2,14 @@
 
 The GPU config lists are pruned here for explicit cards (GpuTarget: compute capability and shared-memory
 limit) with CPU stand-ins for the kernel arguments (the pruning reads only their dtypes). The byte
-counts are those of real builds: `python benchmarks/aot_builds.py --arch 80 86 89 90 --json FILE`
-(Triton 3.9 on this CPU, the launcher's own specialisation at FLUX.1 Kontext's shapes; 398 builds, every
-one equal to the estimate).
+counts, registers and spills are those of real builds: `python benchmarks/aot_builds.py --arch 80 86 89 90
+--json FILE` (Triton 3.9 on this CPU, the launcher's own specialisation at FLUX.1 Kontext's shapes;
+tests/aot_builds/gemm_registers.json holds the GEMM builds' registers and spills).
 """
 import inspect
+import itertools
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,13 +26,15 @@ ALL_GEMM = T.GPU_GEMM_CONFIGS + T.FMA_GEMM_CONFIGS
 
 
 def args(x_dtype, w_dtype=None, a_dtype=FP32):
+    """Stand-ins for the kernels' tensors: x, the weight, and the adapters (the shrink's A, the GEMM's B)."""
     empty = lambda dtype: torch.empty(0, dtype=dtype)
-    return {"x_ptr": empty(x_dtype), "w_ptr": empty(w_dtype or x_dtype), "a_ptr": empty(a_dtype)}
+    return {"x_ptr": empty(x_dtype), "w_ptr": empty(w_dtype or x_dtype), "a_ptr": empty(a_dtype),
+            "b_ptr": empty(a_dtype)}
 
 
-def kept_gemm(target, x_dtype=BF16, w_dtype=None, block_r=16, precision="tf32", **flags) -> list[int]:
-    kept = T.keep_gemm_configs(ALL_GEMM, args(x_dtype, w_dtype), target, BLOCK_R=block_r, INPUT_PRECISION=precision,
-                               **flags)
+def kept_gemm(target, x_dtype=BF16, w_dtype=None, block_r=16, precision="tf32", adapters=FP32, **flags) -> list[int]:
+    kept = T.keep_gemm_configs(ALL_GEMM, args(x_dtype, w_dtype, adapters), target, BLOCK_R=block_r,
+                               INPUT_PRECISION=precision, **flags)
     return [ALL_GEMM.index(c) for c in kept]
 
 
@@ -66,6 +71,42 @@ def test_gemm_estimate_equals_the_build(arch, index, w_dtype, w_scale, built):
         assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[index], arch, block_r, BF16, w_dtype, w_scale) == built
 
 
+# Registers and spills of real builds (benchmarks/aot_builds.py, Triton 3.9's ptxas): every GEMM build of the
+# full grid (sm_80-sm_90, K*r = 16 and 32, bf16 and fp8 weights, bf16 and fp32 adapters, fp8_linear), and
+# the fp8 forward and dX at K*r = 64 and 128 (one 3072 x 3072 layer; every FLUX shape builds alike).
+MEASURED = json.loads((Path(__file__).parent / "aot_builds" / "gemm_registers.json").read_text())
+MEASURED_BUILDS = [dict(zip(MEASURED["columns"], row)) for row in MEASURED["rows"]]
+
+
+def pruned_for_spilling(build: dict) -> bool:
+    config = triton.Config({"BLOCK_M": build["BLOCK_M"], "BLOCK_N": build["BLOCK_N"]}, num_warps=build["num_warps"])
+    w_scale = NONE if build["weight_dtype"] == "bfloat16" else REDUCTION if build["kernel"].endswith("_dx") else OUTPUTS
+    adapters = build["adapter_dtype"] and getattr(torch, build["adapter_dtype"])
+    return T.gemm_spills(config, build["arch"], w_scale, adapters is not None, build["block_r"], adapters)
+
+
+def test_the_spill_estimate_is_exact_on_the_grid_and_never_keeps_a_spilling_build():
+    grid = [b for b in MEASURED_BUILDS if b["block_r"] <= 32]
+    wider = [b for b in MEASURED_BUILDS if b["block_r"] > 32]
+    assert len(grid) == 380 and len(wider) == 160
+    assert [b for b in grid if pruned_for_spilling(b) != (b["spill_bytes"] > 0)] == []
+    assert [b for b in wider if b["spill_bytes"] and not pruned_for_spilling(b)] == []
+    # beyond the grid the table is conservative: it holds the smallest BLOCK_R that spilled with either
+    # adapter dtype (sm_8x's 64x128 fp8 forward at K*r = 64 spills 48 B with fp32 adapters, none with bf16;
+    # sm_86's 128x128 dX spills 32 B with bf16 adapters, none with fp32)
+    needless = [b for b in wider if not b["spill_bytes"] and pruned_for_spilling(b)]
+    assert len(needless) == 4
+
+
+def test_the_two_4_byte_spills_are_pruned_and_their_siblings_kept():
+    spilled = {(b["arch"], b["BLOCK_M"], b["BLOCK_N"], b["num_warps"], b["block_r"], b["adapter_dtype"])
+               for b in MEASURED_BUILDS if b["spill_bytes"] and b["kernel"] == "gemm_forward"
+               and b["weight_dtype"] == "float8_e4m3fn" and b["block_r"] <= 32}
+    assert spilled == {(80, 128, 128, 4, 32, "bfloat16"), (89, 128, 64, 4, 16, "bfloat16")}
+    assert kept_gemm(A100, BF16, FP8, block_r=32, adapters=BF16, HAS_LORA=True, W_SCALE=OUTPUTS) == [0, 1, 3, 4]
+    assert kept_gemm(RTX4090, BF16, FP8, block_r=16, adapters=BF16, HAS_LORA=True, W_SCALE=OUTPUTS) == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("arch,index,a_dtype,block_r,built", SHRINK_BUILDS)
 def test_shrink_estimate_equals_the_build(arch, index, a_dtype, block_r, built):
     assert T.shrink_smem_bytes(T.GPU_SHRINK_CONFIGS[index], arch, block_r, BF16, a_dtype) == built
@@ -87,12 +128,30 @@ def test_99kb_cards_keep_every_bf16_gemm_tile(card):
     assert kept_gemm(card, torch.float16) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("card", [RTX3090, RTX4090, A100])
-def test_fp8_dx_drops_the_tiles_that_spill_on_mma_sync_cards(card):
-    # sm_89: the 128-accumulator tiles (0: 128x256 with 8 warps, 2: 128x128 with 4) spill 64-104 B
-    for has_lora in (True, False):
-        assert kept_gemm(card, BF16, FP8, block_r=32, HAS_LORA=has_lora, W_SCALE=REDUCTION) == [1, 3, 4]
-    assert kept_gemm(card, BF16, FP8, block_r=32, HAS_LORA=True, W_SCALE=OUTPUTS) == [0, 1, 2, 3, 4]
+@pytest.mark.parametrize("card,with_adapters,without", [(RTX4090, [1, 3, 4], [1, 3, 4]),
+                                                       (RTX3090, [1, 3, 4], [1, 2, 3, 4]),
+                                                       (A100, [1, 2, 3, 4], [1, 2, 3, 4])])
+def test_fp8_dx_drops_the_tiles_that_spill_on_mma_sync_cards(card, with_adapters, without):
+    # tiles 0 (128x256, 8 warps) and 2 (128x128, 4 warps) spill 64-104 B on sm_89; tile 2 stays at 250-255
+    # registers without spilling on sm_80, and on sm_86 without adapters (fp8_linear's dX)
+    for adapters in (BF16, FP32):
+        assert kept_gemm(card, BF16, FP8, block_r=32, adapters=adapters, HAS_LORA=True, W_SCALE=REDUCTION) == \
+            with_adapters
+    assert kept_gemm(card, BF16, FP8, block_r=16, HAS_LORA=False, W_SCALE=REDUCTION) == without
+
+
+@pytest.mark.parametrize("card,block_r,adapters,kept", [
+    (A100, 32, BF16, [0, 1, 3, 4]),  # 128x128 with 4 warps: 255 registers and a 4-byte spill
+    (A100, 32, FP32, [0, 1, 2, 3, 4]),  # the same tile with fp32 adapters: 255 registers, no spill
+    (A100, 16, BF16, [0, 1, 2, 3, 4]),
+    (RTX4090, 16, BF16, [0, 1, 2, 3]),  # 128x64: 168 registers and a 4-byte spill
+    (RTX4090, 16, FP32, [0, 1, 2, 3, 4]), (RTX4090, 32, BF16, [0, 1, 2, 3, 4]),
+    (RTX3090, 64, BF16, [1, 4]),  # wider stacks: the low-rank tiles after the loop spill the large tiles
+    (RTX3090, 128, BF16, [0, 1, 2, 3, 4]),  # every tile spills: the autotuner still gets them all
+])
+def test_fp8_forward_drops_the_builds_that_spill_on_mma_sync_cards(card, block_r, adapters, kept):
+    assert kept_gemm(card, BF16, FP8, block_r=block_r, adapters=adapters, HAS_LORA=True, W_SCALE=OUTPUTS) == kept
+    assert kept_gemm(card, BF16, FP8, block_r=16, HAS_LORA=False, W_SCALE=OUTPUTS) == [0, 1, 2, 3, 4]  # fp8_linear
 
 
 @pytest.mark.parametrize("block_r,has_lora,w_scale,kept", [
@@ -140,9 +199,12 @@ def test_an_unknown_card_gets_the_larger_estimates_and_drops_every_tile_that_spi
         for w_dtype, w_scale in ((BF16, NONE), (FP8, OUTPUTS), (FP8, REDUCTION)):
             known = max(T.gemm_smem_bytes(config, arch, 32, BF16, w_dtype, w_scale) for arch in CARDS)
             assert T.gemm_smem_bytes(config, None, 32, BF16, w_dtype, w_scale) >= known
-            for has_lora, block_r in ((True, 32), (True, 128), (False, 16)):
-                spills = any(T.gemm_spills(config, arch, w_scale, has_lora, block_r) for arch in CARDS)
-                assert T.gemm_spills(config, None, w_scale, has_lora, block_r) >= spills
+            for has_lora, block_r, adapters in itertools.product((True, False), (16, 32, 64, 128), (BF16, FP32)):
+                spills = any(T.gemm_spills(config, arch, w_scale, has_lora, block_r, adapters) for arch in CARDS)
+                assert T.gemm_spills(config, None, w_scale, has_lora, block_r, adapters) >= spills
+                assert T.gemm_spills(config, 120, w_scale, has_lora, block_r, adapters) >= spills  # sm_120
+                assert T.gemm_spills(config, 89, w_scale, has_lora, block_r, None) >= T.gemm_spills(
+                    config, 89, w_scale, has_lora, block_r, adapters)  # adapter dtype not known
     for config in T.GPU_SHRINK_CONFIGS:
         known = max(T.shrink_smem_bytes(config, arch, 32, BF16, FP32) for arch in CARDS)
         assert T.shrink_smem_bytes(config, None, 32, BF16, FP32) >= known
