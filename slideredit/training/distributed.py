@@ -14,7 +14,9 @@ ways to hold the model (the config's `sharding`):
 """
 from __future__ import annotations
 
+import gc
 import os
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,6 +109,13 @@ def setup_distributed() -> Distributed:
 
 def cleanup_distributed(d: Distributed) -> None:
     if d.enabled and dist.is_initialized():
+        # gloo's worker threads drop a finished collective's tensors after its wait() has returned, and take
+        # the GIL to do it; a group destructor that joins those threads while this thread holds the GIL
+        # (pybind's dealloc does) then waits forever. Seen once under load: rank 0 hung at exit in
+        # ~ProcessGroupGloo, a worker in ~AsyncAllgatherWork waiting for the GIL (the last all_gather_object).
+        # Freeing what is garbage and sleeping (which releases the GIL) lets the workers finish first.
+        gc.collect()
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 

@@ -452,7 +452,9 @@ def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
             logger.setLevel(logging.INFO)
         if removed:
             logger.info("--overwrite: removed the earlier run's %s", ", ".join(str(p) for p in removed))
-        return trainer.run()
+        result = trainer.run()
+        del trainer  # its DDP or FSDP model holds the process group: freed here, before the group is destroyed
+        return result
     finally:
         if handler is not None:
             logger.removeHandler(handler)
