@@ -18,10 +18,13 @@ HUB_PROBE_TIMEOUT = 3.0  # seconds: one HEAD request decides whether the hub can
 def looks_like_repo_id(source: str | os.PathLike) -> bool:
     """`owner/name` that is not an existing path: a Hugging Face hub repository id.
 
-    Exactly one slash, and not written as a path (./, ../, /, ~): a missing folder such as
-    runs/gst/checkpoint-400 or ./model is then reported as missing, not looked up on the hub."""
+    Exactly one slash between a non-empty owner and name, and not written as a path (./, ../, /, ~): a
+    missing folder such as runs/gst/checkpoint-400, ./model or model/ is then reported as missing, not
+    looked up on the hub."""
     text = str(source)
-    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    owner, _, name = text.partition("/")
+    return (not Path(text).exists() and text.count("/") == 1 and bool(owner) and bool(name)
+            and not text.startswith((".", "~")))
 
 
 def _offline() -> bool:

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("runs/gst/checkpoint-400", False),  # two slashes: a path
     ("./model", False), ("../model", False),  # written as relative paths
     ("/models", False), ("~/kontext", False),  # absolute, home
+    ("model/", False), ("/model", False),  # an empty name or owner: a folder written with its slash
 ])
 def test_repo_id_rule(tmp_path, monkeypatch, source, is_repo_id):
     monkeypatch.chdir(tmp_path)  # none of these exists here
