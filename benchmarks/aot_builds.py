@@ -27,11 +27,15 @@ Each build is one JSON object with exactly these keys:
   registers, spill_bytes   per thread, from ptxas -v (null when it did not compile)
   shared_bytes  the shared memory the build needs (Triton's metadata.shared); smem_limit: the card's
   mma           wgmma, mma.sync or none: the tensor-core instruction in the PTX
+  wgmma_in_flight   wgmma groups the main loop leaves in flight, the N of its `wgmma.wait_group N` in the
+                PTX (0: it waits for each wgmma before it prepares the next tiles); null without a wgmma loop
+  wgmma_serialized  whether ptxas serializes the wgmmas all the same (its C7515 message: it then waits
+                for each in the SASS whatever the PTX says); null without wgmma
 
 The exit status is 1 when a kept build fails, spills or needs more shared memory than the card has
-(with --require-wgmma-in-flight also when a kept wgmma build's main loop waits for each wgmma before it
-prepares the next tiles: `wgmmas_in_flight` reads that from the PTX). Where the pruning's estimate of a
-build's shared memory is wrong, or it drops a build that would fit without spilling, a note says so.
+(with --require-wgmma-in-flight also when a kept wgmma build keeps no wgmma in flight or is serialized).
+Where the pruning's estimate of a build's shared memory is wrong, or it drops a build that would fit
+without spilling, a note says so.
 
     python benchmarks/aot_builds.py --arch 80 86 89 90 --json builds.json   # ~500 builds, 30 min on 2 cores
     python benchmarks/aot_builds.py --arch 86 90 --quick --json quick.json   # one build per kernel family
@@ -246,9 +250,9 @@ def _build_identity(launch: Launch) -> tuple:
     return launch.kernel, str(source.signature), str(source.attrs), str(sorted(launch.kwargs.items())), str(options)
 
 
-def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers per thread, spill store bytes) that ptxas reports for `ptx` on sm_`arch`, with the flags
-    Triton's own ptxas call uses."""
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, bool]:
+    """(registers per thread, spill store bytes, whether it serializes the wgmmas: C7515) that ptxas
+    reports for `ptx` on sm_`arch`, with the flags Triton's own ptxas call uses."""
     ptxas = get_ptxas(arch).path
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as folder:
@@ -258,7 +262,7 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
                                  "-o", str(Path(folder) / "kernel.cubin")], capture_output=True, text=True, check=True)
     registers = re.search(r"Used (\d+) registers", result.stderr)
     spills = re.search(r"(\d+) bytes spill stores", result.stderr)
-    return int(registers.group(1)), int(spills.group(1)) if spills else 0
+    return int(registers.group(1)), int(spills.group(1)) if spills else 0, "(C7515)" in result.stderr
 
 
 def mma_kind(ptx: str) -> str:
@@ -297,9 +301,8 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: " + " ".join(str(error).split())
 
 
-def build(launch: Launch, config: triton.Config, kept: bool) -> tuple[dict, str | None]:
-    """One row of the JSON (compile, then read the build's resources), and the build's PTX (None if it
-    did not compile)."""
+def build(launch: Launch, config: triton.Config, kept: bool) -> dict:
+    """One row of the JSON: compile, then read the build's resources."""
     arch = launch.target.arch
     row = {
         "arch": arch, "kernel": launch.kernel, "weight_dtype": str(launch.weight_dtype).removeprefix("torch."),
@@ -307,17 +310,19 @@ def build(launch: Launch, config: triton.Config, kept: bool) -> tuple[dict, str 
                    "adapter_dtype": str(launch.adapter_dtype).removeprefix("torch.") if launch.adapter_dtype else None,
                    "stacked_rank": launch.stacked_rank, "tokens": launch.tokens},
         "kept": kept, "ok": False, "error": None, "registers": None, "spill_bytes": None, "shared_bytes": None,
-        "smem_limit": launch.target.smem_limit, "mma": None,
+        "smem_limit": launch.target.smem_limit, "mma": None, "wgmma_in_flight": None, "wgmma_serialized": None,
     }
     try:
         kernel = compile_launch(launch, config)
     except Exception as error:  # a build that fails is a result here, reported in the row
         row["error"] = _one_line(error)
-        return row, None
+        return row
     ptx = kernel.asm["ptx"]
-    row["registers"], row["spill_bytes"] = ptxas_usage(ptx, arch)
-    row.update(ok=True, shared_bytes=kernel.metadata.shared, mma=mma_kind(ptx))
-    return row, ptx
+    row["registers"], row["spill_bytes"], serialized = ptxas_usage(ptx, arch)
+    row.update(ok=True, shared_bytes=kernel.metadata.shared, mma=mma_kind(ptx), wgmma_in_flight=wgmmas_in_flight(ptx))
+    if row["mma"] == "wgmma":
+        row["wgmma_serialized"] = serialized
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -381,11 +386,16 @@ def problems(rows: list[dict]) -> list[str]:
     return out
 
 
-def serial_wgmma(row: dict, ptx: str | None) -> list[str]:
+def serial_wgmma(row: dict) -> list[str]:
     """--require-wgmma-in-flight: a kept wgmma build whose main loop waits for each wgmma before it
-    prepares the next tiles (as the sm_90 loops that convert a tile through registers do)."""
-    if row["kept"] and row["mma"] == "wgmma" and wgmmas_in_flight(ptx) == 0:
+    prepares the next tiles (as a loop that converts a tile into shared memory for wgmma does), or that
+    ptxas serializes."""
+    if not (row["kept"] and row["mma"] == "wgmma"):
+        return []
+    if row["wgmma_in_flight"] == 0:
         return [f"{_where(row)}: the main loop keeps no wgmma in flight (wgmma.wait_group 0)"]
+    if row["wgmma_serialized"]:
+        return [f"{_where(row)}: ptxas serializes the wgmmas (C7515)"]
     return []
 
 
@@ -421,10 +431,11 @@ def tiles_kept(launches: list[Launch]) -> dict[tuple, tuple[int, int]]:
 
 def summary(rows: list[dict], tiles: dict[tuple, tuple[int, int]]) -> list[str]:
     """A markdown table, one line per card, kernel and weight dtype: the tiles the pruning keeps among the
-    candidates (`tiles_kept`), the builds made and kept and how many of those compile, and the kept
-    builds' largest register count, spills and shared memory."""
+    candidates (`tiles_kept`), the builds made and kept and how many of those compile, the kept builds'
+    largest register count, spills and shared memory, and the fewest wgmma groups their main loops keep in
+    flight ("serialized" where ptxas serializes one)."""
     lines = ["| card | kernel | weight | tiles kept | builds kept | kept ok | registers | spill bytes "
-             "| shared bytes / limit | mma |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shared bytes / limit | mma | wgmma in flight |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["arch"], row["kernel"], row["weight_dtype"]), []).append(row)
@@ -433,10 +444,13 @@ def summary(rows: list[dict], tiles: dict[tuple, tuple[int, int]]) -> list[str]:
         built = [r for r in kept if r["ok"]]
         most = lambda key: max((r[key] for r in built), default="-")
         mma = ", ".join(sorted({r["mma"] for r in built})) or "-"
+        loops = [r for r in built if r["wgmma_in_flight"] is not None]
+        in_flight = str(min(r["wgmma_in_flight"] for r in loops)) if loops else "-"
+        in_flight += " serialized" if any(r["wgmma_serialized"] for r in loops) else ""
         tiles_in, tiles_of = tiles[arch, kernel, weight]
         lines.append(f"| sm_{arch} | {kernel} | {weight} | {tiles_in} / {tiles_of} | {len(kept)} / {len(group)} "
                      f"| {len(built)} | {most('registers')} | {most('spill_bytes')} "
-                     f"| {most('shared_bytes')} / {group[0]['smem_limit']} | {mma} |")
+                     f"| {most('shared_bytes')} / {group[0]['smem_limit']} | {mma} | {in_flight} |")
     return lines
 
 
@@ -454,7 +468,13 @@ def _print_row(row: dict) -> None:
     status = "ok" if row["ok"] else "FAILED"
     print(f"sm_{row['arch']} {row['kernel']:<18} {row['weight_dtype']:<13} {_config_text(row['config']):<36} "
           f"{'kept' if row['kept'] else 'pruned':<6} {status:<6} regs {row['registers']} spill {row['spill_bytes']} "
-          f"smem {row['shared_bytes']}/{row['smem_limit']} {row['mma']}", flush=True)
+          f"smem {row['shared_bytes']}/{row['smem_limit']} {row['mma']}{_in_flight_text(row)}", flush=True)
+
+
+def _in_flight_text(row: dict) -> str:
+    if row["wgmma_in_flight"] is None:
+        return ""
+    return f" in flight {row['wgmma_in_flight']}" + (" serialized" if row["wgmma_serialized"] else "")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -467,7 +487,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                                "float32 for the shrinks' fp32 adapters)")
     parser.add_argument("--json", type=Path, required=True, metavar="FILE", help="where to write the builds")
     parser.add_argument("--require-wgmma-in-flight", action="store_true",
-                        help="also fail on a kept wgmma build whose main loop waits for each wgmma (PTX)")
+                        help="also fail on a kept wgmma build whose main loop waits for each wgmma (PTX) or "
+                             "that ptxas serializes")
     args = parser.parse_args(argv)
     unknown = [a for a in args.arch if a not in T.SMEM_LIMITS]
     if unknown:
@@ -490,10 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         launches = selected(flux_launches(arch), args.kernel, args.weight_dtype)
         tiles.update(tiles_kept(launches))
         for launch, config, kept in planned_builds(launches, args.quick):
-            row, ptx = build(launch, config, kept)
+            row = build(launch, config, kept)
             rows.append(row)
             notes += model_notes(row, _smem_estimate(launch, config))
-            serial += serial_wgmma(row, ptx) if args.require_wgmma_in_flight else []
+            serial += serial_wgmma(row) if args.require_wgmma_in_flight else []
             _print_row(row)
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
     for line in notes:

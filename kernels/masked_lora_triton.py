@@ -34,7 +34,9 @@ tiles are converted to x's dtype in the main loop (exact: e4m3 has 3 mantissa bi
 the row scale runs along the reduction, each tile is dequantized (times its scales, rounded to x's dtype).
 From sm_89 on the tiles load as fp8 and convert in hardware; below (A100, RTX 30xx, A10: Triton has no
 fp8e4nv there) they load as bytes, decoded exactly to value / 256 in fp16, the 256 going into the scales:
-the same results (`reads_fp8_as_bytes`, `_e4m3_bytes_to_fp16`).
+the same results (`reads_fp8_as_bytes`, `_e4m3_bytes_to_fp16`). On sm_90 the fp8 GEMM computes
+acc^T = W X^T, so that the converted W tile is wgmma's register operand and one wgmma stays in flight
+while the next tile converts (`swaps_ab`).
 
 Autotuning: the key holds every build flag and M's power-of-two bucket; configs whose builds would not
 fit the device's shared memory or would spill registers are pruned before they are compiled (the
@@ -140,11 +142,13 @@ def _cuda_target(index: int) -> GpuTarget:
 #     dtype the tile is loaded in; conversions (fp8 W, fp32 adapters) happen in registers;
 #   - with wgmma (sm_90): num_stages buffers when the dot reads the tile as it was loaded; a tile that
 #     is converted first goes through registers: num_stages - 1 buffers as loaded, plus one converted
-#     tile in the dot's dtype, from which wgmma reads;
+#     tile in the dot's dtype, from which wgmma reads (the shrink's fp32 adapters); a converted tile that
+#     wgmma reads from registers (the fp8 W of the GEMM, which swaps its operands there: `swaps_ab`)
+#     keeps only the num_stages - 1 buffers as loaded;
 #   - a load that feeds no dot (the dX's fp8 weight scales): num_stages - 1 buffers.
 # The GEMM's low-rank tiles are loaded outside the loop and reuse that memory. A card not measured gets
 # the wgmma case, the larger. Examples (bf16 x): the 128 x 256 x 64, 3-stage GEMM takes 147,456 B on
-# sm_90 and 98,304 B on sm_8x with bf16 W; 114,688 B and 65,536 B with fp8 W.
+# sm_90 and 98,304 B on sm_8x with bf16 W; 81,920 B and 65,536 B with fp8 W.
 
 def uses_wgmma(arch: int | None, block_m: int) -> bool:
     """Whether a dot of block_m rows is estimated as wgmma on `arch` (see above)."""
@@ -152,8 +156,27 @@ def uses_wgmma(arch: int | None, block_m: int) -> bool:
     return not measured_mma_sync
 
 
+def swaps_ab(arch: int | None, w_scale: int) -> bool:
+    """Whether the GEMM computes acc^T = W X^T (its SWAP_AB flag): on sm_90, where an fp8 W is converted
+    for wgmma. wgmma reads its second operand from shared memory only, and its first from registers too:
+    W second, the converted tile goes through one shared buffer, and Triton waits for each wgmma before
+    it converts the next (wgmma.wait_group 0); W first, it stays in registers and one wgmma stays in
+    flight (wait_group 1), as in the bf16 loop. Measured on sm_90 only (benchmarks/aot_builds.py)."""
+    return arch == 90 and w_scale != W_SCALE_NONE.value
+
+
+def loop_runs(arch: int | None, reduction: int) -> bool:
+    """The GEMM's LOOP_RUNS flag: the kernel tells the compiler that its main loop runs at least once, on
+    sm_90. Where the loop might be skipped, that path sets the accumulator outside wgmma, and ptxas
+    serializes the loop's wgmmas (its message C7515; the SASS then waits for each wgmma whatever the PTX's
+    wgmma.wait_group says: 33 of the 40 sm_90 bf16 GEMM builds did). Not promised on other cards, where
+    the builds do not need it (and ptxas spills differently with it)."""
+    return arch == 90 and reduction > 0
+
+
 def _tile_buffers(stages: int, elements: int, loaded: torch.dtype, dot: torch.dtype, wgmma: bool) -> int:
-    """Bytes of shared memory for one tile of a pipelined dot operand (the rules above)."""
+    """Bytes of shared memory for one tile of a pipelined dot operand read from shared memory (the rules
+    above; a register operand takes the mma.sync case)."""
     if not wgmma:
         return (stages - 1) * elements * loaded.itemsize
     if loaded == dot:
@@ -173,8 +196,9 @@ def gemm_smem_bytes(config: triton.Config, arch: int | None, block_r: int, x_dty
                     w_dtype: torch.dtype, w_scale: int = W_SCALE_NONE.value) -> int:
     bm, bn, bd = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
     stages, wgmma = config.num_stages, uses_wgmma(arch, bm)
+    w_in_registers = swaps_ab(arch, w_scale)
     main_loop = (_tile_buffers(stages, bm * bd, x_dtype, x_dtype, wgmma)
-                 + _tile_buffers(stages, bd * bn, w_dtype, x_dtype, wgmma))
+                 + _tile_buffers(stages, bd * bn, w_dtype, x_dtype, wgmma and not w_in_registers))
     if w_scale == W_SCALE_REDUCTION.value:  # fp32 scales of each W tile, loaded beside it
         main_loop += (stages - 1) * bd * torch.float32.itemsize
     low_rank = (bm * block_r + block_r * bn) * x_dtype.itemsize  # H~ and B^T tiles, in the dot dtype
@@ -193,7 +217,7 @@ def accumulators_per_thread(config: triton.Config) -> int:
 # (16-128) from which a tile (BLOCK_M, BLOCK_N, num_warps) spilled with either adapter dtype. Tiles
 # and kinds not listed never spilled: bf16 weights (up to K*r = 32) and fp8_linear's forward.
 #   - fp8 forward: the low-rank tiles come after the loop, beside the whole accumulator;
-#   - fp8 dX: each W tile is dequantized in fp32 registers (wgmma on sm_90 reads it from shared memory).
+#   - fp8 dX: each W tile is dequantized in fp32 registers (no sm_90 build spills).
 _FP8_FORWARD, _FP8_DX, _FP8_LINEAR_DX = "fp8 forward", "fp8 dX", "fp8_linear dX"
 _MMA_SYNC_FP8_FORWARD = {(128, 256, 8): 64, (128, 128, 4): 64, (64, 128, 4): 64, (128, 128, 8): 128,
                          (128, 64, 4): 128}
@@ -368,6 +392,17 @@ def _weight_scales(ws_ptr, offs, mask, w_ptr):
 
 
 @triton.jit
+def _along_d(v, SWAP_AB: tl.constexpr):
+    """A vector along the reduction (BLOCK_D), broadcast against the GEMM's W tile: W^T's rows, or W's
+    columns when the GEMM swaps its operands."""
+    if SWAP_AB:
+        out = v[None, :]
+    else:
+        out = v[:, None]
+    return out
+
+
+@triton.jit
 def _add_low_rank(acc, x_ptr, h_ptr, b_ptr, s_ptr, offs_m, offs_n, M, N, KR, R,
                   stride_hm, stride_hj, stride_bn, stride_bj, stride_sm, stride_sk,
                   BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -391,8 +426,8 @@ def _add_low_rank(acc, x_ptr, h_ptr, b_ptr, s_ptr, offs_m, offs_n, M, N, KR, R,
 
 @triton.autotune(
     configs=_GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "D", "BLOCK_R", "stride_xd", "stride_wd", "HAS_BIAS", "HAS_LORA", "W_SCALE", "UPCAST",
-         "INPUT_PRECISION"],
+    key=["M_BUCKET", "N", "D", "BLOCK_R", "stride_xd", "stride_wd", "HAS_BIAS", "HAS_LORA", "W_SCALE", "SWAP_AB",
+         "LOOP_RUNS", "UPCAST", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_gemm_configs}, **_DISK_CACHE,
 )
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
@@ -402,8 +437,8 @@ def _fused_linear_kernel(
     M, M_BUCKET, N, D, KR, R,
     stride_xm, stride_xd, stride_wn, stride_wd, stride_hm, stride_hj, stride_bn, stride_bj,
     stride_sm, stride_sk, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, W_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr,
+    LOOP_RUNS: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
@@ -442,8 +477,13 @@ def _fused_linear_kernel(
     offs_m_ld = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
     offs_n_ld = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
     x_ptrs = x_ptr + offs_m_ld[:, None] * stride_xm + offs_d[None, :] * stride_xd
-    w_ptrs = w_ptr + offs_n_ld[None, :] * stride_wn + offs_d[:, None] * stride_wd  # W^T tile (BLOCK_D, BLOCK_N)
-
+    if SWAP_AB:  # the loop accumulates acc^T = W X^T (swaps_ab), from W's tiles (BLOCK_N, BLOCK_D)
+        w_ptrs = w_ptr + offs_n_ld[:, None] * stride_wn + offs_d[None, :] * stride_wd
+        acc = tl.trans(acc)
+    else:  # acc += X W^T, from W^T's tiles (BLOCK_D, BLOCK_N)
+        w_ptrs = w_ptr + offs_n_ld[None, :] * stride_wn + offs_d[:, None] * stride_wd
+    if LOOP_RUNS:  # the launcher's promise (`loop_runs`)
+        tl.assume(D > 0)
     for d0 in range(0, D, BLOCK_D):
         if EVEN_D:  # no masks: lets Triton software-pipeline the loads of a K-major W (nn.Linear's layout)
             x = tl.load(x_ptrs)
@@ -451,24 +491,24 @@ def _fused_linear_kernel(
         else:
             d_ok = offs_d < D - d0
             x = tl.load(x_ptrs, mask=d_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=_along_d(d_ok, SWAP_AB), other=0.0)
         if w_ptr.dtype.element_ty == tl.uint8:  # fp8 as bytes (cards below sm_89): value / 256 in fp16
             w = _e4m3_bytes_to_fp16(w)
         if W_SCALE == W_SCALE_REDUCTION:  # fp8 W^T in dX = dY W: dequantize the tile along the reduction
             ws = _weight_scales(ws_ptr + d0, offs_d, offs_d < D - d0, w_ptr)
-            w = w.to(tl.float32) * ws[:, None]
-        # fp8 -> x's dtype is exact; a no-op for x's own dtype. On sm_90 the converted tile goes through
-        # one shared buffer that wgmma reads, so Triton 3.9 waits for each wgmma (wait_group 0) before the
-        # next conversion. Tried (AOT sm_90 builds): W as the register operand (acc^T = W X^T) gives
-        # wait_group 1 in the PTX, but ptxas serializes the wgmmas anyway in 4 of the 5 tiles (C7515) and
-        # the dX spills; tl.dot_scaled, a loop unrolled by two and warp_specialize still wait each time.
-        w = w.to(x_ptr.dtype.element_ty)
+            w = w.to(tl.float32) * _along_d(ws, SWAP_AB)
+        w = w.to(x_ptr.dtype.element_ty)  # fp8 -> x's dtype is exact; a no-op for x's own dtype
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_D * stride_xd
         w_ptrs += BLOCK_D * stride_wd
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if W_SCALE == W_SCALE_OUTPUTS:  # fp8 W: one scale per row of W, i.e. per column of Y, on the base term only
         acc *= _weight_scales(ws_ptr, offs_n, n_ok, w_ptr)[None, :]
         if HAS_LORA:  # then the slider term, unscaled
@@ -557,10 +597,10 @@ def fused_linear(
         return y
     if not has_lora:  # placeholders, never read
         h, lora_b, scale, rank = y, y, y, 1
-    w_scale = W_SCALE_NONE
+    w_scale, target = W_SCALE_NONE, device_target(x.device)
     if weight_scale is not None:
         w_scale = W_SCALE_OUTPUTS if weight_scale_dim == 0 else W_SCALE_REDUCTION
-        if reads_fp8_as_bytes(device_target(x.device)):
+        if reads_fp8_as_bytes(target):
             weight = weight.view(torch.uint8)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fused_linear_kernel[grid](
@@ -569,7 +609,8 @@ def fused_linear(
         M, m_bucket(M), N, D, KR, rank,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
         lora_b.stride(0), lora_b.stride(1), scale.stride(0), scale.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_SCALE=w_scale.value, BLOCK_R=_block_r(KR),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_SCALE=w_scale.value,
+        SWAP_AB=swaps_ab(target.arch, w_scale.value), LOOP_RUNS=loop_runs(target.arch, D), BLOCK_R=_block_r(KR),
         **_dot_flags(x.dtype),
     )
     return y

@@ -22,7 +22,7 @@ import aot_builds  # noqa: E402
 from slideredit.kernels import masked_lora_triton as T  # noqa: E402
 
 KEYS = {"arch", "kernel", "weight_dtype", "config", "kept", "ok", "error", "registers", "spill_bytes", "shared_bytes",
-        "smem_limit", "mma"}
+        "smem_limit", "mma", "wgmma_in_flight", "wgmma_serialized"}
 FAMILIES = {("gemm_forward", "bfloat16"), ("gemm_forward", "float8_e4m3fn"), ("gemm_dx", "bfloat16"),
             ("gemm_dx", "float8_e4m3fn"), ("shrink_forward", "bfloat16"), ("shrink_forward", "float32"),
             ("shrink_backward", "bfloat16"), ("shrink_backward", "float32"), ("fp8_linear_forward", "float8_e4m3fn"),
@@ -48,12 +48,29 @@ def test_quick_run_builds_one_kept_config_per_kernel_family(quick_sm89):
         assert row["smem_limit"] == 101_376 and 0 < row["shared_bytes"] <= row["smem_limit"]
         assert 0 < row["registers"] <= 255 and row["spill_bytes"] == 0
         assert row["mma"] == "mma.sync"  # sm_89 has no wgmma
+        assert row["wgmma_in_flight"] is None and row["wgmma_serialized"] is None
         assert {"BLOCK_M", "BLOCK_D", "num_warps", "num_stages", "adapter_dtype", "stacked_rank", "tokens"} <= set(
             row["config"])
     # one build each, but the summary counts every tile the pruning keeps: all five bf16 GEMM tiles fit a
     # 4090's 99 KB (the sm_90 estimate kept two), three of the fp8 dX tiles (two spill)
     assert "| sm_89 | gemm_forward | bfloat16 | 5 / 5 | 1 / 1 | 1 |" in run.stdout
     assert "| sm_89 | gemm_dx | float8_e4m3fn | 3 / 5 | 1 / 1 | 1 |" in run.stdout
+
+
+def test_h100_fp8_loops_keep_one_wgmma_in_flight(tmp_path):
+    """The fp8 GEMMs on sm_90 swap their operands (W converted in registers, wgmma's first operand), so
+    their main loops keep one wgmma in flight, as bf16's do, and ptxas does not serialize them."""
+    out = tmp_path / "fp8.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_builds.py"), "--arch", "90", "--quick",
+                          "--weight-dtype", "float8_e4m3fn", "--require-wgmma-in-flight", "--json", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["kernel"] for r in rows} == {"gemm_forward", "gemm_dx", "fp8_linear_forward", "fp8_linear_dx"}
+    for built in rows:
+        assert built["mma"] == "wgmma" and built["wgmma_in_flight"] == 1 and built["wgmma_serialized"] is False
+        assert built["spill_bytes"] == 0
 
 
 def independent_estimate(row: dict) -> int:
@@ -99,7 +116,7 @@ for arch, kernel, index, rank, adapters, _ in json.loads(sys.argv[1]):
                                rank, backward=True)
     launch = next(ln for ln in launches if ln.kernel == kernel)
     config = T.GPU_GEMM_CONFIGS[index]
-    rows.append(A.build(launch, config, any(config is kept for kept in launch.kept()))[0])
+    rows.append(A.build(launch, config, any(config is kept for kept in launch.kept())))
 print(json.dumps(rows))
 """
 
@@ -126,6 +143,7 @@ def test_the_pruning_keeps_a_build_exactly_when_it_does_not_spill(edge_builds, p
 def row(**fields) -> dict:
     base = {"arch": 89, "kernel": "gemm_dx", "weight_dtype": "float8_e4m3fn", "kept": True, "ok": True, "error": None,
             "registers": 200, "spill_bytes": 0, "shared_bytes": 70_000, "smem_limit": 101_376, "mma": "mma.sync",
+            "wgmma_in_flight": None, "wgmma_serialized": None,
             "config": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4,
                        "adapter_dtype": "float32", "stacked_rank": 32, "tokens": 8704}}
     return {**base, **fields}
@@ -221,17 +239,23 @@ def test_summary_counts_tiles_and_builds_per_card_kernel_and_weight():
     failed = row(kernel="gemm_forward", ok=False, error="CompilationError", registers=None, spill_bytes=None,
                  shared_bytes=None, mma=None)
     tiles = {(89, "gemm_dx", "float8_e4m3fn"): (3, 5), (89, "gemm_forward", "float8_e4m3fn"): (5, 5)}
-    lines = aot_builds.summary([rank32, rank16, pruned, failed], tiles)
+    hopper = row(arch=90, mma="wgmma", smem_limit=232_448, wgmma_in_flight=1, wgmma_serialized=False)
+    serial = {**hopper, "config": {**hopper["config"], "stacked_rank": 16}, "wgmma_in_flight": 0}
+    tiles[90, "gemm_dx", "float8_e4m3fn"] = (5, 5)
+    lines = aot_builds.summary([rank32, rank16, pruned, failed, hopper, serial], tiles)
     assert lines[2:] == [
-        "| sm_89 | gemm_dx | float8_e4m3fn | 3 / 5 | 2 / 3 | 2 | 210 | 0 | 70500 / 101376 | mma.sync |",
-        "| sm_89 | gemm_forward | float8_e4m3fn | 5 / 5 | 1 / 1 | 0 | - | - | - / 101376 | - |",
+        "| sm_89 | gemm_dx | float8_e4m3fn | 3 / 5 | 2 / 3 | 2 | 210 | 0 | 70500 / 101376 | mma.sync | - |",
+        "| sm_89 | gemm_forward | float8_e4m3fn | 5 / 5 | 1 / 1 | 0 | - | - | - / 101376 | - | - |",
+        "| sm_90 | gemm_dx | float8_e4m3fn | 5 / 5 | 2 / 2 | 2 | 200 | 0 | 70000 / 232448 | wgmma | 0 |",
     ]
+    lines = aot_builds.summary([{**hopper, "wgmma_serialized": True}], tiles)
+    assert lines[2].endswith("| wgmma | 1 serialized |")
 
 
-def test_require_wgmma_in_flight_flags_kept_wgmma_loops_that_wait_for_each():
-    wgmma = row(arch=90, mma="wgmma", smem_limit=232_448)
-    serial, pipelined = PTX_LOOP.replace("{wait}", "0"), PTX_LOOP.replace("{wait}", "1")
-    assert "keeps no wgmma in flight" in aot_builds.serial_wgmma(wgmma, serial)[0]
-    assert aot_builds.serial_wgmma(wgmma, pipelined) == []
-    assert aot_builds.serial_wgmma({**wgmma, "kept": False}, serial) == []
-    assert aot_builds.serial_wgmma(row(), None) == []  # mma.sync: no wgmma to keep in flight
+def test_require_wgmma_in_flight_flags_kept_wgmma_loops_that_wait_for_each_or_are_serialized():
+    wgmma = row(arch=90, mma="wgmma", smem_limit=232_448, wgmma_in_flight=1, wgmma_serialized=False)
+    assert aot_builds.serial_wgmma(wgmma) == []
+    assert "keeps no wgmma in flight" in aot_builds.serial_wgmma({**wgmma, "wgmma_in_flight": 0})[0]
+    assert "ptxas serializes the wgmmas (C7515)" in aot_builds.serial_wgmma({**wgmma, "wgmma_serialized": True})[0]
+    assert aot_builds.serial_wgmma({**wgmma, "kept": False, "wgmma_in_flight": 0}) == []
+    assert aot_builds.serial_wgmma(row()) == []  # mma.sync: no wgmma to keep in flight

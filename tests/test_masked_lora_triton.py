@@ -47,13 +47,13 @@ def kept_shrink(target, x_dtype, a_dtype, block_r) -> list[int]:
 GEMM_BUILDS = [
     (90, 0, BF16, NONE, 147_456), (89, 0, BF16, NONE, 98_304), (86, 0, BF16, NONE, 98_304), (80, 0, BF16, NONE, 98_304),
     (90, 1, BF16, NONE, 131_072), (86, 1, BF16, NONE, 98_304), (90, 3, BF16, NONE, 98_304), (86, 3, BF16, NONE, 73_728),
-    # fp8 forward: sm_90 converts W through registers into a bf16 tile for wgmma, sm_89 converts in registers
-    (90, 0, FP8, OUTPUTS, 114_688), (89, 0, FP8, OUTPUTS, 65_536), (90, 1, FP8, OUTPUTS, 106_496),
-    (89, 1, FP8, OUTPUTS, 73_728), (90, 3, FP8, OUTPUTS, 73_728), (89, 3, FP8, OUTPUTS, 49_152),
-    (90, 4, FP8, OUTPUTS, 86_016), (89, 4, FP8, OUTPUTS, 61_440),
+    # fp8 forward: both convert W in registers (sm_90: wgmma's register operand, the operands swapped)
+    (90, 0, FP8, OUTPUTS, 81_920), (89, 0, FP8, OUTPUTS, 65_536), (90, 1, FP8, OUTPUTS, 90_112),
+    (89, 1, FP8, OUTPUTS, 73_728), (90, 3, FP8, OUTPUTS, 57_344), (89, 3, FP8, OUTPUTS, 49_152),
+    (90, 4, FP8, OUTPUTS, 77_824), (89, 4, FP8, OUTPUTS, 61_440),
     # fp8 dX: and the fp32 scales of each W tile
-    (90, 0, FP8, REDUCTION, 115_200), (89, 0, FP8, REDUCTION, 66_048), (90, 1, FP8, REDUCTION, 107_264),
-    (89, 1, FP8, REDUCTION, 74_496), (90, 3, FP8, REDUCTION, 74_496), (89, 4, FP8, REDUCTION, 62_208),
+    (90, 0, FP8, REDUCTION, 82_432), (89, 0, FP8, REDUCTION, 66_048), (90, 1, FP8, REDUCTION, 90_880),
+    (89, 1, FP8, REDUCTION, 74_496), (90, 3, FP8, REDUCTION, 58_112), (89, 4, FP8, REDUCTION, 62_208),
 ]
 # (arch, shrink config index, adapter dtype, BLOCK_R, shared bytes of the build); x bf16
 SHRINK_BUILDS = [
@@ -115,9 +115,12 @@ def test_shrink_estimate_equals_the_build(arch, index, a_dtype, block_r, built):
 def test_estimates_by_hand():
     # sm_86 keeps num_stages - 1 = 2 buffers of the 128x64 X tile and the 64x256 W tile (bf16)
     assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[0], 86, 16, BF16, BF16) == 2 * (128 * 64 + 64 * 256) * 2
-    # sm_90, fp8 W: 3 buffers of X, 2 of the fp8 W tile as loaded, one bf16 W tile converted for wgmma
-    assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[0], 90, 16, BF16, FP8, OUTPUTS) == (
-        3 * 128 * 64 * 2 + 2 * 64 * 256 + 64 * 256 * 2)
+    # sm_90, fp8 W: 3 buffers of X (wgmma reads it from shared memory), 2 of the fp8 W tile as loaded (it
+    # is converted into registers, wgmma's first operand)
+    assert T.gemm_smem_bytes(T.GPU_GEMM_CONFIGS[0], 90, 16, BF16, FP8, OUTPUTS) == 3 * 128 * 64 * 2 + 2 * 64 * 256
+    # the shrink's fp32 adapters on sm_90: converted into one bf16 tile that wgmma reads from shared memory
+    assert T.shrink_smem_bytes(T.GPU_SHRINK_CONFIGS[1], 90, 32, BF16, FP32) == (
+        4 * 64 * 128 * 2 + 3 * 128 * 32 * 4 + 128 * 32 * 2)
 
 
 @pytest.mark.parametrize("card", [RTX3090, RTX4090])
@@ -296,3 +299,72 @@ def test_kernels_receive_the_m_bucket(monkeypatch):
     h, b, s = torch.zeros(37, 16), torch.zeros(32, 16), torch.zeros(37, 1)
     T.fused_linear(x, w, None, h, b, s, 16)
     assert seen[0]["M"] == 37 and seen[0]["M_BUCKET"] == 64
+
+
+def integer_gemm_inputs(dtype, M, N, D, KR, seed):
+    """Small integers everywhere (fp8 weights, power-of-two scales): every product and sum is exact in
+    fp32 and in the outputs' dtype, whatever the summation order, so results can be compared exactly."""
+    g = torch.Generator().manual_seed(seed)
+    ints = lambda low, high, *shape: torch.randint(low, high + 1, shape, generator=g).float()
+    big = 3 if dtype == torch.float32 else 1  # bf16 outputs stay below 256, where bf16 holds every integer
+    x, w = ints(-big, big, M, D).to(dtype), ints(-2, 2, N, D).to(FP8)
+    w_scale = 2.0 ** ints(-1, 1, N)
+    s = ints(0, 1, M, 2)  # per-token scales of two adapters: on or off
+    h = ints(-2, 2, M, KR) * s.repeat_interleave(KR // 2, dim=1)  # H~ = S (x) (X A^T): 0 where S is
+    lora_a, lora_b = ints(-1, 1, KR, D).to(dtype), ints(-1, 1, N, KR).to(dtype)
+    return x, w, w_scale, ints(-3, 3, N).to(dtype), h, lora_a, lora_b, s
+
+
+def launch_flags(monkeypatch) -> list[tuple[bool, bool]]:
+    """Records each GEMM launch's (SWAP_AB, LOOP_RUNS) flags."""
+    seen, real = [], T._fused_linear_kernel.run
+    monkeypatch.setattr(T._fused_linear_kernel, "run",
+                        lambda *a, **kw: seen.append((kw["SWAP_AB"], kw["LOOP_RUNS"])) or real(*a, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [96, 80])  # whole D tiles (no masks in the loop), and a masked last tile
+def test_the_h100_fp8_gemm_swaps_its_operands_with_the_same_results(dtype, D, monkeypatch):
+    """On sm_90 the fp8 GEMM computes acc^T = W X^T (so the converted W is wgmma's register operand): the
+    forward, the dX (W^T with the scales along the reduction) and fp8_linear equal the unswapped kernel's
+    and the exact integer result."""
+    M, N, KR = 37, 48, 16
+    x, w, w_scale, bias, h, lora_a, lora_b, s = integer_gemm_inputs(dtype, M, N, D, KR, seed=D)
+    dy = x[:, :N].contiguous()  # dX = dY W + G~ A, as the backward calls it: W^T and A^T as views
+    w64 = w.double() * w_scale.double()[:, None]
+    h64 = h.double()  # H~ (G~ in the dX): the kernel adds H~ B^T as it is, unscaled
+    calls = {  # name: (the call, its exact value)
+        "forward": (lambda: T.fused_linear(x, w, bias, h, lora_b, s, KR // 2, w_scale, 0),
+                    x.double() @ w64.t() + bias.double() + h64 @ lora_b.double().t()),
+        "dX": (lambda: T.fused_linear(dy, w.t(), None, h, lora_a.t(), s, KR // 2, w_scale, 1),
+               dy.double() @ w64 + h64 @ lora_a.double()),
+        "fp8_linear": (lambda: T.fused_linear(x, w, None, None, None, None, 0, w_scale, 0), x.double() @ w64.t()),
+    }
+    flags = launch_flags(monkeypatch)
+    plain = {name: call() for name, (call, _) in calls.items()}
+    monkeypatch.setattr(T, "device_target", lambda device: H100)
+    on_h100 = {name: call() for name, (call, _) in calls.items()}
+    assert flags == [(False, False)] * 3 + [(True, True)] * 3
+    for name, (_, exact) in calls.items():
+        assert torch.equal(on_h100[name], plain[name]), name
+        assert torch.equal(on_h100[name].double(), exact), name
+
+
+def test_only_fp8_gemms_on_sm90_swap_and_only_sm90_is_promised_a_loop():
+    for arch in (80, 86, 89, None, 120):
+        assert not any(T.swaps_ab(arch, w_scale) for w_scale in (NONE, OUTPUTS, REDUCTION))
+        assert not T.loop_runs(arch, 3072)
+    assert [T.swaps_ab(90, w_scale) for w_scale in (NONE, OUTPUTS, REDUCTION)] == [False, True, True]
+    assert T.loop_runs(90, 1) and not T.loop_runs(90, 0)
+
+
+def test_a_gemm_without_a_reduction_on_the_h100_is_not_promised_a_loop(monkeypatch):
+    """D = 0 (the dX of a layer with no outputs): Y is the bias and the low-rank term; the kernel must not
+    assume a loop that never runs."""
+    flags = launch_flags(monkeypatch)
+    monkeypatch.setattr(T, "device_target", lambda device: H100)
+    x, w, w_scale = torch.zeros(5, 0), torch.zeros(16, 0).to(FP8), torch.ones(16)
+    h, lora_b, s = torch.ones(5, 16), torch.ones(16, 16), torch.ones(5, 2)
+    y = T.fused_linear(x, w, torch.full((16,), 2.0), h, lora_b, s, 8, w_scale, 0)
+    assert flags == [(True, False)] and torch.equal(y, torch.full((5, 16), 18.0))
