@@ -11,7 +11,7 @@ import yaml
 import train as train_script
 from slideredit.pipelines import SliderEditFluxKontextPipeline
 from slideredit.toy import recipe, slider_data, slider_recipe
-from slideredit.toy.autoencoder_training import autoencoder_batch
+from slideredit.toy.autoencoder_training import autoencoder_batch, train_autoencoder
 from slideredit.toy.model_card import write_model_card
 from slideredit.toy.recipe_common import RecipeConfig, lr_at, recipe_command
 from slideredit.toy.transformer_training import EDITED_TOKEN_MSE, flux_batch, token_weights
@@ -52,8 +52,40 @@ def test_autoencoder_batches_switch_to_whole_images_for_the_last_third():
     assert torch.equal(autoencoder_batch(cfg, 3), autoencoder_batch(cfg, 3))
 
 
+def test_autoencoder_batches_of_the_decoder_phase_are_whole_images_of_the_same_stream():
+    cfg = RecipeConfig(ae_steps=30, ae_batch=8, ae_crop=64)
+    assert autoencoder_batch(cfg, 5, whole_images=3).shape == (3, 3, 128, 128)
+    # whole images of a late step are the first phase's own whole images of that step, and more of them
+    assert torch.equal(autoencoder_batch(cfg, 25, whole_images=3)[:2], autoencoder_batch(cfg, 25))
+
+
+def test_the_decoder_phase_trains_the_decoder_and_leaves_the_encoder_bit_for_bit(tmp_path):
+    """The second phase must not move a single latent (a transformer trained on the first phase's latents
+    stays valid), it must change the decoder, and a work folder holding only the first phase's result
+    resumes with the decoder phase."""
+    cfg = RecipeConfig(workdir=tmp_path, ae_steps=2, ae_batch=2, ae_crop=32, ae_decoder_steps=2,
+                       ae_decoder_batch=1, log_every=1)
+    ae = train_autoencoder(cfg)
+    first = torch.load(tmp_path / "ae.pt", weights_only=True)["model"]
+    final = torch.load(tmp_path / "ae_decoder.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], ae.state_dict()[k]) for k in final)
+    encoder = [k for k in first if k.startswith("encoder.")]
+    decoder = [k for k in first if k.startswith("decoder.")]
+    assert encoder and decoder and len(encoder) + len(decoder) == len(first)
+    assert all(torch.equal(first[k], final[k]) for k in encoder)
+    assert not all(torch.equal(first[k], final[k]) for k in decoder)
+    report = json.loads((tmp_path / "autoencoder.json").read_text())
+    assert {"image_error", "color_error_mean", "color_error_max"} <= report.keys()
+
+    (tmp_path / "ae_decoder.pt").unlink()  # as if stopped after the first phase: only the decoder retrains
+    again = train_autoencoder(cfg)
+    assert all(torch.equal(again.state_dict()[k], final[k]) for k in final)  # same data and noise streams
+    assert "autoencoder: done earlier, loaded; its decoder is refined next" in (tmp_path / "log.txt").read_text()
+
+
 def test_recipe_runs_resumes_and_writes_a_loadable_folder(tmp_path):
     args = ["--out", str(tmp_path / "model"), "--workdir", str(tmp_path / "work"), "--ae-steps", "3",
+            "--ae-decoder-steps", "2", "--ae-decoder-batch", "1",
             "--pool-sources", "3", "--edits-per-source", "2", "--flux-steps", "3", "--flux-batch", "4",
             "--sample-every", "3", "--eval-examples", "1", "--eval-steps", "2", "--log-every", "1",
             "--slider-scenes", "4", "--slider-steps", "2"]
@@ -109,10 +141,12 @@ def _record_a_run(cfg: RecipeConfig) -> tuple[dict, dict, dict]:
     measured edits and the sliders' results the recipe passes to the card."""
     cfg.workdir.mkdir()
     torch.save({"seconds": 1176.4, "history": [[50, 0.3]]}, cfg.workdir / "ae.pt")
+    torch.save({"seconds": 903.1, "history": [[50, 0.1]]}, cfg.workdir / "ae_decoder.pt")
     history = [[50 * (k + 1), 2.5 / (k + 1)] for k in range(20)]
     torch.save({"seconds": 2406.2, "history": history}, cfg.workdir / "flux.pt")
     (cfg.workdir / "autoencoder.json").write_text(
-        '{"psnr_db": 35.04, "max_abs_error_8bit": 139.6, "latent_mean": -0.004, "latent_std": 0.9712}')
+        '{"psnr_db": 35.04, "max_abs_error_8bit": 139.6, "image_error": 1.234, "color_error_mean": 10.95, '
+        '"color_error_max": 19.25, "latent_mean": -0.004, "latent_std": 0.9712}')
     torch.save({"pair_source": torch.arange(4800) // 4, "texts": [f"prompt {k}" for k in range(763)]},
                cfg.workdir / "pool.pt")
     (cfg.out / "sub").mkdir(parents=True)
@@ -145,7 +179,7 @@ def test_the_model_card_is_the_text_the_f_string_wrote(tmp_path, monkeypatch, na
     without a colour or a size error, a slider run whose loss was not recorded, flags that differ from
     their defaults, the sliders section present and absent. A deliberate change of the card's text
     regenerates these files (and says so in its commit): issue 23 did (the identity term, the
-    new defaults, the demo grid's fidelity)."""
+    new defaults, the demo grid's fidelity, the decoder phase)."""
     monkeypatch.chdir(tmp_path)  # relative folders, as the card quotes --out as given
     cfg = RecipeConfig(out=Path("model"), workdir=Path("work"), seed=3, ae_steps=1500, flux_lr=3e-4,
                        identity_fraction=0.125, slider_steps=400, copy_loss_weight=2.5)

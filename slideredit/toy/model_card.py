@@ -39,7 +39,8 @@ def write_model_card(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] 
 
 def card_values(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | None, demo: dict | None = None) -> dict:
     """The template's placeholders: the architecture, then what the run left in cfg.workdir and cfg.out."""
-    ae_run, flux_run = load_checkpoint(cfg.workdir / "ae.pt"), load_checkpoint(cfg.workdir / "flux.pt")
+    ae_runs = [load_checkpoint(cfg.workdir / name) for name in ("ae.pt", "ae_decoder.pt")]  # the two phases
+    flux_run = load_checkpoint(cfg.workdir / "flux.pt")
     pool = load_checkpoint(cfg.workdir / "pool.pt")
     encoders = models.build_text_encoders(cfg.seed)
     history = flux_run["history"]
@@ -51,7 +52,7 @@ def card_values(cfg: RecipeConfig, metrics: dict, sliders: dict[str, dict] | Non
         "clip_parameters": _count(encoders.clip), "t5_parameters": _count(encoders.t5),
         "folder_kib": sum(f.stat().st_size for f in cfg.out.rglob("*") if f.is_file()) / 1024,
         "command": recipe_command(cfg),
-        "autoencoder_minutes": ae_run["seconds"] / 60,
+        "autoencoder_minutes": sum(run["seconds"] for run in ae_runs) / 60,
         "autoencoder_report": json.loads((cfg.workdir / "autoencoder.json").read_text()),
         "pool_pairs": len(pool["pair_source"]), "pool_prompts": len(pool["texts"]),
         "transformer_minutes": flux_run["seconds"] / 60,

@@ -15,7 +15,8 @@ run picks up where it stopped, and a finished stage is skipped:
    Loss: L1 + MSE of the reconstruction from a slightly noised latent (the decoder must forgive the
    transformer's errors), shape pixels weighted up (their colours are most of what there is to learn),
    plus a penalty that keeps each latent channel at zero mean and unit variance under FLUX's fixed scale
-   and shift (ae.safetensors has no place to record others).
+   and shift (ae.safetensors has no place to record others). Then the decoder alone, longer, on whole
+   images, the encoder frozen: flat colours come out as they went in, and no latent moves.
 2. pool (transformer_training.py): source scenes, each with a few random edits, rendered and encoded
    once; the frozen T5 and CLIP encode every instruction once.
 3. transformer (transformer_training.py): Kontext's rectified-flow objective. x0 = target latents

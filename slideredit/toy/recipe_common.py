@@ -31,6 +31,9 @@ class RecipeConfig:
     ae_latent_noise: float = 0.1
     ae_moment_weight: float = 0.05
     ae_shape_weight: float = 10.0
+    ae_decoder_steps: int = 3000  # then the decoder alone, encoder frozen (autoencoder_training.py)
+    ae_decoder_batch: int = 4  # whole images
+    ae_decoder_lr: float = 5e-4
     # training pool
     pool_sources: int = 1200
     edits_per_source: int = 4
