@@ -75,7 +75,6 @@ def train_autoencoder(cfg: RecipeConfig) -> AutoEncoder:
         log(cfg, "autoencoder: done earlier, loaded; its decoder is refined next")
     else:
         _train(cfg, ae, "ae", cfg.ae_steps, cfg.ae_lr)
-    ae.encoder.requires_grad_(False)
     _train(cfg, ae, "ae_decoder", cfg.ae_decoder_steps, cfg.ae_decoder_lr, decoder_only=True)
     ae.eval().requires_grad_(False)
     report_autoencoder(cfg, ae)
@@ -88,7 +87,7 @@ def _train(cfg: RecipeConfig, ae: AutoEncoder, name: str, steps: int, peak_lr: f
     seconds and loss history) when done. The decoder's phase continues the first phase's data and noise
     streams (its step s is their step cfg.ae_steps + s); its latents need no graph, and the moment penalty,
     which only the encoder can meet, is left out of its loss."""
-    params = [p for p in (ae.decoder if decoder_only else ae).parameters()]
+    params = list((ae.decoder if decoder_only else ae).parameters())
     label, offset = ("decoder", cfg.ae_steps) if decoder_only else ("autoencoder", 0)
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
     ckpt_path, start = cfg.workdir / f"{name}.ckpt", 0
