@@ -244,6 +244,21 @@ def test_the_shipped_model_is_rewritten_only_when_asked(tmp_path, monkeypatch, c
         f"python -m slideredit.toy.recipe --out {tmp_path / 'm'}"
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--ae-decoder-batch", "0", "--ae-decoder-batch must be at least 1, got 0"),
+    ("--ae-decoder-steps", "-5", "--ae-decoder-steps must be at least 0, got -5"),
+    ("--log-every", "0", "--log-every must be at least 1, got 0"),
+    ("--seed", "-1", "--seed must be at least 0, got -1"),  # numpy's seed sequences take none below 0
+    ("--ae-crop", "60", "--ae-crop must be a multiple of 8 (the latent grid) from 8 to 128, got 60"),
+])
+def test_bad_counts_are_refused_before_any_work(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        recipe.main(["--out", str(tmp_path / "m"), "--workdir", str(tmp_path / "work"), flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+    assert recipe.parse_config(["--ae-decoder-steps", "0"]).ae_decoder_steps == 0  # no decoder phase
+
+
 def test_the_slider_recipe_needs_a_toy_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         slider_recipe.main(["--model", str(tmp_path / "missing"), "--work", str(tmp_path / "work")])

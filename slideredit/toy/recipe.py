@@ -60,8 +60,14 @@ from .demo_grid import measure_demo_grid
 from .model_card import write_model_card
 from .model_folder import write_folder
 from .recipe_common import RecipeConfig, log
+from .shapes import IMAGE_SIZE
 from .slider_recipe import check_not_shipped, train_sliders
 from .transformer_training import build_pool, train_flux, with_t5
+
+
+# Settings that count things per step or divide the step number: 0 has no meaning for them.
+AT_LEAST_ONE = {"threads", "ae_batch", "ae_decoder_batch", "edits_per_source", "flux_batch", "checkpoint_every",
+                "sample_every", "log_every", "eval_steps"}
 
 
 def parse_config(argv: list[str] | None = None) -> RecipeConfig:
@@ -78,6 +84,12 @@ def parse_config(argv: list[str] | None = None) -> RecipeConfig:
     check_not_shipped(parser, "--out", cfg.out, replace_shipped)
     if cfg.save_dtype not in ("float32", "bfloat16"):
         parser.error(f"--save-dtype must be float32 or bfloat16, got {cfg.save_dtype!r}")
+    for name, value in asdict(cfg).items():  # counts: a bad one would fail deep inside a stage, hours in
+        least = 1 if name in AT_LEAST_ONE else 0
+        if isinstance(value, int) and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if cfg.ae_crop % 8 or not 8 <= cfg.ae_crop <= IMAGE_SIZE:
+        parser.error(f"--ae-crop must be a multiple of 8 (the latent grid) from 8 to {IMAGE_SIZE}, got {cfg.ae_crop}")
     return cfg
 
 
