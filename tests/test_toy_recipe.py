@@ -10,7 +10,7 @@ import yaml
 
 import train as train_script
 from slideredit.pipelines import SliderEditFluxKontextPipeline
-from slideredit.toy import recipe, slider_data, slider_recipe
+from slideredit.toy import autoencoder_training, recipe, slider_data, slider_recipe
 from slideredit.toy.autoencoder_training import autoencoder_batch, train_autoencoder
 from slideredit.toy.model_card import write_model_card
 from slideredit.toy.recipe_common import RecipeConfig, lr_at, recipe_command
@@ -81,6 +81,34 @@ def test_the_decoder_phase_trains_the_decoder_and_leaves_the_encoder_bit_for_bit
     again = train_autoencoder(cfg)
     assert all(torch.equal(again.state_dict()[k], final[k]) for k in final)  # same data and noise streams
     assert "autoencoder: done earlier, loaded; its decoder is refined next" in (tmp_path / "log.txt").read_text()
+
+
+def test_a_decoder_phase_stopped_mid_way_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed right after its first checkpoint, the decoder phase resumes from it (weights, optimizer, step,
+    streams) and ends where an uninterrupted run ends."""
+    def cfg(folder):
+        return RecipeConfig(workdir=folder, ae_steps=2, ae_batch=2, ae_crop=32, ae_decoder_steps=4,
+                            ae_decoder_batch=1, checkpoint_every=2, log_every=1)
+
+    (tmp_path / "whole").mkdir()
+    whole = train_autoencoder(cfg(tmp_path / "whole")).state_dict()
+
+    (tmp_path / "stopped").mkdir()
+    save = autoencoder_training.save_checkpoint
+
+    def save_then_stop(path, state):
+        save(path, state)
+        if path.name == "ae_decoder.ckpt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(autoencoder_training, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_autoencoder(cfg(tmp_path / "stopped"))
+    monkeypatch.setattr(autoencoder_training, "save_checkpoint", save)
+    resumed = train_autoencoder(cfg(tmp_path / "stopped")).state_dict()
+    assert "decoder: resuming at step 2" in (tmp_path / "stopped" / "log.txt").read_text()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert not (tmp_path / "stopped" / "ae_decoder.ckpt").exists()  # done: only ae_decoder.pt is left
 
 
 def test_recipe_runs_resumes_and_writes_a_loadable_folder(tmp_path):
