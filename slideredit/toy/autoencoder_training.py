@@ -123,8 +123,9 @@ def _train(cfg: RecipeConfig, ae: AutoEncoder, name: str, steps: int, peak_lr: f
         seen += rec_loss.item()
         if (step + 1) % cfg.log_every == 0:
             history.append([step + 1, seen / cfg.log_every])
-            log(cfg, f"{label} step {step + 1}/{steps}: recon {seen / cfg.log_every:.4f} "
-                     f"moments {moment_loss.item():.3f} (latent mean {mean.abs().mean():.2f}, var {var.mean():.2f}) "
+            moments = "" if decoder_only else (f" moments {moment_loss.item():.3f} (latent mean "
+                                               f"{mean.abs().mean():.2f}, var {var.mean():.2f})")
+            log(cfg, f"{label} step {step + 1}/{steps}: recon {seen / cfg.log_every:.4f}{moments} "
                      f"{(time.time() - t0) / (step + 1):.2f} s/step")
             seen = 0.0
         if (step + 1) % cfg.checkpoint_every == 0:
