@@ -15,6 +15,7 @@ from slideredit.evaluation import read_sweep
 from slideredit.grids import cell_scale
 from slideredit.transformer import FluxParams
 from fake_hub import unreachable_hub  # noqa: F401 (a fixture)
+from interruptions import stop_pipeline_after
 from test_sliders import release_checkpoint
 from tiny_kontext import TRANSFORMER_CONFIG
 
@@ -304,20 +305,6 @@ def test_a_large_aspect_change_is_noticed():
 
 # --- sweeps: swapped in whole, one progress bar ------------------------------------------------------------------
 
-def interrupt_on_call(monkeypatch, n: int) -> None:
-    """The n-th edit raises KeyboardInterrupt, as Ctrl-C in the middle of a sweep."""
-    from slideredit.pipelines import SliderEditFluxKontextPipeline
-
-    calls, original = [], SliderEditFluxKontextPipeline.__call__
-
-    def call(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-    monkeypatch.setattr(SliderEditFluxKontextPipeline, "__call__", call)
-
-
 def folder_bytes(folder) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -330,7 +317,7 @@ def test_an_interrupted_sweep_leaves_the_previous_one_intact(tiny_kontext_dir, p
     assert read_sweep(out).seed == 0 and len(before) == 2 + 5  # cells, source, grid, GIF, sweep.json, index.html
 
     with monkeypatch.context() as patch:
-        interrupt_on_call(patch, 2)  # after the first new cell is written
+        stop_pipeline_after(patch, 1)  # after the first new cell is written
         with pytest.raises(KeyboardInterrupt):
             infer.main([*argv, "--seed", "2"])
     assert folder_bytes(out) == before
@@ -349,7 +336,7 @@ def test_an_interrupted_sweep_leaves_the_previous_one_intact(tiny_kontext_dir, p
 def killed_sweep(monkeypatch, argv: list[str], calls: int) -> None:
     """A sweep stopped after `calls` pipeline calls: the next one raises, as a kill would stop it there."""
     with monkeypatch.context() as patch:
-        interrupt_on_call(patch, calls + 1)
+        stop_pipeline_after(patch, calls)
         with pytest.raises(KeyboardInterrupt):
             infer.main(argv)
 

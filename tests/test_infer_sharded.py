@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import infer
-from slideredit.pipelines import SliderEditFluxKontextPipeline
+from interruptions import stop_pipeline_after
 from test_sharded_eval import folder_bytes, infer_argv, spy, two_processes  # noqa: F401 (spy: a fixture)
 from test_training_losses import one_thread  # noqa: F401 (autouse fixture)
 
@@ -20,15 +20,8 @@ def test_two_ranks_finish_a_sweep_one_process_began(tmp_path, spy, monkeypatch):
     assert len(spy) == 5  # batches of 2, 2, 2, 2 and 1 cell
     left = spy[2:]
 
-    made, original = [], SliderEditFluxKontextPipeline.__call__
-
-    def call(self, *args, **kwargs):  # killed after two batches (4 of the 9 cells)
-        if len(made) == 2:
-            raise KeyboardInterrupt
-        made.append(1)
-        return original(self, *args, **kwargs)
     with monkeypatch.context() as patch:
-        patch.setattr(SliderEditFluxKontextPipeline, "__call__", call)
+        stop_pipeline_after(patch, 2)  # killed after two batches (4 of the 9 cells)
         with pytest.raises(KeyboardInterrupt):
             infer.main(infer_argv(resumed))
     assert not resumed.exists()

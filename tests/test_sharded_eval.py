@@ -19,6 +19,7 @@ import pytest
 
 import infer
 from slideredit.pipelines import SliderEditFluxKontextPipeline
+from interruptions import stop_pipeline_after
 from test_eval_script import eval_script
 from test_training_losses import one_thread  # noqa: F401 (autouse fixture)
 
@@ -139,15 +140,8 @@ def folder_bytes(folder: Path, replace: tuple[Path, Path] | None = None) -> dict
 def killed_run(cases: Path, out: Path, monkeypatch, cells: int = 3) -> None:
     """An evaluation into `out` stopped after `cells` cells: the next pipeline call raises, as a kill would
     stop the run there."""
-    done, original = [], SliderEditFluxKontextPipeline.__call__
-
-    def call(self, *args, **kwargs):
-        if len(done) == cells:
-            raise KeyboardInterrupt
-        done.append(1)
-        return original(self, *args, **kwargs)
     with monkeypatch.context() as patch:
-        patch.setattr(SliderEditFluxKontextPipeline, "__call__", call)
+        stop_pipeline_after(patch, cells)
         with pytest.raises(KeyboardInterrupt):
             eval_script.main(eval_argv(cases, out))
 
