@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=16, help="held-out scenes besides the demo's (default: 16)")
     parser.add_argument("--out", type=Path, default=None, help="also write every number to this JSON file")
     args = parser.parse_args()
+    if args.scenes < 1:
+        parser.error(f"--scenes must be at least 1, got {args.scenes}")
     for model in args.models:
         if not (model / "example.json").is_file():
             parser.error(f"--models {model}: not a toy model folder (no example.json)")
