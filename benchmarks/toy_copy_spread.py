@@ -26,11 +26,10 @@ import numpy as np
 import torch
 
 from slideredit.pipelines import SliderEditFluxKontextPipeline
-from slideredit.toy.fidelity import interior
+from slideredit.toy.fidelity import read_fidelity
 from slideredit.toy.models import GUIDANCE
 from slideredit.toy.recipe_common import to_images, to_pixels
-from slideredit.toy.shapes import NEUTRAL_PROMPT, SHAPES, Scene, make_example, pixel_array, render, render_image, \
-    scene_from_dict
+from slideredit.toy.shapes import NEUTRAL_PROMPT, SHAPES, Scene, make_example, render, render_image, scene_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_SEED = 30_000  # a scene stream no training, evaluation or other benchmark uses
@@ -42,13 +41,8 @@ PROMPTS = {NEUTRAL_PROMPT: SHAPES, "make the square darker": ("circle",), "make 
 
 
 def core_colors(image, scene: Scene) -> dict[str, np.ndarray]:
-    """Mean RGB of each shape's interior (the source's shape, shrunk as fidelity.py does)."""
-    pixels = pixel_array(image)
-    out = {}
-    for kind in SHAPES:
-        weights = interior(scene.shape(kind))
-        out[kind] = (pixels * weights[..., None]).sum(axis=(0, 1)) / weights.sum()
-    return out
+    """Mean RGB of each shape's interior: fidelity.py's reading against the unedited scene."""
+    return {kind: np.array(shape.color) for kind, shape in read_fidelity(image, scene, []).shapes.items()}
 
 
 def copy_stats(colors: np.ndarray, source: np.ndarray) -> dict[str, float]:
@@ -67,12 +61,12 @@ def measure(model: Path, scenes: list[Scene]) -> dict:
     latents = pipe.autoencoder.encode(to_pixels([render(s) for s in scenes]))
 
     def worse_shape_errors(latents: torch.Tensor) -> list[float]:
-        return [max(float(np.linalg.norm(c - np.asarray(s.shape(k).color))) for k, c in core_colors(image, s).items())
-                for image, s in zip(to_images(pipe.autoencoder.decode(latents)), scenes)]
+        images = to_images(pipe.autoencoder.decode(latents))
+        return [read_fidelity(image, scene, []).color_error for image, scene in zip(images, scenes)]
 
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
-    result = {"autoencoder": worse_shape_errors(latents),
-              "autoencoder_latent_noise": {str(std): worse_shape_errors(latents + std * noise) for std in LATENT_NOISE}}
+    noisy = {str(std): worse_shape_errors(latents + std * noise) for std in LATENT_NOISE}
+    result = {"autoencoder": noisy["0.0"], "autoencoder_latent_noise": noisy}
     for prompt, untouched in PROMPTS.items():
         result[prompt] = []
         for scene in scenes:
